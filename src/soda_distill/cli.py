@@ -1,0 +1,72 @@
+"""`soda-distill` — the pipeline's stages as subcommands.
+
+    soda-distill run CONFIG [--out DIR] [section.key=value ...]
+    soda-distill STAGE [CONFIG] --out DIR [section.key=value ...]   (STAGE: teacher snapshot pairs warmup distill)
+
+Without CONFIG, a stage starts from DIR/config.yaml (the resolved config an earlier command wrote there), or
+from the defaults when there is none; key=value overrides apply on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import load_config
+from .errors import SodaError
+from .pipeline import STAGES, prepare, run_all, run_stage
+
+
+def _split(rest: list[str]) -> tuple[str | None, list[str]]:
+    if rest and ("=" not in rest[0] or Path(rest[0]).is_file()):
+        return rest[0], rest[1:]
+    return None, rest
+
+
+def _summary(run) -> str:
+    m = run.manifest()
+    lines = [f"{'stage':<10}{'wall s':>9}{'peak MB':>10}  notes"]
+    for name, rec in m["stages"].items():
+        notes = {k: v for k, v in rec.items() if k in ("records", "kept", "dropped", "steps", "train_loss", "reward_margin", "reward_accuracy")}
+        lines.append(f"{name:<10}{rec['wall_s']:>9.1f}{rec.get('peak_rss_mb', 0):>10.0f}  {json.dumps(notes)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="soda-distill", description="Semi On-policy Distillation with Alignment")
+    parser.add_argument("command", choices=["run", *STAGES], help="the whole pipeline, or one stage")
+    parser.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")
+    parser.add_argument("--out", help="run directory (default: config's `out`, else runs/<config name>)")
+    args = parser.parse_intermixed_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
+    try:
+        config_path, overrides = _split(args.rest)
+        if config_path is None:
+            if not args.out:
+                raise SodaError("give a CONFIG file, or --out DIR (its config.yaml, if any, is the starting point)")
+            saved = Path(args.out) / "config.yaml"
+            config_path = str(saved) if saved.exists() else None
+        cfg = load_config(config_path, overrides)
+        out = args.out or cfg.out or str(Path("runs") / Path(config_path).stem)
+        run = prepare(cfg, out)
+        if args.command == "run":
+            final = run_all(cfg, run)
+            print(_summary(run))
+            print(f"distilled model: {final}")
+            print(f"run summary:     {run.manifest_path}")
+        else:
+            print(f"{args.command}: {run_stage(args.command, cfg, run)}")
+    except SodaError as e:
+        print(f"soda-distill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("soda-distill: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

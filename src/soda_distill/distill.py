@@ -1,0 +1,62 @@
+"""Stage 5 — distill: DPO on D_pref from q_w, with q_w as the frozen reference (strength β).
+
+The reference log-probabilities of every chosen and rejected response are computed once, before training,
+from q_w itself (TRL's `precompute_ref_log_probs`), so no second model is resident while training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .config import Config, fingerprint
+from .manifest import RunDir
+from .models import load_model, load_tokenizer, model_digest, use_bf16
+from .records import read_jsonl, sha256_file
+from .training import MetricsLog, read_metrics, train_and_save, trainer_arguments
+
+
+def dpo_dataset(pairs_path: Path):
+    from datasets import Dataset
+
+    rows = [{k: obj[k] for k in ("prompt", "chosen", "rejected")} for _, obj in read_jsonl(pairs_path)]
+    return Dataset.from_list(rows)
+
+
+def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path):
+    from trl import DPOConfig, DPOTrainer
+
+    d = cfg.distill
+    args = DPOConfig(
+        **trainer_arguments(d, output_dir / "checkpoints", use_bf16(cfg.student.bf16)),
+        beta=d.beta,
+        loss_type=[d.loss_type],
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=d.precompute_batch_size,
+    )
+    return DPOTrainer(
+        model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
+        callbacks=[MetricsLog(metrics_path)],
+    )
+
+
+def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
+    """DPO from `start` (default: this run's warmup model q_w)."""
+    start = start or run.file("warmup")
+    pairs_path, out = run.file("pairs.jsonl"), run.file("distill")
+    fp = hashlib.sha256(
+        "|".join([fingerprint(cfg.distill), sha256_file(pairs_path), model_digest(start)]).encode()
+    ).hexdigest()[:16]
+    if run.done("distill", fp):
+        return out
+    with run.stage("distill", fp) as info:
+        tokenizer = load_tokenizer(str(start), cfg.student.trust_remote_code)
+        model = load_model(str(start), trust_remote_code=cfg.student.trust_remote_code)
+        dataset = dpo_dataset(pairs_path)
+        trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")
+        info.update(pairs=len(dataset), **train_and_save(trainer, out))
+        steps = [m for m in read_metrics(out / "metrics.jsonl") if "rewards/margins" in m]
+        if steps:
+            info["reward_margin"] = {"first": steps[0]["rewards/margins"], "last": steps[-1]["rewards/margins"]}
+            info["reward_accuracy"] = {"first": steps[0]["rewards/accuracies"], "last": steps[-1]["rewards/accuracies"]}
+    return out

@@ -1,0 +1,91 @@
+"""Batched generation from chat prompts: transformers (CPU/GPU, KV cache) or vLLM when installed.
+
+Prompts are sorted by length (longest first, so an out-of-memory batch shows up at once) and cut into fixed
+batches over the *whole* prompt list; each batch is seeded by its index. A resumed run therefore regenerates a
+missing batch exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Generated:
+    text: str
+    finish_reason: str  # "stop" (end of turn) or "length" (hit max_new_tokens)
+    num_tokens: int
+
+
+def _chat_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
+    return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+
+
+def generate_transformers(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    sampling: Sampling,
+    batch_size: int,
+    done: Callable[[int], bool] = lambda i: False,
+    on_batch: Callable[[list[tuple[int, Generated]]], None] = lambda results: None,
+    desc: str = "generate",
+) -> None:
+    """Generate for every prompt i with `done(i)` false; hand each finished batch to `on_batch` as (i, result)."""
+    texts = _chat_texts(tokenizer, prompts)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    tokenizer.padding_side = "left"
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    stop_ids = {i for i in [tokenizer.eos_token_id, *configured] if i is not None}
+    device = next(model.parameters()).device
+    model.eval()
+    with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+        bar.update(sum(done(i) for i in order))
+        for b, batch in enumerate(batches):
+            if all(done(i) for i in batch):
+                continue
+            enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            torch.manual_seed(sampling.seed * 100_003 + b)
+            kwargs = {"do_sample": sampling.temperature > 0, "max_new_tokens": sampling.max_new_tokens}
+            if sampling.temperature > 0:
+                kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            with torch.inference_mode():
+                out = model.generate(**enc, **kwargs, pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stop_ids))
+            results = []
+            for row, i in enumerate(batch):
+                new = out[row, enc["input_ids"].shape[1] :].tolist()
+                cut = next((k for k, t in enumerate(new) if t in stop_ids), None)
+                ids = new if cut is None else new[:cut]
+                reason = "length" if cut is None else "stop"
+                results.append((i, Generated(tokenizer.decode(ids, skip_special_tokens=True).strip(), reason, len(ids))))
+            on_batch([r for r in results if not done(r[0])])
+            bar.update(len(batch))
+
+
+def generate_vllm(model_path: str, prompts: list[list[dict]], sampling: Sampling, bf16: bool) -> list[Generated]:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_path, dtype="bfloat16" if bf16 else "float32", seed=sampling.seed)
+    params = SamplingParams(
+        temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=sampling.seed
+    )
+    outputs = llm.chat(prompts, params, use_tqdm=True)
+    return [
+        Generated(o.outputs[0].text.strip(), "length" if o.outputs[0].finish_reason == "length" else "stop", len(o.outputs[0].token_ids))
+        for o in outputs
+    ]

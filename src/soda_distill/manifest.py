@@ -1,0 +1,127 @@
+"""The run directory's manifest: versions, input hashes, and per-stage wall time, peak memory and counts.
+
+A stage is finished when the manifest says so; that record is written last (atomically), after its outputs,
+so a kill at any point leaves either a finished stage or one that resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .errors import SodaError
+from .records import atomic_write_text, sha256_file
+
+PACKAGES = ("soda-distill", "torch", "transformers", "trl", "accelerate", "datasets", "openai", "vllm")
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class PeakMemory:
+    """Peak memory of this process within a span: resident set size on CPU (Linux's VmHWM, reset at the start),
+    peak allocated bytes on each GPU."""
+
+    def __enter__(self):
+        try:  # writing 5 to clear_refs resets VmHWM (the RSS high-water mark) to the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(i)
+        return self
+
+    def __exit__(self, *exc):
+        self.result = {}
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.result["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            import resource
+
+            self.result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        if torch.cuda.is_available():
+            self.result["peak_gpu_mb"] = [
+                round(torch.cuda.max_memory_allocated(i) / 2**20, 1) for i in range(torch.cuda.device_count())
+            ]
+        return False
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.path / "manifest.json"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {"stages": {}, "inputs": {}}
+        return json.loads(self.manifest_path.read_text())
+
+    def _update(self, fn) -> None:
+        m = self.manifest()
+        m.setdefault("stages", {})
+        m.setdefault("inputs", {})
+        m["soda_distill"] = {"versions": _versions(), "device": _device(), "platform": platform.platform()}
+        fn(m)
+        atomic_write_text(self.manifest_path, json.dumps(m, indent=2, sort_keys=False) + "\n")
+
+    def record_input(self, path: Path) -> str:
+        digest = sha256_file(path)
+        self._update(lambda m: m["inputs"].__setitem__(str(path), digest))
+        return digest
+
+    def done(self, stage: str, fingerprint: str) -> bool:
+        """True when the stage finished with these settings; an error when it finished with others."""
+        rec = self.manifest()["stages"].get(stage)
+        if not rec or rec.get("status") != "done":
+            return False
+        if rec.get("fingerprint") != fingerprint:
+            raise SodaError(
+                f"{self.path}: stage '{stage}' already finished with different settings or inputs; "
+                f"use a new --out directory, or delete {stage}'s outputs and its entry in manifest.json"
+            )
+        return True
+
+    @contextmanager
+    def stage(self, name: str, fingerprint: str):
+        """Time a stage and track its peak memory; the body fills `info` (counts etc.), recorded on success."""
+        info: dict = {}
+        start = time.perf_counter()
+        with PeakMemory() as peak:
+            yield info
+        record = {
+            "status": "done",
+            "fingerprint": fingerprint,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - start, 2),
+            **peak.result,
+            **info,
+        }
+        self._update(lambda m: m["stages"].__setitem__(name, record))

@@ -1,0 +1,78 @@
+"""Stage 3 — the preference set D_pref = {(x, chosen = y_t, rejected = y_s)} in TRL's conversational format.
+
+Pairs that teach nothing or do not fit are dropped and counted: an empty response on either side, a student
+answer identical to the teacher's, or prompt + the longer response over `pairs.max_length` tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from collections import Counter
+from pathlib import Path
+
+from .config import Config, fingerprint
+from .manifest import RunDir
+from .models import load_tokenizer, resolve_model
+from .records import atomic_write_jsonl, read_examples, sha256_file
+
+
+def length_summary(values: list[int]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {
+        "mean": round(statistics.fmean(values), 1),
+        "median": statistics.median(values),
+        "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "max": ordered[-1],
+    }
+
+
+def run_pairs(cfg: Config, run: RunDir) -> Path:
+    teacher_path, snapshot_path, out = run.file("teacher.jsonl"), run.file("snapshot.jsonl"), run.file("pairs.jsonl")
+    fp = hashlib.sha256(
+        "|".join([fingerprint(cfg.pairs), sha256_file(teacher_path), sha256_file(snapshot_path)]).encode()
+    ).hexdigest()[:16]
+    if run.done("pairs", fp):
+        return out
+    with run.stage("pairs", fp) as info:
+        teacher = read_examples(teacher_path, want_response=True)
+        student = {ex.id: ex for ex in read_examples(snapshot_path, want_response=True)}
+        tokenizer = load_tokenizer(resolve_model(cfg.student.model, cfg.student.gguf_file), cfg.student.trust_remote_code)
+        end_of_turn = 1  # the end-of-turn token the chat template appends to every response
+        dropped: Counter = Counter()
+        lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
+        pairs = []
+        for ex in teacher:
+            chosen = ex.response
+            rejected = student[ex.id].response if ex.id in student else None
+            if rejected is None:
+                dropped["no_student_response"] += 1
+                continue
+            if not chosen.strip():
+                dropped["empty_chosen"] += 1
+                continue
+            if not rejected.strip():
+                dropped["empty_rejected"] += 1
+                continue
+            if chosen.strip() == rejected.strip():
+                dropped["identical"] += 1
+                continue
+            n_prompt = len(tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+            n_chosen = len(tokenizer(chosen, add_special_tokens=False)["input_ids"]) + end_of_turn
+            n_rejected = len(tokenizer(rejected, add_special_tokens=False)["input_ids"]) + end_of_turn
+            if n_prompt + max(n_chosen, n_rejected) > cfg.pairs.max_length:
+                dropped["too_long"] += 1
+                continue
+            for key, n in zip(lengths, (n_prompt, n_chosen, n_rejected)):
+                lengths[key].append(n)
+            pairs.append({
+                "id": ex.id,
+                "prompt": ex.prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            })
+        atomic_write_jsonl(out, pairs)
+        info.update(kept=len(pairs), dropped=dict(dropped), lengths={k: length_summary(v) for k, v in lengths.items()})
+    return out

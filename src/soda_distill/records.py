@@ -1,0 +1,187 @@
+"""Files on disk: validated JSONL reading, atomic writes, and append-only logs that survive a kill.
+
+Records use the conventional formats other tools read as is: `messages` (chat turns) for prompts and
+responses, `prompt`/`chosen`/`rejected` for preference pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+ROLES = ("system", "user", "assistant")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder + rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_jsonl(path: Path, records) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; a bad line is an error naming file and line."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(path, None, None, "file not found") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(path, lineno, None, f"not UTF-8 (byte {e.start})") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InputError(path, lineno, None, f"not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise InputError(path, lineno, None, "expected a JSON object")
+            yield lineno, obj
+
+
+class AppendLog:
+    """An append-only JSONL file, one fsync'd record per line, keyed by `key_field`.
+
+    A process killed mid-write leaves at most one partial last line; it is cut off on open, so what is read back
+    is exactly the records that were completely written.
+    """
+
+    def __init__(self, path: Path, key_field: str):
+        self.path, self.key_field = Path(path), key_field
+        self.records: dict[str, dict] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+        if end < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        for lineno, line in enumerate(data[:end].splitlines(), 1):
+            try:
+                rec = json.loads(line)
+                self.records[rec[self.key_field]] = rec
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(self.path, lineno, self.key_field, "corrupt log record; remove the line to retry it")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def append(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            self.records[r[self.key_field]] = r
+
+
+@dataclass
+class Example:
+    """One prompt (chat turns ending with a user turn) and, when known, its reference/teacher response."""
+
+    id: str
+    prompt: list[dict]
+    response: str | None = None
+
+
+def _check_messages(path, lineno, messages, field_name) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InputError(path, lineno, field_name, "expected a non-empty list of {role, content} turns")
+    for i, m in enumerate(messages):
+        where = f"{field_name}[{i}]"
+        if not isinstance(m, dict):
+            raise InputError(path, lineno, where, "expected an object with 'role' and 'content'")
+        if m.get("role") not in ROLES:
+            raise InputError(path, lineno, f"{where}.role", f"unknown role {m.get('role')!r} (expected one of {ROLES})")
+        if not isinstance(m.get("content"), str):
+            raise InputError(path, lineno, f"{where}.content", "missing or not a string")
+
+
+def prompt_id(prompt: list[dict]) -> str:
+    return "p-" + hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def parse_example(path, lineno: int, obj: dict, want_response: bool) -> Example:
+    """Accept `messages` (chat turns), or `prompt` (a string) with optional `response`/`completion`."""
+    response = None
+    if "messages" in obj:
+        messages = obj["messages"]
+        _check_messages(path, lineno, messages, "messages")
+        if messages[-1]["role"] == "assistant":
+            response = messages[-1]["content"]
+            messages = messages[:-1]
+            if not messages:
+                raise InputError(path, lineno, "messages", "has an assistant turn but no prompt before it")
+        prompt = messages
+        if prompt[-1]["role"] != "user":
+            raise InputError(path, lineno, "messages", "the prompt must end with a user turn")
+    elif "prompt" in obj:
+        if not isinstance(obj["prompt"], str):
+            raise InputError(path, lineno, "prompt", "expected a string")
+        prompt = [{"role": "user", "content": obj["prompt"]}]
+        for key in ("response", "completion"):
+            if key in obj:
+                if not isinstance(obj[key], str):
+                    raise InputError(path, lineno, key, "expected a string")
+                response = obj[key]
+    else:
+        raise InputError(path, lineno, "messages", "missing (each record needs 'messages' or 'prompt')")
+    if not prompt[-1]["content"].strip():
+        raise InputError(path, lineno, "messages" if "messages" in obj else "prompt", "empty prompt")
+    if want_response and response is None:
+        raise InputError(path, lineno, "messages", "no response: the last turn must be the assistant's")
+    rid = obj.get("id", prompt_id(prompt))
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise InputError(path, lineno, "id", "expected a string or integer")
+    return Example(id=str(rid), prompt=prompt, response=response)
+
+
+def read_examples(path: Path, want_response: bool = False, limit: int | None = None) -> list[Example]:
+    examples: list[Example] = []
+    seen: dict[str, int] = {}
+    for lineno, obj in read_jsonl(path):
+        ex = parse_example(path, lineno, obj, want_response)
+        if ex.id in seen:
+            raise InputError(path, lineno, "id", f"duplicate id {ex.id!r} (first on line {seen[ex.id]})")
+        seen[ex.id] = lineno
+        examples.append(ex)
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise InputError(path, None, None, "no records")
+    return examples
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

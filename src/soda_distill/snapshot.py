@@ -1,0 +1,77 @@
+"""Stage 2 — the untouched student q0 answers every training prompt once: y_s ~ q0(·|x).
+
+One batched inference pass. Finished batches go to an append-only log as they complete, so a killed run
+resumes where it stopped and produces the same records an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config, fingerprint
+from .errors import SodaError
+from .generation import Sampling, generate_transformers, generate_vllm
+from .manifest import RunDir
+from .models import load_model, load_tokenizer, resolve_model, use_bf16
+from .records import AppendLog, atomic_write_jsonl, read_examples, sha256_file
+
+
+def run_snapshot(cfg: Config, run: RunDir) -> Path:
+    """Write `snapshot.jsonl`: one `messages` record per prompt, ending with q0's own answer."""
+    s = cfg.snapshot
+    teacher_path = run.file("teacher.jsonl")
+    out = run.file("snapshot.jsonl")
+    fp = hashlib.sha256(
+        "|".join([fingerprint(s), fingerprint(cfg.student), sha256_file(teacher_path)]).encode()
+    ).hexdigest()[:16]
+    if run.done("snapshot", fp):
+        return out
+    examples = read_examples(teacher_path, want_response=True)
+    sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+    log = AppendLog(run.file("snapshot.partial.jsonl"), "id")
+    with run.stage("snapshot", fp) as info:
+        model_path = resolve_model(cfg.student.model, cfg.student.gguf_file)
+        bf16 = use_bf16(cfg.student.bf16)
+        todo = [ex for ex in examples if ex.id not in log]
+        start, new_tokens = time.perf_counter(), 0
+
+        def keep(results):
+            nonlocal new_tokens
+            new_tokens += sum(g.num_tokens for _, g in results)
+            log.append([
+                {"id": examples[i].id, "messages": examples[i].prompt + [{"role": "assistant", "content": g.text}],
+                 "finish_reason": g.finish_reason, "num_tokens": g.num_tokens}
+                for i, g in results
+            ])
+
+        if todo and s.backend == "vllm":
+            results = generate_vllm(model_path, [ex.prompt for ex in todo], sampling, bf16)
+            index = {ex.id: i for i, ex in enumerate(examples)}
+            keep([(index[ex.id], g) for ex, g in zip(todo, results)])
+        elif todo and s.backend == "transformers":
+            tokenizer = load_tokenizer(model_path, cfg.student.trust_remote_code)
+            model = load_model(model_path, torch.bfloat16 if bf16 else torch.float32, cfg.student.trust_remote_code)
+            generate_transformers(
+                model, tokenizer, [ex.prompt for ex in examples], sampling, s.batch_size,
+                done=lambda i: examples[i].id in log, on_batch=keep, desc="snapshot",
+            )
+            del model
+        elif todo:
+            raise SodaError(f"snapshot.backend: unknown backend {s.backend!r} (expected 'transformers' or 'vllm')")
+        records = [log.records[ex.id] for ex in examples]
+        atomic_write_jsonl(out, records)
+        elapsed = time.perf_counter() - start
+        info.update(
+            records=len(records),
+            truncated=sum(r["finish_reason"] == "length" for r in records),
+            mean_tokens=round(sum(r["num_tokens"] for r in records) / len(records), 1),
+            generated_tokens_per_s=round(new_tokens / elapsed, 1) if new_tokens else None,
+            backend=s.backend,
+            dtype="bfloat16" if bf16 else "float32",
+        )
+    log.path.unlink(missing_ok=True)  # only once the stage is recorded as done
+    return out

@@ -1,0 +1,157 @@
+"""Shared fixtures: the embedded student (converted once), a tiny random Llama, a real OpenAI-compatible server
+(`transformers serve` on loopback) and a request-counting proxy in front of it."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> str:
+    from soda_distill.models import resolve_model
+
+    return resolve_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_path) -> Path:
+    """A random two-layer Llama with the embedded student's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+QUESTIONS = [
+    "Name a primary color.", "What is 2 + 2?", "Give a synonym for happy.", "Name a planet.",
+    "What do bees make?", "Name a fruit that is yellow.", "What is the opposite of cold?", "Name an ocean.",
+    "What animal says moo?", "Name a day of the week.", "What is frozen water called?", "Name a musical instrument.",
+]
+ANSWERS = [
+    "Red.", "4.", "Joyful.", "Mars.", "Honey.", "Banana.", "Hot.", "The Pacific.",
+    "A cow.", "Monday.", "Ice.", "The piano.",
+]
+
+
+@pytest.fixture
+def qa_file(tmp_path) -> Path:
+    """Prompts with reference answers, in the `messages` format."""
+    return write_jsonl(tmp_path / "qa.jsonl", [
+        {"id": f"q{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))
+    ])
+
+
+@pytest.fixture(scope="session")
+def chat_server(embedded_path):
+    """`transformers serve` with the embedded student on a loopback port: a real OpenAI-compatible endpoint."""
+    port = free_port()
+    log = open(Path(os.environ.get("PYTEST_SERVER_LOG", "/tmp/soda-serve.log")), "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(port), embedded_path],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None:
+                raise RuntimeError("transformers serve exited; see its log")
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError("transformers serve did not start")
+    yield {"url": url, "model": embedded_path}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+class CountingProxy:
+    """A loopback HTTP proxy that forwards to the real server and counts chat requests per last user message."""
+
+    def __init__(self, upstream: str):
+        self.upstream, self.asked = upstream, Counter()
+        self.fail_after: int | None = None  # once this many requests were forwarded, answer 503 to the rest
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if proxy.fail_after is not None and sum(proxy.asked.values()) >= proxy.fail_after:
+                    self.send_error(503, "injected failure")
+                    return
+                try:
+                    proxy.asked[json.loads(body)["messages"][-1]["content"]] += 1
+                except (ValueError, KeyError):
+                    pass
+                req = urllib.request.Request(proxy.upstream + self.path, data=body, method="POST",
+                                             headers={"content-type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=300) as r:
+                        status, data = r.status, r.read()
+                except urllib.error.HTTPError as e:
+                    status, data = e.code, e.read()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def counting_proxy(chat_server):
+    proxy = CountingProxy(chat_server["url"])
+    yield proxy
+    proxy.close()

@@ -1,0 +1,43 @@
+import json
+
+from soda_distill.config import load_config
+from soda_distill.manifest import RunDir
+from soda_distill.records import read_examples
+from soda_distill.snapshot import run_snapshot
+from soda_distill.teacher import run_teacher
+
+
+def snapshot_config(qa_file, tiny_model_dir, *extra):
+    return load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+                              "snapshot.batch_size=4", *extra])
+
+
+def run_fresh(tmp_path, name, cfg, partial=None):
+    run = RunDir(tmp_path / name)
+    run_teacher(cfg, run)
+    if partial:
+        run.file("snapshot.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in partial))
+    return run, run_snapshot(cfg, run)
+
+
+def test_snapshot_answers_every_prompt_and_resumes_identically(tmp_path, qa_file, tiny_model_dir):
+    cfg = snapshot_config(qa_file, tiny_model_dir)
+    run, out = run_fresh(tmp_path, "a", cfg)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == [f"q{i}" for i in range(12)]
+    for r in records:
+        assert r["messages"][-1]["role"] == "assistant" and r["messages"][:-1] == read_examples(qa_file)[int(r["id"][1:])].prompt
+        assert 0 <= r["num_tokens"] <= 12 and r["finish_reason"] in ("stop", "length")
+    info = run.manifest()["stages"]["snapshot"]
+    assert info["records"] == 12 and info["backend"] == "transformers"
+    assert not run.file("snapshot.partial.jsonl").exists()
+
+    # a run killed after some records were logged resumes to exactly the same result
+    _, resumed = run_fresh(tmp_path, "b", cfg, partial=[records[i] for i in (0, 3, 4, 9, 11)])
+    assert resumed.read_text() == out.read_text()
+
+
+def test_snapshot_sampling_settings_matter(tmp_path, qa_file, tiny_model_dir):
+    _, a = run_fresh(tmp_path, "a", snapshot_config(qa_file, tiny_model_dir, "snapshot.seed=1"))
+    _, b = run_fresh(tmp_path, "b", snapshot_config(qa_file, tiny_model_dir, "snapshot.seed=2"))
+    assert a.read_text() != b.read_text()

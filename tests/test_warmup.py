@@ -1,0 +1,80 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from soda_distill import warmup
+from soda_distill.config import load_config
+from soda_distill.manifest import RunDir
+from soda_distill.models import load_model, load_tokenizer
+from soda_distill.teacher import run_teacher
+from soda_distill.training import read_metrics
+
+from conftest import ANSWERS, QUESTIONS
+
+
+def warmup_config(qa_file, tiny_model_dir, *extra):
+    return load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "warmup.learning_rate=3e-3",
+                              "warmup.batch_size=4", "warmup.epochs=6", "warmup.warmup_ratio=0", "warmup.max_length=128", *extra])
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens(tmp_path, qa_file, tiny_model_dir):
+    cfg = warmup_config(qa_file, tiny_model_dir)
+    run = RunDir(tmp_path / "run")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    trainer = warmup.build_sft_trainer(load_model(str(tiny_model_dir)), tokenizer, warmup.sft_dataset(run_teacher(cfg, run)),
+                                       cfg, run.file("warmup"), run.file("warmup") / "metrics.jsonl")
+    for i in range(3):
+        batch = trainer.data_collator([trainer.train_dataset[i]])
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        prompt = [{"role": "user", "content": QUESTIONS[i]}]
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+        answer_ids = tokenizer(ANSWERS[i] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        assert ids == prompt_ids + answer_ids
+        trained = [t for t, lab in zip(ids, labels) if lab != -100]
+        assert trained == answer_ids  # the answer and its end-of-turn, nothing of the prompt or the system turn
+        assert all(lab == -100 for lab in labels[: len(prompt_ids)])
+
+
+def test_warmup_trains_saves_and_loss_drops(tmp_path, qa_file, tiny_model_dir):
+    cfg = warmup_config(qa_file, tiny_model_dir)
+    run = RunDir(tmp_path / "run")
+    run_teacher(cfg, run)
+    out = warmup.run_warmup(cfg, run)
+    losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert len(losses) == 18
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any(torch.equal(p, q) for p, q in zip(model.parameters(), AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()))
+    assert AutoTokenizer.from_pretrained(out).chat_template
+    assert not (out / "checkpoints").exists()
+    info = run.manifest()["stages"]["warmup"]
+    assert info["steps"] == 18 and info["examples"] == 12 and info["peak_rss_mb"] > 0
+
+
+class Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            raise KeyboardInterrupt  # what a kill between checkpoints looks like to the next run
+
+
+def test_warmup_resumes_from_its_last_checkpoint(tmp_path, qa_file, tiny_model_dir, monkeypatch):
+    cfg = warmup_config(qa_file, tiny_model_dir, "warmup.save_steps=4")
+    run = RunDir(tmp_path / "run")
+    run_teacher(cfg, run)
+    build = warmup.build_sft_trainer
+
+    def crashing(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(Crash())
+        return trainer
+
+    monkeypatch.setattr(warmup, "build_sft_trainer", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        warmup.run_warmup(cfg, run)
+    assert "warmup" not in run.manifest()["stages"]
+    monkeypatch.setattr(warmup, "build_sft_trainer", build)
+    warmup.run_warmup(cfg, run)
+    info = run.manifest()["stages"]["warmup"]
+    assert info["resumed_from_step"] == 4 and info["steps"] == 18
+    steps = [m["step"] for m in read_metrics(run.file("warmup") / "metrics.jsonl") if "loss" in m]
+    assert steps == list(range(1, 19))  # steps 5.. of the crashed attempt were replaced, not duplicated
