@@ -38,21 +38,28 @@ class DataConfig:
 
 
 @dataclass
-class TeacherConfig:
-    file: str | None = None  # JSONL of existing teacher responses (`messages` ending in an assistant turn)
+class EndpointConfig:
+    """An OpenAI-compatible chat endpoint, and how patiently to call it."""
+
     base_url: str | None = None  # any OpenAI-compatible endpoint, e.g. https://api.openai.com/v1
     model: str | None = None
     api_key_env: str | None = "OPENAI_API_KEY"  # the *name* of the variable holding the key; null for no key
-    system_prompt: str | None = None
-    temperature: float = 0.7
-    top_p: float = 1.0
+    temperature: float = 0.0
     max_tokens: int = 1024
-    seed: int | None = None
     concurrency: int = operational(8)
     max_retries: int = operational(6)
     backoff_initial_s: float = operational(1.0)
     backoff_max_s: float = operational(60.0)
     timeout_s: float = operational(120.0)
+
+
+@dataclass
+class TeacherConfig(EndpointConfig):
+    file: str | None = None  # JSONL of existing teacher responses (`messages` ending in an assistant turn)
+    system_prompt: str | None = None
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int | None = None
 
 
 @dataclass
