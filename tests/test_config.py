@@ -42,3 +42,12 @@ def test_operational_fields_do_not_change_the_fingerprint():
     assert fingerprint(cfg.teacher) == before
     cfg.teacher.temperature = 0.1
     assert fingerprint(cfg.teacher) != before
+
+
+def test_lists_and_mappings():
+    cfg = load_config(None, ["evaluate.benchmarks=[dolly, vicuna]", "evaluate.models.GPT-5/Teacher=a.jsonl"])
+    assert cfg.evaluate.benchmarks == ["dolly", "vicuna"] and cfg.evaluate.models == {"GPT-5/Teacher": "a.jsonl"}
+    with pytest.raises(SodaError, match=r"evaluate.benchmarks\[1\]: expected str, got 3"):
+        load_config(None, ["evaluate.benchmarks=[dolly, 3]"])
+    with pytest.raises(SodaError, match="evaluate.models: expected a mapping"):
+        load_config(None, ["evaluate.models=x"])

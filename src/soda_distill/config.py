@@ -110,6 +110,48 @@ class DistillConfig(TrainingConfig):
 
 
 @dataclass
+class ScoredEndpointConfig(EndpointConfig):
+    """An evaluation endpoint whose token usage is priced in the results (defaults: GPT-4o's list price, USD)."""
+
+    price_input_per_1m: float | None = 2.5  # null: report tokens only
+    price_output_per_1m: float | None = 10.0
+
+
+@dataclass
+class ReferenceConfig(ScoredEndpointConfig):
+    """The reference model the judge compares against (GPT-4o in the paper); greedy. No base_url: the benchmark's
+    own reference answers instead."""
+
+    max_tokens: int = 1536
+
+
+@dataclass
+class JudgeConfig(ScoredEndpointConfig):
+    """The LLM judge (GPT-4o in the paper); no base_url: no judge, offline metrics only."""
+
+    max_tokens: int = 512
+    template: str | None = None  # a text file with {question}, {answer_1}, {answer_2}; null: the built-in template
+    system_prompt: str = "You are a careful, impartial judge of the quality of AI assistants' answers."
+    parse_retries: int = 2  # asks again when the reply's first line does not hold two scores from 1 to 10
+
+
+@dataclass
+class EvaluateConfig:
+    runs: list[str] = field(default_factory=list)  # run directories; each gives base, warmup, distill (those that exist)
+    models: dict[str, str] = field(default_factory=dict)  # more rows, "Model/Method": a model or a .jsonl of responses
+    benchmarks: list[str] = field(default_factory=lambda: ["dolly", "selfinst", "vicuna"])  # names, builtin:NAME or paths
+    lmsys: str | None = None  # JSONL of held-out LMSYS-style chat prompts; when set, the first column
+    limit: int | None = None  # only the first N prompts of each benchmark
+    prompt_format: str = "chat"  # "chat": the prompt as is; "alpaca": wrapped in the Alpaca layout GAD/MiniLLM use
+    max_new_tokens: int = 256  # the paper's 1536 takes hours on a CPU; greedy decoding always
+    backend: str = "transformers"  # or "vllm" when installed
+    exact_match_max_words: int = 5  # exact match is scored on references of at most this many words
+    batch_size: int = operational(16)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
 class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -118,6 +160,7 @@ class Config:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     out: str | None = None  # run directory; `--out` on the command line wins
 
 
@@ -141,6 +184,15 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, dict):
             raise SodaError(f"{where}: expected a mapping, got {value!r}")
         return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise SodaError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SodaError(f"{where}: expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {_coerce(k, key_type, where): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int:
