@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from trl import DPOConfig, DPOTrainer
+
 from .config import Config, fingerprint
 from .manifest import RunDir
 from .models import load_model, load_tokenizer, model_digest, use_bf16
@@ -17,15 +19,26 @@ from .training import MetricsLog, read_metrics, train_and_save, trainer_argument
 
 
 def dpo_dataset(pairs_path: Path):
+    """The pairs, longest first (by characters, a close enough proxy for tokens): the one sequential pass of
+    reference log-probabilities then pads little."""
     from datasets import Dataset
 
     rows = [{k: obj[k] for k in ("prompt", "chosen", "rejected")} for _, obj in read_jsonl(pairs_path)]
+    size = lambda r: sum(len(m["content"]) for m in r["prompt"]) + max(len(r["chosen"][0]["content"]), len(r["rejected"][0]["content"]))
+    rows.sort(key=size, reverse=True)
     return Dataset.from_list(rows)
 
 
-def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path):
-    from trl import DPOConfig, DPOTrainer
+class LengthGroupedDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer, keeping the `length` column the length-grouped sampler batches by (TRL drops it)."""
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.length_column_name not in self._signature_columns:
+            self._signature_columns.append(self.args.length_column_name)
+
+
+def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path):
     d = cfg.distill
     args = DPOConfig(
         **trainer_arguments(d, output_dir / "checkpoints", use_bf16(cfg.student.bf16)),
@@ -34,10 +47,15 @@ def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=d.precompute_batch_size,
     )
-    return DPOTrainer(
+    trainer = LengthGroupedDPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
         callbacks=[MetricsLog(metrics_path)],
     )
+    # The length-grouped sampler needs each pair's padded length; TRL's tokenized columns give it exactly.
+    ds = trainer.train_dataset
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    trainer.train_dataset = ds.add_column(args.length_column_name, lengths)
+    return trainer
 
 
 def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:

@@ -36,6 +36,8 @@ def trainer_arguments(section: TrainingConfig, output_dir: Path, bf16: bool) -> 
         logging_steps=section.logging_steps,
         report_to="none",
         dataloader_num_workers=0,
+        # Batches of similar lengths: with random batches over half of every batch was padding.
+        train_sampling_strategy="group_by_length",
         use_cpu=not torch.cuda.is_available(),
     )
 
