@@ -2,6 +2,7 @@
 
     soda-distill run CONFIG [--out DIR] [section.key=value ...]
     soda-distill STAGE [CONFIG] --out DIR [section.key=value ...]   (STAGE: teacher snapshot pairs warmup distill)
+    soda-distill evaluate [CONFIG] [RUNDIR ...] [--out EVALDIR] [section.key=value ...]
 
 Without CONFIG, a stage starts from DIR/config.yaml (the resolved config an earlier command wrote there), or
 from the defaults when there is none; key=value overrides apply on top.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import SodaError
+from .evaluate import prepare_evaluation, render_markdown, run_evaluate
 from .pipeline import STAGES, prepare, run_all, run_stage
 
 
@@ -35,14 +37,38 @@ def _summary(run) -> str:
     return "\n".join(lines)
 
 
+def _evaluate(rest: list[str], out: str | None) -> None:
+    """Arguments are told apart by what they are: a file is the config, a directory a run, the rest key=value."""
+    config_path = next((r for r in rest if Path(r).is_file()), None)
+    runs = [r for r in rest if Path(r).is_dir()]
+    overrides = [r for r in rest if r != config_path and r not in runs]
+    if any("=" not in r for r in overrides):
+        raise SodaError(f"{next(r for r in overrides if '=' not in r)}: not a config file, a run directory or key=value")
+    if out is None and len(runs) == 1:
+        out = str(Path(runs[0]) / "eval")
+    if out is None:
+        raise SodaError("give --out EVALDIR (where the results go; its config.yaml, if any, is the starting point)")
+    if config_path is None and (Path(out) / "config.yaml").exists():
+        config_path = str(Path(out) / "config.yaml")
+    cfg = load_config(config_path, overrides)
+    cfg.evaluate.runs += runs
+    evaldir = prepare_evaluation(cfg, out)
+    print(render_markdown(run_evaluate(cfg, evaldir)))
+    print(f"results: {evaldir.file('results.json')}, {evaldir.file('results.md')}, {evaldir.file('results.png')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="soda-distill", description="Semi On-policy Distillation with Alignment")
-    parser.add_argument("command", choices=["run", *STAGES], help="the whole pipeline, or one stage")
+    parser.add_argument("command", choices=["run", *STAGES, "evaluate"], help="the whole pipeline, one stage, or evaluation")
     parser.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")
-    parser.add_argument("--out", help="run directory (default: config's `out`, else runs/<config name>)")
+    parser.add_argument("--out", help="run directory (default: config's `out`, else runs/<config name>); "
+                                      "for evaluate, the results directory (default: RUNDIR/eval for one run)")
     args = parser.parse_intermixed_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     try:
+        if args.command == "evaluate":
+            _evaluate(args.rest, args.out)
+            return 0
         config_path, overrides = _split(args.rest)
         if config_path is None:
             if not args.out:

@@ -1,0 +1,76 @@
+import json
+import os
+import shutil
+
+import pytest
+
+from soda_distill.cli import main
+from soda_distill.config import load_config, save_config
+from soda_distill.errors import InputError
+from soda_distill.evaluate import normalize_answer, offline_metrics, prepare_evaluation, rouge_l, run_evaluate
+
+from conftest import write_jsonl
+
+
+def test_rouge_l_on_known_strings():
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(100)
+    assert rouge_l("the cat sat on the mat", "the cat was on the mat") == pytest.approx(100 * 5 / 6)  # LCS 5 of 6 each way
+    assert rouge_l("the cat sat on the mat", "dogs bark loudly") == 0
+    assert rouge_l("he runs quickly", "he running quickly") == pytest.approx(100)  # Porter stemming, as MiniLLM
+
+
+def test_offline_metrics():
+    responses = [{"text": t, "finish_reason": f, "num_tokens": n} for t, f, n in
+                 [("The Pacific!", "stop", 3), ("It is red, I think.", "length", 6), ("Long answer here", "stop", 3)]]
+    m = offline_metrics(["Pacific", "Red.", "A reference of more than five words here."], responses, exact_match_max_words=5)
+    assert normalize_answer("The  Pacific!") == "pacific"
+    assert m["exact_match"] == {"score": 50.0, "prompts": 2}  # the long reference is not scored for exact match
+    assert m["length"]["words"]["max"] == 5 and m["length"]["tokens"]["mean"] == 4.0 and m["length"]["truncated"] == 1
+    assert 0 < m["rouge_l"] < 100
+    assert offline_metrics([None], responses[:1], 5)["rouge_l"] is None  # no reference, no ROUGE-L
+
+
+def tiny_run(path, model_dir, stage, mtime):
+    """A run directory whose student is the tiny model and whose `stage` finished with a copy of it (a new file
+    time makes it another model to the generation cache, as a trained one would be)."""
+    save_config(load_config(None, [f"student.model={model_dir}", "student.bf16=false"]), path / "config.yaml")
+    shutil.copytree(model_dir, path / stage)
+    os.utime(path / stage / "model.safetensors", (mtime, mtime))
+    (path / "manifest.json").write_text(json.dumps({"stages": {stage: {"status": "done"}}, "inputs": {}}))
+    return path
+
+
+def test_results_table_from_two_runs_offline(tmp_path, tiny_model_dir, qa_file, capsys):
+    a = tiny_run(tmp_path / "a", tiny_model_dir, "warmup", mtime=1)
+    b = tiny_run(tmp_path / "b", tiny_model_dir, "distill", mtime=2)
+    out = tmp_path / "eval"
+    args = ["evaluate", str(a), str(b), "--out", str(out), f"evaluate.benchmarks=[{qa_file}]", "evaluate.limit=4",
+            "evaluate.max_new_tokens=4", "evaluate.batch_size=4", "student.bf16=false"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["model"], r["method"]) for r in results["rows"]] == [("a", "Base"), ("a", "SeqKD (warmup)"), ("b", "Base"), ("b", "SODA")]
+    cell = results["rows"][3]["cells"]["qa"]
+    assert cell["prompts"] == 4 and cell["rouge_l"] is not None and cell["judge"] is None and results["judge"] is None
+    assert results["settings"] == {"prompt_format": "chat", "decoding": "greedy", "max_new_tokens": 4, "backend": "transformers",
+                                   "limit": 4, "exact_match_max_words": 5}
+    # the base model is shared by both runs: generated once; 3 distinct models × 4 prompts
+    assert json.loads((out / "manifest.json").read_text())["stages"]["evaluate"]["generated"] == 12
+    markdown = (out / "results.md").read_text()
+    assert "| Model | Method | qa |" in markdown and "| a | Base |" in markdown and "|  | SODA |" in markdown
+    assert markdown in capsys.readouterr().out
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    responses = (out / "responses/b_SODA/qa.jsonl").read_text().splitlines()
+    assert len(responses) == 4 and json.loads(responses[0])["messages"][-1]["role"] == "assistant"
+    # again, from the saved config alone, in the Alpaca layout: new prompts, so new generations, nothing else redone
+    assert main(["evaluate", "--out", str(out), "evaluate.prompt_format=alpaca"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["stages"]["evaluate"]["generated"] == 12
+    assert main(["evaluate", "--out", str(out), "evaluate.prompt_format=alpaca"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["stages"]["evaluate"]["generated"] == 0
+
+
+def test_response_file_must_cover_a_benchmark_it_answers(tmp_path, qa_file):
+    records = [json.loads(line) for line in qa_file.read_text().splitlines()]
+    partial = write_jsonl(tmp_path / "partial.jsonl", records[:3])
+    cfg = load_config(None, [f"evaluate.benchmarks=[{qa_file}]", f"evaluate.models.Teacher={partial}"])
+    with pytest.raises(InputError, match=r"partial.jsonl, field 'id': answers 3 of the 12 qa prompts \(missing: q3, q4"):
+        run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))
