@@ -163,6 +163,7 @@ def normalize_answer(text: str) -> str:
 
 
 def offline_metrics(references: list[str | None], responses: list[dict], exact_match_max_words: int) -> dict:
+    """ROUGE-L and exact match where there is a reference (exact match only where it is short), lengths for all."""
     pairs = [(ref, r["text"]) for ref, r in zip(references, responses) if ref is not None]
     short = [(ref, pred) for ref, pred in pairs if len(ref.split()) <= exact_match_max_words]
     tokens = [r["num_tokens"] for r in responses if r["num_tokens"] is not None]
@@ -191,7 +192,7 @@ def _cell(row: dict, bench: str, *path):
     return value
 
 
-def markdown_table(results: dict, title: str, *path, digits: int = 1, bold_best: bool = True) -> str:
+def markdown_table(results: dict, title: str, *path, bold_best: bool = True) -> str:
     """One metric across rows × benchmarks in Table 1's layout (the best per model in bold, as there)."""
     names = [b["name"] for b in results["benchmarks"]]
     lines = [f"### {title}", "", "| Model | Method | " + " | ".join(names) + " |", "| --- | --- |" + " ---: |" * len(names)]
@@ -202,7 +203,7 @@ def markdown_table(results: dict, title: str, *path, digits: int = 1, bold_best:
             value = _cell(row, name, *path)
             peers = [_cell(r, name, *path) for r in rows if r["model"] == row["model"]]
             peers = [p for p in peers if p is not None]
-            text = "—" if value is None else f"{value:.{digits}f}"
+            text = "—" if value is None else f"{value:.1f}"
             if bold_best and value is not None and len(peers) > 1 and value == max(peers):
                 text = f"**{text}**"
             cells.append(text)
