@@ -69,7 +69,8 @@ def test_custom_template_must_have_the_placeholders(tmp_path):
 class ScriptedJudge:
     """A loopback OpenAI-compatible judge that reads the two answers out of the prompt: 8 for an answer containing
     GOOD, else 4, plus 1 for whichever answer is shown first (a position bias the two orders must cancel). It
-    never parses an answer containing GARBLE, and an answer containing FLAKY only on the second try."""
+    never parses an answer containing GARBLE, and an answer containing FLAKY only on the second try. Asked
+    anything else, it is a reference model and answers GOOD."""
 
     BLOCK = re.compile(r"\[Assistant (\d)'s Answer\]\n(.*?)\n\[End of Assistant \1's Answer\]", re.S)
 
@@ -105,6 +106,8 @@ class ScriptedJudge:
     @classmethod
     def reply(cls, prompt: str, attempt: int) -> str:
         answers = dict(cls.BLOCK.findall(prompt))
+        if not answers:
+            return "A GOOD reference answer."
         if "GARBLE" in prompt or ("FLAKY" in prompt and attempt == 1):
             return "Both assistants did their best."
         first, second = (8 if "GOOD" in answers[k] else 4 for k in "12")
@@ -157,6 +160,22 @@ def test_both_orders_retries_and_unparseable_replies(tmp_path, scripted_judge):
     assert "Unparseable judge replies (counted, not scored): 2 of 8" in (tmp_path / "eval/results.md").read_text()
     run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))  # everything cached: nothing asked again
     assert dict(scripted_judge.asked) == asked
+
+
+def test_reference_model_answers_once(tmp_path, scripted_judge):
+    overrides = judge_setup(tmp_path, ["Plain answer.", "Another plain answer."], scripted_judge.url)
+    overrides += [f"evaluate.reference.base_url={scripted_judge.url}", "evaluate.reference.model=ref",
+                  "evaluate.reference.api_key_env=null", "evaluate.reference.price_input_per_1m=null"]
+    cfg = load_config(None, overrides)
+    results = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))
+    judge = results["rows"][0]["cells"]["mini"]["judge"]
+    # the student (4) against the reference model's GOOD answer (8), +1 for the one shown first
+    assert judge["student_first"] == pytest.approx(round(500 / 13, 2)) and judge["reference_first"] == pytest.approx(round(400 / 13, 2))
+    assert results["reference"]["source"] == f"ref at {scripted_judge.url}" and results["reference"]["cost_usd"] is None
+    assert results["reference"]["usage"] == {"prompt_tokens": 200, "completion_tokens": 20}
+    assert sum(n for p, n in scripted_judge.asked.items() if p in QUESTIONS) == 2  # each prompt once
+    run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))
+    assert results["reference"]["requests_this_run"] == 2 and sum(scripted_judge.asked.values()) == 2 + 4
 
 
 def test_killed_judge_run_resumes_without_repeating_finished_judgments(tmp_path):
