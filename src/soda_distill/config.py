@@ -110,6 +110,32 @@ class DistillConfig(TrainingConfig):
 
 
 @dataclass
+class GadConfig(TrainingConfig):
+    """GAD (Ye et al., 2025), the fully on-policy adversarial baseline. Defaults: its published recipe (microsoft/LMOps
+    `gad/scripts/train/*-lr1e-6.sh`, verl); the TrainingConfig fields are the generator's (GRPO)."""
+
+    epochs: float = 2.0  # adversarial epochs, after the warmup
+    learning_rate: float = 1e-6
+    batch_size: int = 8  # rollouts per forward/backward
+    gradient_accumulation_steps: int = 256  # 8 × 256 = 2048 rollouts a step: 256 prompts × num_generations
+    max_length: int = 3584  # prompt + response tokens (2048 + 1536 published); longer prompts are dropped
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01  # verl's AdamW default, both networks
+    max_grad_norm: float = 0.2  # both networks
+    gradient_checkpointing: bool = operational(True)
+    num_generations: int = 8  # rollouts per prompt: the GRPO group, rewards normalized within it
+    temperature: float = 0.8
+    max_new_tokens: int = 1536  # per rollout; teacher and q0 responses are cut to this for the discriminator
+    beta: float = 0.001  # KL to the starting generator (low-variance k3 estimator), added to the loss
+    entropy_coef: float = 0.0
+    discriminator_learning_rate: float = 1e-6
+    discriminator_warmup_epochs: float = 1.0  # Bradley–Terry on pairs.jsonl (teacher vs. q0) before the adversarial phase
+    discriminator_only_steps: int = 10  # first adversarial steps in which only the discriminator learns
+    discriminator_batch_size: int = 8  # (teacher, student) pairs per discriminator forward/backward
+
+
+@dataclass
 class ScoredEndpointConfig(EndpointConfig):
     """An evaluation endpoint whose token usage is priced in the results (defaults: GPT-4o's list price, USD)."""
 
@@ -160,6 +186,7 @@ class Config:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    gad: GadConfig = field(default_factory=GadConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     out: str | None = None  # run directory; `--out` on the command line wins
 

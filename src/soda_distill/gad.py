@@ -1,0 +1,342 @@
+"""The GAD baseline — Generative Adversarial Distillation (Ye et al., 2025), the fully on-policy method SODA is
+measured against, reproduced from its published recipe (microsoft/LMOps `gad/`, on verl) with TRL.
+
+The student is a generator trained with GRPO: K rollouts per prompt, each rewarded with a discriminator's score,
+rewards normalized within the prompt's group. The discriminator is the student's backbone with a scalar head read at
+the last token of prompt + response, trained with the Bradley–Terry loss −log σ(D(y_t) − D(y_s)) to score the
+teacher's response above every rollout. Warmup: the generator is this run's SFT model (`warmup/`), the discriminator
+is trained on teacher vs. q0 responses (`pairs.jsonl`). Then every step scores the rollouts (the reward, before the
+update) and takes one discriminator step on them; for the first steps only the discriminator learns. Checkpoints
+hold both networks, so an interrupted run resumes both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
+
+from .config import Config, GadConfig, fingerprint
+from .errors import SodaError
+from .manifest import RunDir
+from .models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
+from .pipeline import run_stage
+from .records import read_examples, read_jsonl, sha256_file
+from .training import MetricsLog, read_metrics, train_and_save, trainer_arguments
+
+DISCRIMINATOR_STATE = "discriminator.pt"  # inside each generator checkpoint: weights, optimizer, update count
+
+
+def prompts_per_step(g: GadConfig) -> int:
+    """Prompts per optimizer step (each with num_generations rollouts); checks that the batch settings fit."""
+    rollouts = g.batch_size * g.gradient_accumulation_steps
+    if g.num_generations < 2:
+        raise SodaError("gad.num_generations must be at least 2: GRPO normalizes each reward within its prompt's group")
+    if rollouts % g.num_generations:
+        raise SodaError(f"gad.batch_size × gad.gradient_accumulation_steps ({rollouts} rollouts a step) must be a "
+                        f"multiple of gad.num_generations ({g.num_generations})")
+    prompts = rollouts // g.num_generations
+    if prompts % g.discriminator_batch_size:
+        raise SodaError(f"gad.discriminator_batch_size ({g.discriminator_batch_size}) must divide the prompts per step "
+                        f"(batch_size × gradient_accumulation_steps / num_generations = {prompts})")
+    if g.max_new_tokens >= g.max_length:
+        raise SodaError(f"gad.max_new_tokens ({g.max_new_tokens}) must be below gad.max_length ({g.max_length}), "
+                        "which also holds the prompt")
+    return prompts
+
+
+def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
+def response_ids(tokenizer, text: str, max_new_tokens: int) -> list[int]:
+    """A response as the generator would have emitted it: its tokens and end-of-turn, cut at max_new_tokens."""
+    return (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_new_tokens]
+
+
+def load_discriminator(path: str, tokenizer, trust_remote_code: bool = False):
+    """A sequence classifier with one output: the backbone at `path`, its scalar head new unless saved there."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise SodaError(f"{path}: cannot load as a discriminator (a sequence classifier) ({e})") from None
+    if not isinstance(getattr(model, "score", None), nn.Linear):
+        raise SodaError(f"{path}: {type(model).__name__} has no `score` head; GAD's discriminator needs a decoder "
+                        "whose sequence classifier has one (Llama, Qwen2, Mistral, Gemma, ...)")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def discriminator_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """D(x, y) of right-padded sequences: the scalar head on the hidden state of each one's last real token.
+
+    transformers' own sequence-classification forward reads the last token that is not the pad token: one token
+    early whenever the pad token is also the end-of-turn token a response ends with (SmolLM2, Llama 3 with pad = eos).
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    last = attention_mask.sum(dim=1) - 1
+    return model.score(hidden[torch.arange(hidden.size(0), device=hidden.device), last]).squeeze(-1).float()
+
+
+def bradley_terry(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: the loss −log σ(D(y_t) − D(y_s)), and whether the teacher was scored above the student."""
+    return -nn.functional.logsigmoid(teacher - student), teacher > student
+
+
+def _fits(g: GadConfig, prompt: list[int]) -> bool:
+    return len(prompt) + g.max_new_tokens <= g.max_length
+
+
+# --- Discriminator warmup: Bradley–Terry on teacher vs. q0 responses ---------------------------------------------
+
+
+def bradley_terry_dataset(pairs_path: Path, tokenizer, g: GadConfig):
+    """pairs.jsonl tokenized for the discriminator (chosen = teacher, rejected = q0), with each pair's length."""
+    from datasets import Dataset
+
+    rows, dropped = [], 0
+    for _, obj in read_jsonl(pairs_path):
+        prompt = prompt_ids(tokenizer, obj["prompt"])
+        if not _fits(g, prompt):
+            dropped += 1
+            continue
+        chosen = prompt + response_ids(tokenizer, obj["chosen"][0]["content"], g.max_new_tokens)
+        rejected = prompt + response_ids(tokenizer, obj["rejected"][0]["content"], g.max_new_tokens)
+        rows.append({"chosen_ids": chosen, "rejected_ids": rejected, "length": max(len(chosen), len(rejected))})
+    if not rows:
+        raise SodaError(f"{pairs_path}: no pair whose prompt fits gad.max_length − gad.max_new_tokens "
+                        f"({g.max_length - g.max_new_tokens} tokens)")
+    return Dataset.from_list(rows), dropped
+
+
+class BradleyTerryTrainer(RewardTrainer):
+    """TRL's RewardTrainer (Bradley–Terry, chosen = teacher, rejected = student), scoring with discriminator_scores."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher, student = discriminator_scores(model, inputs["input_ids"], inputs["attention_mask"]).chunk(2)
+        losses, wins = bradley_terry(teacher, student)
+        metrics = self._metrics["train" if model.training else "eval"]
+        metrics["accuracy"].append(wins.float().mean().item())
+        metrics["margin"].append((teacher - student).mean().item())
+        return losses.mean()
+
+
+def build_discriminator_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path):
+    """One warmup step takes as many pairs as an adversarial step takes prompts, as in GAD's warmup."""
+    g = cfg.gad
+    section = dataclasses.replace(
+        g, epochs=g.discriminator_warmup_epochs, learning_rate=g.discriminator_learning_rate,
+        batch_size=g.discriminator_batch_size, gradient_accumulation_steps=prompts_per_step(g) // g.discriminator_batch_size,
+    )
+    args = RewardConfig(
+        **trainer_arguments(section, output_dir / "checkpoints", use_bf16(cfg.student.bf16)),
+        remove_unused_columns=False,  # keeps `length` for the length-grouped sampler; the collator ignores it
+    )
+    return BradleyTerryTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[MetricsLog(metrics_path)]
+    )
+
+
+def run_discriminator_warmup(cfg: Config, run: RunDir) -> Path:
+    pairs_path, out = run.file("pairs.jsonl"), run.file("gad") / "discriminator_warmup"
+    fp = hashlib.sha256(
+        "|".join([fingerprint(cfg.gad), fingerprint(cfg.student), sha256_file(pairs_path)]).encode()
+    ).hexdigest()[:16]
+    if run.done("gad_warmup", fp):
+        return out
+    with run.stage("gad_warmup", fp) as info:
+        student = resolve_model(cfg.student.model, cfg.student.gguf_file)
+        tokenizer = load_tokenizer(student, cfg.student.trust_remote_code)
+        set_seed(cfg.gad.seed)  # the scalar head starts random
+        model = load_discriminator(student, tokenizer, cfg.student.trust_remote_code)
+        dataset, dropped = bradley_terry_dataset(pairs_path, tokenizer, cfg.gad)
+        trainer = build_discriminator_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")
+        info.update(pairs=len(dataset), dropped_long_prompts=dropped, **train_and_save(trainer, out))
+        steps = [m for m in read_metrics(out / "metrics.jsonl") if "accuracy" in m]
+        if steps:
+            info["accuracy"] = {"first": steps[0]["accuracy"], "last": steps[-1]["accuracy"]}
+    return out
+
+
+# --- Adversarial phase: GRPO on the discriminator's scores, the discriminator trained on the same rollouts -------
+
+
+def gad_dataset(teacher_path: Path, tokenizer, g: GadConfig):
+    """Prompts for GRPO, with the token ids the discriminator reads: the prompt's and the teacher response's."""
+    from datasets import Dataset
+
+    rows, dropped = [], 0
+    for ex in read_examples(teacher_path, want_response=True):
+        if not ex.response.strip():
+            continue
+        prompt = prompt_ids(tokenizer, ex.prompt)
+        if not _fits(g, prompt):
+            dropped += 1
+            continue
+        teacher = response_ids(tokenizer, ex.response, g.max_new_tokens)
+        rows.append({"id": ex.id, "prompt": ex.prompt, "prompt_tokens": prompt, "teacher_tokens": teacher})
+    if not rows:
+        raise SodaError(f"{teacher_path}: no prompt with a response fits gad.max_length − gad.max_new_tokens "
+                        f"({g.max_length - g.max_new_tokens} tokens)")
+    return Dataset.from_list(rows), dropped
+
+
+class Discriminator:
+    """GRPO's reward function, which also trains the discriminator on the rollouts it has just scored.
+
+    TRL calls it once per optimizer step with all of that step's rollouts. Each rollout's reward is its score before
+    this step's update; then one Bradley–Terry step on (teacher response, rollout) pairs, every rollout paired with
+    its prompt's teacher response and the loss averaged over all of them.
+    """
+
+    def __init__(self, model, g: GadConfig, bf16: bool):
+        self.model, self.g, self.bf16 = model, g, bf16
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=g.discriminator_learning_rate, weight_decay=g.weight_decay)
+        self.updates = 0
+        if g.gradient_checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+
+    def _scores(self, sequences: list[list[int]]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        ids = pad_sequence([torch.tensor(s) for s in sequences], batch_first=True, padding_value=self.model.config.pad_token_id)
+        mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in sequences], batch_first=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return discriminator_scores(self.model, ids.to(device), mask.to(device))
+
+    def __call__(self, completion_ids, log_metric, **columns) -> list[float]:
+        ids, prompt_tokens, teacher_tokens = columns["id"], columns["prompt_tokens"], columns["teacher_tokens"]
+        n, rewards, loss_sum, wins = len(completion_ids), [], 0.0, 0
+        with torch.enable_grad():
+            for start in range(0, n, self.g.discriminator_batch_size):
+                rows = range(start, min(start + self.g.discriminator_batch_size, n))
+                teachers: dict[str, int] = {}  # a group's rollouts share one teacher response: score it once
+                for i in rows:
+                    teachers.setdefault(ids[i], i)
+                slot = {key: k for k, key in enumerate(teachers)}
+                scores = self._scores([prompt_tokens[i] + teacher_tokens[i] for i in teachers.values()]
+                                      + [prompt_tokens[i] + completion_ids[i] for i in rows])
+                teacher, student = scores[[slot[ids[i]] for i in rows]], scores[len(teachers):]
+                losses, won = bradley_terry(teacher, student)
+                (losses.sum() / n).backward()
+                rewards += student.detach().tolist()
+                loss_sum += losses.sum().item()
+                wins += int(won.sum())
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.g.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        log_metric("discriminator/loss", loss_sum / n)
+        log_metric("discriminator/accuracy", wins / n)
+        return rewards
+
+    def save_state(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}, tmp)
+        os.replace(tmp, path)
+
+    def load_state(self, path: Path) -> None:
+        if not path.exists():
+            raise SodaError(f"{path}: missing, so this checkpoint cannot resume the discriminator; delete "
+                            f"{path.parent} to resume from an earlier checkpoint (or from the start)")
+        state = torch.load(path, map_location=next(self.model.parameters()).device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = state["updates"]
+
+
+class GadTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer whose checkpoints also hold the discriminator, and whose first steps train it alone."""
+
+    def __init__(self, *args, discriminator: Discriminator, discriminator_dir: Path, **kwargs):
+        super().__init__(*args, reward_funcs=[discriminator], **kwargs)
+        self.discriminator, self.discriminator_dir = discriminator, discriminator_dir
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        if self.state.global_step >= self.discriminator.g.discriminator_only_steps:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Roll out and score: the reward function trains the discriminator. The generator gets no gradient, so the
+        # optimizer step leaves it as it is.
+        model.train()
+        self._prepare_inputs(inputs)
+        self._step += 1  # GRPOTrainer's micro-step count, which schedules generation
+        return torch.zeros((), device=self.args.device)
+
+    def _save_checkpoint(self, model, trial):
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.discriminator.save_state(folder / DISCRIMINATOR_STATE)  # first: the trainer state is written last
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.discriminator.load_state(Path(checkpoint) / DISCRIMINATOR_STATE)
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        self.discriminator.model.save_pretrained(self.discriminator_dir)  # before train_and_save drops the checkpoints
+        self.processing_class.save_pretrained(self.discriminator_dir)
+        return result
+
+
+def build_gad_trainer(generator, tokenizer, discriminator: Discriminator, dataset, cfg: Config, output_dir: Path):
+    g = cfg.gad
+    prompts_per_step(g)
+    common = trainer_arguments(g, output_dir / "checkpoints", use_bf16(cfg.student.bf16))
+    for key in ("max_length", "train_sampling_strategy"):  # GRPO bounds lengths with max_completion_length, samples groups itself
+        del common[key]
+    args = GRPOConfig(
+        **common, num_generations=g.num_generations, temperature=g.temperature, max_completion_length=g.max_new_tokens,
+        beta=g.beta, entropy_coef=g.entropy_coef,
+    )
+    return GadTrainer(
+        model=generator, args=args, train_dataset=dataset, processing_class=tokenizer,
+        callbacks=[MetricsLog(output_dir / "metrics.jsonl")], discriminator=discriminator,
+        discriminator_dir=output_dir / "discriminator",
+    )
+
+
+def run_adversarial(cfg: Config, run: RunDir, discriminator_start: Path) -> Path:
+    teacher_path, start, out = run.file("teacher.jsonl"), run.file("warmup"), run.file("gad")
+    fp = hashlib.sha256("|".join([
+        fingerprint(cfg.gad), sha256_file(teacher_path), model_digest(start), model_digest(discriminator_start),
+    ]).encode()).hexdigest()[:16]
+    if run.done("gad", fp):
+        return out / "generator"
+    with run.stage("gad", fp) as info:
+        trust = cfg.student.trust_remote_code
+        tokenizer = load_tokenizer(str(start), trust)
+        generator = load_model(str(start), trust_remote_code=trust)
+        discriminator = Discriminator(
+            load_discriminator(str(discriminator_start), tokenizer, trust), cfg.gad, use_bf16(cfg.student.bf16)
+        )
+        dataset, dropped = gad_dataset(teacher_path, tokenizer, cfg.gad)
+        trainer = build_gad_trainer(generator, tokenizer, discriminator, dataset, cfg, out)
+        info.update(prompts=len(dataset), dropped_long_prompts=dropped, **train_and_save(trainer, out / "generator"))
+        info["discriminator_updates"] = discriminator.updates
+        steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
+        if steps:
+            for key, name in (("reward", "reward"), ("discriminator/accuracy", "discriminator_accuracy")):
+                info[name] = {"first": steps[0][key], "last": steps[-1][key]}
+    return out / "generator"
+
+
+def run_gad(cfg: Config, run: RunDir) -> Path:
+    """GAD on this run's teacher responses, from its warmup model; missing earlier stages run first."""
+    prompts_per_step(cfg.gad)  # bad batch settings fail before any work
+    for name in ("teacher", "snapshot", "pairs", "warmup"):
+        run_stage(name, cfg, run)
+    return run_adversarial(cfg, run, run_discriminator_warmup(cfg, run))
