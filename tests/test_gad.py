@@ -171,8 +171,14 @@ def test_gad_resumes_both_networks_from_the_last_checkpoint(run, qa, tiny_model_
     ("gad.discriminator_batch_size=3", "must divide the prompts per step"),
     ("gad.max_new_tokens=200", "must be below gad.max_length"),
 ])
-def test_bad_batch_settings_fail_before_any_work(tmp_path, qa, tiny_model_dir, override, message):
-    run = RunDir(tmp_path / "run")
+def test_bad_batch_settings_fail_when_the_config_loads(qa, tiny_model_dir, override, message):
     with pytest.raises(SodaError, match=message):
-        gad.run_gad(gad_config(qa, tiny_model_dir, override), run)
-    assert run.manifest()["stages"] == {}
+        gad_config(qa, tiny_model_dir, override)
+
+
+def test_cli_refuses_bad_settings_without_touching_the_run(tmp_path, capsys):
+    from soda_distill.cli import main
+
+    assert main(["gad", "--out", str(tmp_path / "run"), "gad.num_generations=3"]) == 2
+    assert "multiple of gad.num_generations" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

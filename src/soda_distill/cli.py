@@ -2,6 +2,7 @@
 
     soda-distill run CONFIG [--out DIR] [section.key=value ...]
     soda-distill STAGE [CONFIG] --out DIR [section.key=value ...]   (STAGE: teacher snapshot pairs warmup distill)
+    soda-distill gad [CONFIG] --out DIR [section.key=value ...]     (the GAD baseline, in the same run directory)
     soda-distill evaluate [CONFIG] [RUNDIR ...] [--out EVALDIR] [section.key=value ...]
 
 Without CONFIG, a stage starts from DIR/config.yaml (the resolved config an earlier command wrote there), or
@@ -19,6 +20,7 @@ from pathlib import Path
 from .config import load_config
 from .errors import SodaError
 from .evaluate import prepare_evaluation, render_markdown, run_evaluate
+from .gad import run_gad
 from .pipeline import STAGES, prepare, run_all, run_stage
 
 
@@ -59,7 +61,7 @@ def _evaluate(rest: list[str], out: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="soda-distill", description="Semi On-policy Distillation with Alignment")
-    parser.add_argument("command", choices=["run", *STAGES, "evaluate"], help="the whole pipeline, one stage, or evaluation")
+    parser.add_argument("command", choices=["run", *STAGES, "gad", "evaluate"], help="the whole pipeline, one stage, or evaluation")
     parser.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")
     parser.add_argument("--out", help="run directory (default: config's `out`, else runs/<config name>); "
                                       "for evaluate, the results directory (default: RUNDIR/eval for one run)")
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             print(_summary(run))
             print(f"distilled model: {final}")
             print(f"run summary:     {run.manifest_path}")
+        elif args.command == "gad":
+            print(f"gad: {run_gad(cfg, run)}")
         else:
             print(f"{args.command}: {run_stage(args.command, cfg, run)}")
     except SodaError as e:

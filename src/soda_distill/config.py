@@ -134,6 +134,25 @@ class GadConfig(TrainingConfig):
     discriminator_only_steps: int = 10  # first adversarial steps in which only the discriminator learns
     discriminator_batch_size: int = 8  # (teacher, student) pairs per discriminator forward/backward
 
+    def __post_init__(self):
+        rollouts = self.batch_size * self.gradient_accumulation_steps
+        if self.num_generations < 2:
+            raise SodaError("gad.num_generations must be at least 2: GRPO normalizes each reward within its prompt's group")
+        if rollouts % self.num_generations:
+            raise SodaError(f"gad.batch_size × gad.gradient_accumulation_steps ({rollouts} rollouts a step) must be a "
+                            f"multiple of gad.num_generations ({self.num_generations})")
+        if self.prompts_per_step % self.discriminator_batch_size:
+            raise SodaError(f"gad.discriminator_batch_size ({self.discriminator_batch_size}) must divide the prompts per "
+                            f"step (batch_size × gradient_accumulation_steps / num_generations = {self.prompts_per_step})")
+        if self.max_new_tokens >= self.max_length:
+            raise SodaError(f"gad.max_new_tokens ({self.max_new_tokens}) must be below gad.max_length ({self.max_length}), "
+                            "which also holds the prompt")
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts per optimizer step, each with num_generations rollouts; a discriminator warmup step takes as many pairs."""
+        return self.batch_size * self.gradient_accumulation_steps // self.num_generations
+
 
 @dataclass
 class ScoredEndpointConfig(EndpointConfig):

@@ -24,7 +24,7 @@ from transformers import set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
-from .config import Config, GadConfig, fingerprint
+from .config import Config, GadConfig, TrainingConfig, fingerprint
 from .errors import SodaError
 from .manifest import RunDir
 from .models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
@@ -33,24 +33,6 @@ from .records import read_examples, read_jsonl, sha256_file
 from .training import MetricsLog, read_metrics, train_and_save, trainer_arguments
 
 DISCRIMINATOR_STATE = "discriminator.pt"  # inside each generator checkpoint: weights, optimizer, update count
-
-
-def prompts_per_step(g: GadConfig) -> int:
-    """Prompts per optimizer step (each with num_generations rollouts); checks that the batch settings fit."""
-    rollouts = g.batch_size * g.gradient_accumulation_steps
-    if g.num_generations < 2:
-        raise SodaError("gad.num_generations must be at least 2: GRPO normalizes each reward within its prompt's group")
-    if rollouts % g.num_generations:
-        raise SodaError(f"gad.batch_size × gad.gradient_accumulation_steps ({rollouts} rollouts a step) must be a "
-                        f"multiple of gad.num_generations ({g.num_generations})")
-    prompts = rollouts // g.num_generations
-    if prompts % g.discriminator_batch_size:
-        raise SodaError(f"gad.discriminator_batch_size ({g.discriminator_batch_size}) must divide the prompts per step "
-                        f"(batch_size × gradient_accumulation_steps / num_generations = {prompts})")
-    if g.max_new_tokens >= g.max_length:
-        raise SodaError(f"gad.max_new_tokens ({g.max_new_tokens}) must be below gad.max_length ({g.max_length}), "
-                        "which also holds the prompt")
-    return prompts
 
 
 def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
@@ -136,10 +118,11 @@ class BradleyTerryTrainer(RewardTrainer):
 def build_discriminator_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path):
     """One warmup step takes as many pairs as an adversarial step takes prompts, as in GAD's warmup."""
     g = cfg.gad
-    section = dataclasses.replace(
-        g, epochs=g.discriminator_warmup_epochs, learning_rate=g.discriminator_learning_rate,
-        batch_size=g.discriminator_batch_size, gradient_accumulation_steps=prompts_per_step(g) // g.discriminator_batch_size,
-    )
+    section = TrainingConfig(**{
+        **{f.name: getattr(g, f.name) for f in dataclasses.fields(TrainingConfig)},
+        "epochs": g.discriminator_warmup_epochs, "learning_rate": g.discriminator_learning_rate,
+        "batch_size": g.discriminator_batch_size, "gradient_accumulation_steps": g.prompts_per_step // g.discriminator_batch_size,
+    })
     args = RewardConfig(
         **trainer_arguments(section, output_dir / "checkpoints", use_bf16(cfg.student.bf16)),
         remove_unused_columns=False,  # keeps `length` for the length-grouped sampler; the collator ignores it
@@ -294,7 +277,6 @@ class GadTrainer(GRPOTrainer):
 
 def build_gad_trainer(generator, tokenizer, discriminator: Discriminator, dataset, cfg: Config, output_dir: Path):
     g = cfg.gad
-    prompts_per_step(g)
     common = trainer_arguments(g, output_dir / "checkpoints", use_bf16(cfg.student.bf16))
     for key in ("max_length", "train_sampling_strategy"):  # GRPO bounds lengths with max_completion_length, samples groups itself
         del common[key]
@@ -336,7 +318,6 @@ def run_adversarial(cfg: Config, run: RunDir, discriminator_start: Path) -> Path
 
 def run_gad(cfg: Config, run: RunDir) -> Path:
     """GAD on this run's teacher responses, from its warmup model; missing earlier stages run first."""
-    prompts_per_step(cfg.gad)  # bad batch settings fail before any work
     for name in ("teacher", "snapshot", "pairs", "warmup"):
         run_stage(name, cfg, run)
     return run_adversarial(cfg, run, run_discriminator_warmup(cfg, run))
