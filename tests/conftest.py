@@ -105,7 +105,11 @@ def chat_server(embedded_path):
         raise RuntimeError("transformers serve did not start")
     yield {"url": url, "model": embedded_path}
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # still busy with requests a fault test abandoned
+        proc.kill()
+        proc.wait()
 
 
 class CountingProxy:
