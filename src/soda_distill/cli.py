@@ -4,6 +4,8 @@
     soda-distill STAGE [CONFIG] --out DIR [section.key=value ...]   (STAGE: teacher snapshot pairs warmup distill)
     soda-distill gad [CONFIG] --out DIR [section.key=value ...]     (the GAD baseline, in the same run directory)
     soda-distill evaluate [CONFIG] [RUNDIR ...] [--out EVALDIR] [section.key=value ...]
+    soda-distill analyze RUNDIR [RUNDIR ...] [--out DIR] [section.key=value ...]
+    soda-distill report RUNDIR [RUNDIR ...] [--out DIR]
 
 Without CONFIG, a stage starts from DIR/config.yaml (the resolved config an earlier command wrote there), or
 from the defaults when there is none; key=value overrides apply on top.
@@ -17,11 +19,13 @@ import os
 import sys
 from pathlib import Path
 
+from .analyze import analyze_runs
 from .config import load_config
 from .errors import SodaError
 from .evaluate import prepare_evaluation, render_markdown, run_evaluate
 from .gad import run_gad
 from .pipeline import STAGES, prepare, run_all, run_stage
+from .report import write_report
 
 
 def _split(rest: list[str]) -> tuple[str | None, list[str]]:
@@ -59,17 +63,55 @@ def _evaluate(rest: list[str], out: str | None) -> None:
     print(f"results: {evaldir.file('results.json')}, {evaldir.file('results.md')}, {evaldir.file('results.png')}")
 
 
+def _directories(rest: list[str], out: str | None, default: str) -> tuple[list[str], list[str], str]:
+    """Directories, key=value overrides, and the output directory: `out`, else `default` inside the only directory."""
+    dirs = [r for r in rest if Path(r).is_dir()]
+    overrides = [r for r in rest if r not in dirs]
+    if not dirs:
+        raise SodaError("give one or more run directories")
+    if any("=" not in r for r in overrides):
+        raise SodaError(f"{next(r for r in overrides if '=' not in r)}: not a directory or key=value")
+    if out is None and len(dirs) > 1:
+        raise SodaError("give --out DIR for several run directories")
+    return dirs, overrides, out or str(Path(dirs[0]) / default)
+
+
+def _analyze(rest: list[str], out: str | None) -> None:
+    """Settings start from the first run's config.yaml; key=value overrides (analyze.*, student.bf16) apply on top."""
+    runs, overrides, out = _directories(rest, out, "analysis")
+    config = Path(runs[0]) / "config.yaml"
+    result = analyze_runs(load_config(config if config.is_file() else None, overrides), runs, out)
+    for name, m in result["models"].items():
+        kurtosis = "undefined" if m["final_layer_kurtosis"] is None else f"{m['final_layer_kurtosis']:.2f}"
+        print(f"{name:<24} final layer: entropy {m['final_layer_entropy']:.3f} nats, kurtosis {kurtosis}")
+    print(f"analysis: {Path(out) / 'analysis.json'}, {Path(out) / 'cka.png'}, {Path(out) / 'activation_stats.png'}")
+
+
+def _report(rest: list[str], out: str | None) -> None:
+    dirs, overrides, out = _directories(rest, out, "report")
+    if overrides:
+        raise SodaError(f"report takes no settings, got {overrides[0]}")
+    html = write_report(dirs, out)
+    print(f"report: {html}, {html.with_suffix('.md')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="soda-distill", description="Semi On-policy Distillation with Alignment")
-    parser.add_argument("command", choices=["run", *STAGES, "gad", "evaluate"], help="the whole pipeline, one stage, or evaluation")
+    parser.add_argument("command", choices=["run", *STAGES, "gad", "evaluate", "analyze", "report"],
+                        help="the whole pipeline, one stage, evaluation, representation analysis, or a report")
     parser.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")
     parser.add_argument("--out", help="run directory (default: config's `out`, else runs/<config name>); "
-                                      "for evaluate, the results directory (default: RUNDIR/eval for one run)")
+                                      "for evaluate, the results directory (default: RUNDIR/eval for one run); "
+                                      "for analyze and report, where they write (default: RUNDIR/analysis, "
+                                      "RUNDIR/report for one run)")
     args = parser.parse_intermixed_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     try:
         if args.command == "evaluate":
             _evaluate(args.rest, args.out)
+            return 0
+        if args.command in ("analyze", "report"):
+            (_analyze if args.command == "analyze" else _report)(args.rest, args.out)
             return 0
         config_path, overrides = _split(args.rest)
         if config_path is None:

@@ -197,6 +197,17 @@ class EvaluateConfig:
 
 
 @dataclass
+class AnalyzeConfig:
+    """Representation analysis (`soda-distill analyze`): which held-out prompts the models read, and how."""
+
+    prompts: str = "builtin:dolly_heldout"  # chat prompts (`messages` or `prompt` JSONL), never trained on
+    limit: int | None = 200  # the paper's 200; dolly_heldout has 100
+    max_length: int = 512  # prompt tokens; a longer prompt loses its beginning
+    bins: int = 100  # equal-width histogram bins for the activation entropy
+    batch_size: int = operational(8)
+
+
+@dataclass
 class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -207,6 +218,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     gad: GadConfig = field(default_factory=GadConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     out: str | None = None  # run directory; `--out` on the command line wins
 
 

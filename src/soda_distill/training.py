@@ -49,16 +49,8 @@ class MetricsLog(TrainerCallback):
         self.path = path
 
     def on_train_begin(self, args, state, control, **kwargs):
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a kill
-                if rec.get("step", 0) <= state.global_step:
-                    kept.append(line + "\n")
-        atomic_write_text(self.path, "".join(kept))
+        kept = [m for m in read_metrics(self.path) if m.get("step", 0) <= state.global_step]
+        atomic_write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         with open(self.path, "a") as f:
@@ -80,6 +72,13 @@ def train_and_save(trainer, final_dir: Path) -> dict:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """Every logged step; a torn last line (a kill mid-write) is left out, as on resume."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return steps

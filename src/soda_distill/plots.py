@@ -1,0 +1,200 @@
+"""Every chart soda-distill draws, in one look: figures outside pyplot (no global state, no display; Agg draws the
+PNG), constrained layout, light grids, one colour per run, 150 dpi, files written atomically.
+
+Here: the training curves of each stage's `metrics.jsonl`, the manifest's cost per stage and the preference pairs'
+lengths. analyze.py draws its representation plots with the same helpers; report.py gathers them all.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from .records import atomic_write_bytes
+
+DPI = 150
+
+
+def new_figure(width: float, height: float):
+    """A figure of this size in inches, with constrained layout."""
+    from matplotlib.figure import Figure  # imported here: matplotlib loads only when something is drawn
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+FULL_WIDTH = 11.7  # inches: the width of the report's column at 100 CSS pixels per inch
+
+
+def panels(n: int, width: float = FULL_WIDTH / 3, height: float = 3.2):
+    """A figure of n panels of about this size each (inches): side by side up to three, else two per row; one panel
+    alone is wider."""
+    cols = n if n <= 3 else 2
+    rows = math.ceil(n / cols)
+    fig = new_figure(width * cols if n > 1 else 1.4 * width, height * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def label_axes(ax, title: str, xlabel: str, ylabel: str, grid: str = "both") -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis=grid, alpha=0.3)
+
+
+def run_color(index: int) -> str:
+    """The colour of the index-th run (or model), the same in every chart of a report."""
+    return f"C{index % 10}"
+
+
+def save_png(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# --- Training curves ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    ylabel: str
+    series: tuple[tuple[str, str], ...]  # (metrics.jsonl key, legend label), drawn solid, then dashed
+    ylim: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Curves:
+    """One training stage's chart: its panels, read from `metrics` (relative to the run directory)."""
+
+    name: str
+    title: str
+    metrics: str
+    panels: tuple[Panel, ...]
+
+
+FRACTION = (-0.05, 1.05)
+TRAINING_CURVES = (
+    Curves("warmup", "SFT warmup (SeqKD)", "warmup/metrics.jsonl", (
+        Panel("SFT loss", "cross-entropy per assistant token", (("loss", "loss"),)),
+    )),
+    Curves("distill", "DPO distillation (SODA)", "distill/metrics.jsonl", (
+        Panel("DPO loss", "loss", (("loss", "loss"),)),
+        Panel("Reward margin", "reward(chosen) − reward(rejected)", (("rewards/margins", "margin"),)),
+        Panel("Reward accuracy", "pairs with chosen above rejected", (("rewards/accuracies", "accuracy"),), FRACTION),
+        Panel("Log-probabilities", "log p(response)", (("logps/chosen", "chosen (teacher)"),
+                                                       ("logps/rejected", "rejected (q0)"))),
+    )),
+    Curves("gad_warmup", "GAD discriminator warmup", "gad/discriminator_warmup/metrics.jsonl", (
+        Panel("Discriminator loss", "Bradley–Terry loss", (("loss", "loss"),)),
+        Panel("Discriminator accuracy", "teacher scored above q0", (("accuracy", "accuracy"),), FRACTION),
+    )),
+    Curves("gad", "GAD adversarial phase", "gad/metrics.jsonl", (
+        Panel("Generator reward", "discriminator score of rollouts", (("reward", "reward"),)),
+        Panel("Discriminator accuracy", "teacher scored above rollout", (("discriminator/accuracy", "accuracy"),),
+              FRACTION),
+        Panel("Discriminator loss", "Bradley–Terry loss", (("discriminator/loss", "loss"),)),
+    )),
+)
+
+
+def has_curves(curves: Curves, steps: list[dict]) -> bool:
+    return any(key in m for m in steps for panel in curves.panels for key, _ in panel.series)
+
+
+def plot_training(curves: Curves, runs: dict[str, list[dict]], path: Path) -> None:
+    """Each panel's metrics against the optimizer step, one colour per run (the summary line TRL logs last has
+    none of these keys, so it is not drawn)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = panels(len(curves.panels))
+    several = len(runs) > 1
+    for ax, panel in zip(axes, curves.panels):
+        for i, (run, steps) in enumerate(runs.items()):
+            for (key, label), style in zip(panel.series, ("-", "--")):
+                points = [(m["step"], m[key]) for m in steps if isinstance(m.get(key), (int, float))]
+                if not points:
+                    continue
+                x, y = zip(*points)
+                name = ": ".join(filter(None, (run if several else "", label if len(panel.series) > 1 else "")))
+                ax.plot(x, y, color=run_color(i), linestyle=style, marker="o" if len(points) <= 60 else None,
+                        markersize=2.5, label=name or None)
+        label_axes(ax, panel.title, "optimizer step", panel.ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if panel.ylim:
+            ax.set_ylim(*panel.ylim)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle(curves.title)
+    save_png(fig, path)
+
+
+# --- Costs and pairs -----------------------------------------------------------------------------------------------
+
+
+# (manifest key, chart title, unit, table column)
+COSTS = (("wall_s", "Wall time", "seconds", "wall s"), ("peak_rss_mb", "Peak memory (process RSS)", "MB", "peak RSS MB"),
+         ("peak_gpu_mb", "Peak GPU memory (largest GPU)", "MB", "peak GPU MB"))
+
+
+def cost(record: dict, key: str) -> float | None:
+    """A stage record's cost; for per-GPU peaks, the largest."""
+    value = record.get(key)
+    return max(value, default=None) if isinstance(value, list) else value
+
+
+def recorded_costs(records) -> list[tuple[str, str, str, str]]:
+    """The COSTS that at least one of these stage records has."""
+    records = list(records)
+    return [c for c in COSTS if any(cost(rec, c[0]) is not None for rec in records)]
+
+
+def plot_costs(runs: dict[str, dict[str, dict]], stages: list[str], path: Path) -> None:
+    """Grouped bars per stage, one colour per run, one full-width row per cost: wall time, peak RSS, and peak GPU
+    memory where recorded."""
+    shown = recorded_costs(rec for records in runs.values() for rec in records.values())
+    fig = new_figure(FULL_WIDTH, 2.6 * len(shown) + 0.5)
+    width = 0.8 / len(runs)
+    for ax, (key, title, unit, _) in zip(fig.subplots(len(shown), 1, squeeze=False).ravel(), shown):
+        for i, (run, records) in enumerate(runs.items()):
+            values = [cost(records.get(stage, {}), key) for stage in stages]
+            xs = [s - 0.4 + width * (i + 0.5) for s in range(len(stages))]
+            bars = ax.bar(xs, [math.nan if v is None else v for v in values], width, color=run_color(i), label=run)
+            ax.bar_label(bars, labels=["" if v is None else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" for v in values],
+                         padding=2, fontsize="x-small")
+        ax.set_xticks(range(len(stages)), stages)
+        ax.set_xlim(-0.6, len(stages) - 0.4)  # every stage, even where no run recorded this cost
+        ax.margins(y=0.15)
+        label_axes(ax, title, "", unit, grid="y")
+    if len(runs) > 1:
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside upper right", fontsize="small")
+    fig.suptitle("Cost per stage (manifest.json)")
+    save_png(fig, path)
+
+
+def plot_pair_lengths(runs: dict[str, dict[str, list[int]]], path: Path) -> None:
+    """Per run, histograms of chosen (teacher) and rejected (q0) response lengths over the same bins, medians
+    dashed. Lengths are whatever unit the caller counted; the axis says whitespace words."""
+    import numpy as np
+
+    fig, axes = panels(len(runs))
+    for ax, (run, sides) in zip(axes, runs.items()):
+        top = max((max(v) for v in sides.values() if v), default=1)
+        bins = np.linspace(0, top, 31)
+        for (side, label), color in zip((("chosen", "chosen (teacher)"), ("rejected", "rejected (q0)")), ("C0", "C1")):
+            values = sides[side]
+            if not values:
+                continue
+            median = statistics.median(values)
+            ax.hist(values, bins=bins, color=color, alpha=0.55, label=f"{label}, median {median:g}")
+            ax.axvline(median, color=color, linestyle="--", linewidth=1)
+        label_axes(ax, run, "response length (whitespace words)", "pairs", grid="y")
+        ax.legend(fontsize="small")
+    fig.suptitle("Preference pairs: response lengths")
+    save_png(fig, path)
