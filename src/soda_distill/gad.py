@@ -116,7 +116,8 @@ class BradleyTerryTrainer(RewardTrainer):
 
 
 def build_discriminator_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path):
-    """One warmup step takes as many pairs as an adversarial step takes prompts, as in GAD's warmup."""
+    """A warmup step takes as many prompts as an adversarial step (GAD's warmup steps are its training steps), each
+    with its one q0 answer instead of num_generations rollouts."""
     g = cfg.gad
     section = TrainingConfig(**{
         **{f.name: getattr(g, f.name) for f in dataclasses.fields(TrainingConfig)},
