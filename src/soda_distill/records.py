@@ -17,6 +17,8 @@ from pathlib import Path
 from .errors import InputError
 
 ROLES = ("system", "user", "assistant")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -24,6 +26,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the permissions open() would
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

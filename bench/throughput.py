@@ -1,0 +1,232 @@
+"""Training and generation throughput on this machine: soda's configuration against TRL's stock one.
+
+    python bench/throughput.py [--quick]
+
+One process per measurement (so peak memory is each measurement's own), all in one invocation, on the embedded
+student and fixed synthetic data: Dolly prompts with responses cut or repeated to 100–400 tokens. Writes
+bench/results/throughput.json and throughput.png; prints the ratios. Timings are for this run only: compare the
+ratios, which were measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Chat prompts with chosen/rejected answers of 100–400 tokens (≈ 0.75 words a token)."""
+    from soda_distill.pipeline import resolve_data_path
+    from soda_distill.records import read_examples
+
+    rng = random.Random(seed)
+    examples = read_examples(Path(resolve_data_path("builtin:dolly_train")), want_response=True)
+    words = " ".join(ex.response for ex in examples).split()
+
+    def answer():
+        start = rng.randrange(len(words) - 400)
+        return " ".join(words[start : start + int(rng.randint(100, 400) * 0.75)])
+
+    rows = []
+    for ex in rng.sample(examples, n):
+        rows.append({"prompt": ex.prompt, "chosen": [{"role": "assistant", "content": answer()}],
+                     "rejected": [{"role": "assistant", "content": answer()}]})
+    return rows
+
+
+def matmul(dtype_name: str, quick: bool) -> dict:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    n = 1024 if quick else 2048
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return {"gflops": round(2 * n**3 * reps / (time.perf_counter() - start) / 1e9, 1)}
+
+
+class StepTimer:
+    """Times optimizer steps after the first (which pays one-off costs) and counts the non-pad tokens seen."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == 1:
+                    timer.start = time.perf_counter()
+
+            def on_train_end(self, args, state, control, **kw):
+                timer.end = time.perf_counter()
+
+        self.callback, self.start, self.end = Callback(), None, None
+
+
+def train(stage: str, variant: str, quick: bool) -> dict:
+    """One training run of `stage` (sft|dpo) as soda configures it, or with TRL's stock settings."""
+    import tempfile
+
+    from datasets import Dataset
+
+    from soda_distill.config import load_config
+    from soda_distill.distill import build_dpo_trainer, dpo_dataset
+    from soda_distill.manifest import PeakMemory
+    from soda_distill.models import load_model, load_tokenizer, resolve_model
+    from soda_distill.warmup import build_sft_trainer
+
+    n_steps = 4 if quick else 10
+    batch = 8 if stage == "sft" else 4
+    rows = synthetic_pairs(batch * n_steps)
+    path = resolve_model("embedded")
+    tokenizer, model = load_tokenizer(path), load_model(path)
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = load_config(None, [f"{'warmup' if stage == 'sft' else 'distill'}.{k}" for k in
+                             (f"batch_size={batch}", "max_length=1024", "save_steps=100000", "logging_steps=100000", "epochs=1")])
+    out = Path(tempfile.mkdtemp())
+    with PeakMemory() as peak:
+        if variant == "stock":
+            trainer = stock_trainer(stage, model, tokenizer, rows, out)
+        elif stage == "sft":
+            data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+            trainer = build_sft_trainer(model, tokenizer, data, cfg, out, out / "metrics.jsonl")
+        else:
+            pairs = out / "pairs.jsonl"
+            pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            trainer = build_dpo_trainer(model, tokenizer, dpo_dataset(pairs), cfg, out, out / "metrics.jsonl")
+        timer = StepTimer()
+        trainer.add_callback(timer.callback)
+        start = time.perf_counter()
+        trainer.train()
+        total = time.perf_counter() - start
+    loader = trainer.get_train_dataloader()
+    tokens = sum(int(b["attention_mask"].sum()) for b in loader)  # non-pad tokens of one epoch
+    seconds = timer.end - timer.start
+    steady_tokens = tokens * (n_steps - 1) / n_steps
+    return {
+        "tokens_per_s": round(steady_tokens / seconds, 1),
+        "model_gflops": round(6 * n_params * steady_tokens / seconds / 1e9, 1),
+        "wall_s_incl_setup": round(total, 1),
+        **peak.result,
+        "steps": n_steps, "batch": batch,
+    }
+
+
+def stock_trainer(stage: str, model, tokenizer, rows, out: Path):
+    """The same stage the way a TRL example script sets it up: defaults everywhere except what CPU needs."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    common = dict(output_dir=str(out / "stock"), per_device_train_batch_size=8 if stage == "sft" else 4, num_train_epochs=1,
+                  bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=100000, max_length=1024)
+    if stage == "sft":
+        data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+        return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer)
+    return DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+
+
+def generation(batch_size: int, quick: bool) -> dict:
+    import torch
+
+    from soda_distill.generation import Sampling, generate_transformers
+    from soda_distill.models import bf16_supported, load_model, load_tokenizer, resolve_model
+
+    n = 16 if quick else 32
+    prompts = [r["prompt"] for r in synthetic_pairs(n)]
+    path = resolve_model("embedded")
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, torch.bfloat16 if bf16_supported() else torch.float32)
+    produced = []
+    start = time.perf_counter()
+    generate_transformers(model, tokenizer, prompts, Sampling(max_new_tokens=64 if quick else 128, temperature=0.8),
+                          batch_size, on_batch=lambda res: produced.extend(g.num_tokens for _, g in res))
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": round(sum(produced) / seconds, 1), "prompts": n, "batch_size": batch_size}
+
+
+MEASUREMENTS = {
+    "matmul_bf16": lambda q: matmul("bfloat16", q),
+    "matmul_fp32": lambda q: matmul("float32", q),
+    "sft_soda": lambda q: train("sft", "soda", q),
+    "sft_stock": lambda q: train("sft", "stock", q),
+    "dpo_soda": lambda q: train("dpo", "soda", q),
+    "dpo_stock": lambda q: train("dpo", "stock", q),
+    "generate_batched": lambda q: generation(16, q),
+    "generate_one_at_a_time": lambda q: generation(1, q),
+}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    pairs = [("SFT tokens/s", "sft"), ("DPO tokens/s", "dpo")]
+    for ax, (title, stage) in zip(axes[:2], pairs):
+        vals = [results[f"{stage}_stock"]["tokens_per_s"], results[f"{stage}_soda"]["tokens_per_s"]]
+        ax.bar(["TRL stock", "soda"], vals, color=["#999999", "#1f77b4"])
+        ax.set_title(title)
+    vals = [results["generate_one_at_a_time"]["tokens_per_s"], results["generate_batched"]["tokens_per_s"]]
+    axes[2].bar(["one at a time", "batched (16)"], vals, color=["#999999", "#1f77b4"])
+    axes[2].set_title("snapshot generation tokens/s")
+    fig.suptitle(f"soda-distill throughput, embedded SmolLM2-135M, {platform.machine()} {os.cpu_count()} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and prompts (≈ 10 minutes here)")
+    parser.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)  # one measurement, in a child
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(MEASUREMENTS[args.measure](args.quick)))
+        return
+    results = {}
+    for name in MEASUREMENTS:
+        cmd = [sys.executable, __file__, "--measure", name] + (["--quick"] if args.quick else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if done.returncode != 0:
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(name, results[name], flush=True)
+    limit = results["matmul_bf16"]["gflops"]
+    ratios = {
+        "sft_speedup": round(results["sft_soda"]["tokens_per_s"] / results["sft_stock"]["tokens_per_s"], 2),
+        "dpo_speedup": round(results["dpo_soda"]["tokens_per_s"] / results["dpo_stock"]["tokens_per_s"], 2),
+        "dpo_peak_memory_ratio": round(results["dpo_soda"]["peak_rss_mb"] / results["dpo_stock"]["peak_rss_mb"], 2),
+        "sft_fraction_of_bf16_matmul": round(results["sft_soda"]["model_gflops"] / limit, 2),
+        "dpo_fraction_of_bf16_matmul": round(results["dpo_soda"]["model_gflops"] / limit, 2),
+        "generation_batched_speedup": round(results["generate_batched"]["tokens_per_s"] / results["generate_one_at_a_time"]["tokens_per_s"], 2),
+    }
+    record = {
+        "command": "python bench/throughput.py" + (" --quick" if args.quick else ""),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "ratios": ratios,
+        "results": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "throughput.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot(results, RESULTS / "throughput.png")
+    print(json.dumps(ratios, indent=2))
+
+
+if __name__ == "__main__":
+    main()
