@@ -56,6 +56,27 @@ def tiny_model_dir(tmp_path_factory, embedded_path) -> Path:
     return path
 
 
+def send_json(handler, status: int, data: bytes, headers: dict | None = None, body: bytes | None = None) -> None:
+    """Answer an http.server request with JSON `data`; `body` (a cut-short `data`) is sent instead when given."""
+    handler.send_response(status)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("content-length", str(len(data)))
+    for k, v in (headers or {}).items():
+        handler.send_header(k, v)
+    handler.end_headers()
+    handler.wfile.write(data if body is None else body)
+
+
+def forward(url: str, body: bytes) -> tuple[int, bytes]:
+    """POST `body` to the real server; its status and body, errors included."""
+    req = urllib.request.Request(url, data=body, method="POST", headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -130,18 +151,7 @@ class CountingProxy:
                     proxy.asked[json.loads(body)["messages"][-1]["content"]] += 1
                 except (ValueError, KeyError):
                     pass
-                req = urllib.request.Request(proxy.upstream + self.path, data=body, method="POST",
-                                             headers={"content-type": "application/json"})
-                try:
-                    with urllib.request.urlopen(req, timeout=300) as r:
-                        status, data = r.status, r.read()
-                except urllib.error.HTTPError as e:
-                    status, data = e.code, e.read()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, *forward(proxy.upstream + self.path, body))
 
             def log_message(self, *args):
                 pass

@@ -10,9 +10,9 @@ import socket
 import struct
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
+
+from conftest import forward, send_json
 
 FAULTS = ("429", "429-retry-after", "500", "502", "503", "reset", "timeout", "truncated", "not-json", "empty", "length")
 
@@ -35,9 +35,9 @@ class FaultProxy:
                     fault = proxy.rng.choice(FAULTS) if proxy.rng.random() < proxy.fault_rate else None
                     proxy.faults[fault or "none"] += 1
                 if fault in ("429", "500", "502", "503"):
-                    return self.reply(int(fault), b'{"error": {"message": "injected"}}')
+                    return send_json(self, int(fault), b'{"error": {"message": "injected"}}')
                 if fault == "429-retry-after":
-                    return self.reply(429, b'{"error": {"message": "slow down"}}', {"retry-after": "0.05"})
+                    return send_json(self, 429, b'{"error": {"message": "slow down"}}', {"retry-after": "0.05"})
                 if fault == "reset":  # RST instead of an answer
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True
@@ -47,8 +47,8 @@ class FaultProxy:
                     self.close_connection = True
                     return
                 if fault == "not-json":
-                    return self.reply(200, b"<html>502 Bad Gateway</html>")
-                status, data = self.forward(body)
+                    return send_json(self, 200, b"<html>502 Bad Gateway</html>")
+                status, data = forward(proxy.upstream + self.path, body)
                 if status == 200 and fault in ("empty", "length"):
                     answer = json.loads(data)
                     if fault == "empty":
@@ -57,32 +57,10 @@ class FaultProxy:
                         answer["choices"][0]["finish_reason"] = "length"
                     data = json.dumps(answer).encode()
                 if fault == "truncated":  # promise the whole body, send half, hang up
-                    self.send_response(200)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data[: len(data) // 2])
+                    send_json(self, 200, data, body=data[: len(data) // 2])
                     self.close_connection = True
                     return
-                self.reply(status, data)
-
-            def forward(self, body):
-                req = urllib.request.Request(proxy.upstream + self.path, data=body, method="POST",
-                                             headers={"content-type": "application/json"})
-                try:
-                    with urllib.request.urlopen(req, timeout=300) as r:
-                        return r.status, r.read()
-                except urllib.error.HTTPError as e:
-                    return e.code, e.read()
-
-            def reply(self, status, data, headers=None):
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, data)
 
             def log_message(self, *args):
                 pass

@@ -17,7 +17,7 @@ from soda_distill.errors import SodaError
 from soda_distill.evaluate import prepare_evaluation, run_evaluate
 from soda_distill.judge import load_template, parse_scores, render
 
-from conftest import QUESTIONS, write_jsonl
+from conftest import QUESTIONS, send_json, write_jsonl
 
 
 @pytest.mark.parametrize("reply, scores", [
@@ -90,11 +90,7 @@ class ScriptedJudge:
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
                 }).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, 200, data)
 
             def log_message(self, *args):
                 pass
