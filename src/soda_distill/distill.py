@@ -6,13 +6,12 @@ from q_w itself (TRL's `precompute_ref_log_probs`), so no second model is reside
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer
 
 from .config import Config, fingerprint
-from .manifest import RunDir
+from .manifest import RunDir, combine
 from .models import load_model, load_tokenizer, model_digest, use_bf16
 from .records import read_jsonl, sha256_file
 from .training import MetricsLog, read_metrics, train_and_save, trainer_arguments
@@ -62,9 +61,7 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
     """DPO from `start` (default: this run's warmup model q_w)."""
     start = start or run.file("warmup")
     pairs_path, out = run.file("pairs.jsonl"), run.file("distill")
-    fp = hashlib.sha256(
-        "|".join([fingerprint(cfg.distill), sha256_file(pairs_path), model_digest(start)]).encode()
-    ).hexdigest()[:16]
+    fp = combine(fingerprint(cfg.distill), sha256_file(pairs_path), model_digest(start))
     if run.done("distill", fp):
         return out
     with run.stage("distill", fp) as info:

@@ -13,7 +13,6 @@ hold both networks, so an interrupted run resumes both.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
 from .config import Config, GadConfig, TrainingConfig, fingerprint
 from .errors import SodaError
-from .manifest import RunDir
+from .manifest import RunDir, combine
 from .models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from .pipeline import run_stage
 from .records import read_examples, read_jsonl, sha256_file
@@ -135,9 +134,7 @@ def build_discriminator_trainer(model, tokenizer, dataset, cfg: Config, output_d
 
 def run_discriminator_warmup(cfg: Config, run: RunDir) -> Path:
     pairs_path, out = run.file("pairs.jsonl"), run.file("gad") / "discriminator_warmup"
-    fp = hashlib.sha256(
-        "|".join([fingerprint(cfg.gad), fingerprint(cfg.student), sha256_file(pairs_path)]).encode()
-    ).hexdigest()[:16]
+    fp = combine(fingerprint(cfg.gad), fingerprint(cfg.student), sha256_file(pairs_path))
     if run.done("gad_warmup", fp):
         return out
     with run.stage("gad_warmup", fp) as info:
@@ -294,9 +291,7 @@ def build_gad_trainer(generator, tokenizer, discriminator: Discriminator, datase
 
 def run_adversarial(cfg: Config, run: RunDir, discriminator_start: Path) -> Path:
     teacher_path, start, out = run.file("teacher.jsonl"), run.file("warmup"), run.file("gad")
-    fp = hashlib.sha256("|".join([
-        fingerprint(cfg.gad), sha256_file(teacher_path), model_digest(start), model_digest(discriminator_start),
-    ]).encode()).hexdigest()[:16]
+    fp = combine(fingerprint(cfg.gad), sha256_file(teacher_path), model_digest(start), model_digest(discriminator_start))
     if run.done("gad", fp):
         return out / "generator"
     with run.stage("gad", fp) as info:

@@ -6,6 +6,7 @@ so a kill at any point leaves either a finished stage or one that resumes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import sys
@@ -37,6 +38,11 @@ def _device() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def combine(*parts: str) -> str:
+    """One short fingerprint for a stage from the fingerprints and hashes of what it depends on."""
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 class PeakMemory:

@@ -6,13 +6,12 @@ answer identical to the teacher's, or prompt + the longer response over `pairs.m
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 from collections import Counter
 from pathlib import Path
 
 from .config import Config, fingerprint
-from .manifest import RunDir
+from .manifest import RunDir, combine
 from .models import load_tokenizer, resolve_model
 from .records import atomic_write_jsonl, read_examples, sha256_file
 
@@ -31,9 +30,7 @@ def length_summary(values: list[int]) -> dict:
 
 def run_pairs(cfg: Config, run: RunDir) -> Path:
     teacher_path, snapshot_path, out = run.file("teacher.jsonl"), run.file("snapshot.jsonl"), run.file("pairs.jsonl")
-    fp = hashlib.sha256(
-        "|".join([fingerprint(cfg.pairs), sha256_file(teacher_path), sha256_file(snapshot_path)]).encode()
-    ).hexdigest()[:16]
+    fp = combine(fingerprint(cfg.pairs), sha256_file(teacher_path), sha256_file(snapshot_path))
     if run.done("pairs", fp):
         return out
     with run.stage("pairs", fp) as info:

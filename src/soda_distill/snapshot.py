@@ -6,7 +6,6 @@ resumes where it stopped and produces the same records an uninterrupted run woul
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from .config import Config, fingerprint
 from .errors import SodaError
 from .generation import Sampling, generate_transformers, generate_vllm
-from .manifest import RunDir
+from .manifest import RunDir, combine
 from .models import load_model, load_tokenizer, resolve_model, use_bf16
 from .records import AppendLog, atomic_write_jsonl, read_examples, sha256_file
 
@@ -25,9 +24,7 @@ def run_snapshot(cfg: Config, run: RunDir) -> Path:
     s = cfg.snapshot
     teacher_path = run.file("teacher.jsonl")
     out = run.file("snapshot.jsonl")
-    fp = hashlib.sha256(
-        "|".join([fingerprint(s), fingerprint(cfg.student), sha256_file(teacher_path)]).encode()
-    ).hexdigest()[:16]
+    fp = combine(fingerprint(s), fingerprint(cfg.student), sha256_file(teacher_path))
     if run.done("snapshot", fp):
         return out
     examples = read_examples(teacher_path, want_response=True)

@@ -6,19 +6,17 @@ collection resumes without asking again for anything already answered.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from .config import Config, fingerprint
 from .endpoint import collect, request_key, sum_usage
 from .errors import SodaError
-from .manifest import RunDir
+from .manifest import RunDir, combine
 from .records import AppendLog, Example, atomic_write_jsonl, read_examples, sha256_file
 
 
 def _source_fingerprint(cfg: Config, path: Path) -> str:
-    parts = [fingerprint(cfg.teacher), sha256_file(path), str(cfg.data.limit)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return combine(fingerprint(cfg.teacher), sha256_file(path), str(cfg.data.limit))
 
 
 def request_body(cfg: Config, ex: Example) -> dict:

@@ -7,11 +7,10 @@ assistant's answer and its end-of-turn token trained) comes from TRL itself.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from .config import Config, fingerprint
-from .manifest import RunDir
+from .manifest import RunDir, combine
 from .models import load_model, load_tokenizer, resolve_model, use_bf16
 from .records import read_examples, sha256_file
 from .training import MetricsLog, train_and_save, trainer_arguments
@@ -43,9 +42,7 @@ def build_sft_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
 
 def run_warmup(cfg: Config, run: RunDir) -> Path:
     teacher_path, out = run.file("teacher.jsonl"), run.file("warmup")
-    fp = hashlib.sha256(
-        "|".join([fingerprint(cfg.warmup), fingerprint(cfg.student), sha256_file(teacher_path)]).encode()
-    ).hexdigest()[:16]
+    fp = combine(fingerprint(cfg.warmup), fingerprint(cfg.student), sha256_file(teacher_path))
     if run.done("warmup", fp):
         return out
     with run.stage("warmup", fp) as info:
