@@ -77,17 +77,31 @@ class StepTimer:
         self.callback, self.start, self.end = Callback(), None, None
 
 
-def train(stage: str, variant: str, quick: bool) -> dict:
-    """One training run of `stage` (sft|dpo) as soda configures it, or with TRL's stock settings."""
-    import tempfile
-
+def soda_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, out: Path):
+    """`stage` (sft|dpo) as soda's warmup and distill stages build it."""
     from datasets import Dataset
 
     from soda_distill.config import load_config
     from soda_distill.distill import build_dpo_trainer, dpo_dataset
+    from soda_distill.warmup import build_sft_trainer
+
+    section = "warmup" if stage == "sft" else "distill"
+    cfg = load_config(None, [f"{section}.{k}" for k in
+                             (f"batch_size={batch}", "max_length=1024", "save_steps=100000", "logging_steps=100000", "epochs=1")])
+    if stage == "sft":
+        data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+        return build_sft_trainer(model, tokenizer, data, cfg, out, out / "metrics.jsonl")
+    pairs = out / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return build_dpo_trainer(model, tokenizer, dpo_dataset(pairs), cfg, out, out / "metrics.jsonl")
+
+
+def train(stage: str, variant: str, quick: bool) -> dict:
+    """One training run of `stage` (sft|dpo) as soda configures it, or with TRL's stock settings."""
+    import tempfile
+
     from soda_distill.manifest import PeakMemory
     from soda_distill.models import load_model, load_tokenizer, resolve_model
-    from soda_distill.warmup import build_sft_trainer
 
     n_steps = 4 if quick else 10
     batch = 8 if stage == "sft" else 4
@@ -95,19 +109,10 @@ def train(stage: str, variant: str, quick: bool) -> dict:
     path = resolve_model("embedded")
     tokenizer, model = load_tokenizer(path), load_model(path)
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = load_config(None, [f"{'warmup' if stage == 'sft' else 'distill'}.{k}" for k in
-                             (f"batch_size={batch}", "max_length=1024", "save_steps=100000", "logging_steps=100000", "epochs=1")])
     out = Path(tempfile.mkdtemp())
     with PeakMemory() as peak:
-        if variant == "stock":
-            trainer = stock_trainer(stage, model, tokenizer, rows, out)
-        elif stage == "sft":
-            data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
-            trainer = build_sft_trainer(model, tokenizer, data, cfg, out, out / "metrics.jsonl")
-        else:
-            pairs = out / "pairs.jsonl"
-            pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            trainer = build_dpo_trainer(model, tokenizer, dpo_dataset(pairs), cfg, out, out / "metrics.jsonl")
+        make = stock_trainer if variant == "stock" else soda_trainer
+        trainer = make(stage, model, tokenizer, rows, batch, out)
         timer = StepTimer()
         trainer.add_callback(timer.callback)
         start = time.perf_counter()
@@ -126,12 +131,53 @@ def train(stage: str, variant: str, quick: bool) -> dict:
     }
 
 
-def stock_trainer(stage: str, model, tokenizer, rows, out: Path):
+def profile_sft_step(quick: bool) -> dict:
+    """Where one of soda's SFT steps (its second; the first pays one-off costs) spends its time: self CPU time by kind
+    of operation, and the LM head's share."""
+    import tempfile
+
+    import torch
+    from torch.profiler import profile
+    from transformers import TrainerCallback
+
+    from soda_distill.models import load_model, load_tokenizer, resolve_model
+
+    prof = profile()
+
+    class SecondStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 1:
+                prof.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                prof.stop()
+
+    path = resolve_model("embedded")
+    tokenizer, model = load_tokenizer(path), load_model(path)
+    trainer = soda_trainer("sft", model, tokenizer, synthetic_pairs(16), 8, Path(tempfile.mkdtemp()))
+    trainer.add_callback(SecondStep())
+    trainer.train()
+    kinds = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "attention": ("aten::_scaled_dot_product",),
+             "dtype casts and copies": ("aten::copy_", "aten::_to_copy")}
+    seconds = {kind: 0.0 for kind in [*kinds, "elementwise and other"]}
+    head = 0.0
+    for event in prof.key_averages():
+        if event.key.startswith("ChunkedLogProbs"):
+            head += event.cpu_time_total / 1e6
+        kind = next((k for k, prefixes in kinds.items() if event.key.startswith(prefixes)), "elementwise and other")
+        seconds[kind] += event.self_cpu_time_total / 1e6
+    total = sum(seconds.values())
+    return {"step_s": round(total, 2), "share": {k: round(v / total, 3) for k, v in seconds.items()},
+            "lm_head_share": round(head / total, 3), "threads": torch.get_num_threads()}
+
+
+def stock_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, out: Path):
     """The same stage the way a TRL example script sets it up: defaults everywhere except what CPU needs."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    common = dict(output_dir=str(out / "stock"), per_device_train_batch_size=8 if stage == "sft" else 4, num_train_epochs=1,
+    common = dict(output_dir=str(out / "stock"), per_device_train_batch_size=batch, num_train_epochs=1,
                   bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=100000, max_length=1024)
     if stage == "sft":
         data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
@@ -165,6 +211,7 @@ MEASUREMENTS = {
     "sft_stock": lambda q: train("sft", "stock", q),
     "dpo_soda": lambda q: train("dpo", "soda", q),
     "dpo_stock": lambda q: train("dpo", "stock", q),
+    "sft_profile": profile_sft_step,
     "generate_batched": lambda q: generation(16, q),
     "generate_one_at_a_time": lambda q: generation(1, q),
 }

@@ -93,13 +93,14 @@ ANSWERS = [
 ]
 
 
+# Prompts with reference answers, in the `messages` format.
+QA = [{"id": f"q{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+      for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))]
+
+
 @pytest.fixture
 def qa_file(tmp_path) -> Path:
-    """Prompts with reference answers, in the `messages` format."""
-    return write_jsonl(tmp_path / "qa.jsonl", [
-        {"id": f"q{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))
-    ])
+    return write_jsonl(tmp_path / "qa.jsonl", QA)
 
 
 @pytest.fixture(scope="session")
@@ -110,6 +111,9 @@ def chat_server(embedded_path):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(port), embedded_path],
         stdout=log, stderr=subprocess.STDOUT,
+        # One thread: on a CPU shared with the tests (and whatever else runs), torch's thread pool answers a
+        # request 5-10x slower than a single thread does.
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180

@@ -1,7 +1,15 @@
-import pytest
+import json
+import shutil
+from pathlib import Path
 
+import pytest
+import yaml
+
+from soda_distill.cli import main
 from soda_distill.config import Config, fingerprint, load_config, parse_overrides
 from soda_distill.errors import SodaError
+
+from conftest import write_jsonl
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -21,13 +29,27 @@ def test_yaml_and_overrides(tmp_path):
     ("snapshot:\n  batch_size: 2.5\n", "snapshot.batch_size: expected int"),
     ("student: [1, 2]\n", "student: expected a mapping"),
     ("student:\n  model: a\n bad indent: 1\n", "line"),
+    ("student:\n", "student: expected a mapping, got None"),
+    ("[student, data]\n", "expected a mapping of sections"),
+    ("1: x\n", "unknown key '1'"),
+    (b"student:\n  model: \xff\n", "line 2: not UTF-8 (byte 18)"),
+    ("# padding\n" * 200_000, "the config file is over 1024 KiB"),  # 2 MB: refused unread, not parsed for minutes
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(SodaError) as e:
         load_config(path)
-    assert str(path) in str(e.value) and message in str(e.value)
+    assert str(e.value).startswith(str(path)) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unreadable_or_empty_config(tmp_path):
+    for path in (tmp_path / "missing.yaml", tmp_path):
+        with pytest.raises(SodaError, match=f"{path}: cannot read the config file"):
+            load_config(path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    assert load_config(empty) == Config()  # an empty config is the defaults
 
 
 def test_bad_override():
@@ -51,3 +73,43 @@ def test_lists_and_mappings():
         load_config(None, ["evaluate.benchmarks=[dolly, 3]"])
     with pytest.raises(SodaError, match="evaluate.models: expected a mapping"):
         load_config(None, ["evaluate.models=x"])
+
+
+def tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_a_config_cannot_make_the_tool_write_outside_its_run_directory(tmp_path, qa_file, tiny_model_dir, monkeypatch):
+    """Every path in a config is an input, only read; the names of what evaluate writes come from the config
+    (evaluate.models keys, benchmark file names) and stay inside its directory. The run directory itself is --out
+    (or the config's `out`); the only other writes are the caches the environment names (SODA_DISTILL_CACHE etc.)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(qa_file, outside / "generations.jsonl")  # a benchmark named like evaluate's own generation log
+    shutil.copy(qa_file, outside / "answers.jsonl")
+    write_jsonl(outside / "lmsys.jsonl", [{"id": "c1", "prompt": "Hi there"}])
+    (outside / "template.txt").write_text("{question} {answer_1} {answer_2}")
+    run = tmp_path / "run"
+    config = outside / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "student": {"model": str(tiny_model_dir), "bf16": False},
+        "data": {"prompts": str(outside / "answers.jsonl"), "limit": 4},
+        "teacher": {"file": str(outside / "answers.jsonl")},
+        "snapshot": {"max_new_tokens": 4},
+        "warmup": {"batch_size": 4, "max_length": 64},
+        "distill": {"batch_size": 4, "max_length": 64},
+        "evaluate": {"runs": [str(run)], "models": {"..": str(outside / "answers.jsonl"), "../../x": str(outside / "answers.jsonl")},
+                     "benchmarks": [str(outside / "generations.jsonl")], "lmsys": str(outside / "lmsys.jsonl"),
+                     "limit": 2, "max_new_tokens": 4, "judge": {"template": str(outside / "template.txt")}},
+        "analyze": {"prompts": str(outside / "lmsys.jsonl")},
+    }))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # relative writes would land here
+    before = {"outside": tree(outside), "model": tree(tiny_model_dir)}
+    assert main(["run", str(config), "--out", str(run)]) == 0
+    assert main(["evaluate", str(config), "--out", str(run / "eval")]) == 0
+    assert {"outside": tree(outside), "model": tree(tiny_model_dir)} == before and not any(cwd.iterdir())
+    # the model '..' answering the benchmark 'generations' did not overwrite the generation log
+    assert all("key" in json.loads(line) for line in (run / "eval" / "generations.jsonl").read_text().splitlines())
+    assert {p.name for p in (run / "eval" / "responses").iterdir()} >= {"_.", "_._.._x"}  # never `..`

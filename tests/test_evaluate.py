@@ -74,3 +74,14 @@ def test_response_file_must_cover_a_benchmark_it_answers(tmp_path, qa_file):
     cfg = load_config(None, [f"evaluate.benchmarks=[{qa_file}]", f"evaluate.models.Teacher={partial}"])
     with pytest.raises(InputError, match=r"partial.jsonl, field 'id': answers 3 of the 12 qa prompts \(missing: q3, q4"):
         run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))
+
+
+def test_a_prompt_too_long_for_a_model_is_an_error_naming_its_line(tmp_path, qa_file, tiny_model_dir):
+    """Not a skip: a benchmark's score must be over all of its prompts."""
+    bench = write_jsonl(tmp_path / "bench.jsonl", [json.loads(line) for line in qa_file.read_text().splitlines()[:2]]
+                        + [{"id": "long", "prompt": "word " * 1100}])  # the tiny model's context: 1024 tokens
+    cfg = load_config(None, [f"evaluate.benchmarks=[{bench}]", f"evaluate.models.Tiny/Base={tiny_model_dir}",
+                             "evaluate.max_new_tokens=8"])
+    with pytest.raises(InputError, match=r"bench.jsonl, line 3, field 'messages': the prompt is \d+ tokens: with "
+                                         r"evaluate.max_new_tokens \(8\) it does not fit Tiny/Base's context of 1024 tokens"):
+        run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))

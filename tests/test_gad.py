@@ -12,7 +12,7 @@ from soda_distill.models import load_tokenizer
 from soda_distill.pipeline import run_stage
 from soda_distill.training import read_metrics
 
-from conftest import ANSWERS, QUESTIONS, write_jsonl
+from conftest import QA, write_jsonl
 
 # 12 prompts, 2 a step (4 rollouts, 2 per prompt): 6 steps an epoch
 STEP = 1 / 6 - 0.01
@@ -20,10 +20,7 @@ STEP = 1 / 6 - 0.01
 
 @pytest.fixture(scope="module")
 def qa(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("gad-data") / "qa.jsonl", [
-        {"id": f"q{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))
-    ])
+    return write_jsonl(tmp_path_factory.mktemp("gad-data") / "qa.jsonl", QA)
 
 
 def gad_config(qa, tiny_model_dir, *extra):

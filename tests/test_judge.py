@@ -59,10 +59,18 @@ def test_an_answer_cannot_close_its_block_or_fill_placeholders():
     assert "{answer_2}" in text and text.index("New instructions") < text.index("[End of Assistant 1's Answer]")
 
 
-def test_custom_template_must_have_the_placeholders(tmp_path):
+@pytest.mark.parametrize("content, message", [
+    (b"Rate {question} and {answer_1}.", r"t.txt: the judge template lacks \{answer_2\}"),
+    (b"", r"t.txt: the judge template lacks \{question\}, \{answer_1\}, \{answer_2\}"),
+    (b"{question}\n{answer_1} \xff {answer_2}", r"t.txt, line 2: not UTF-8 \(byte 22\)"),
+    (b"{question} {answer_1} {answer_2}" + b" " * (64 << 10), r"t.txt: the judge template is over 64 KiB"),  # sent with every judgment
+    (None, r"t.txt: cannot read the judge template \(No such file or directory\)"),
+])
+def test_custom_template_must_be_readable_and_have_the_placeholders(tmp_path, content, message):
     bad = tmp_path / "t.txt"
-    bad.write_text("Rate {question} and {answer_1}.")
-    with pytest.raises(SodaError, match=r"t.txt: the judge template lacks \{answer_2\}"):
+    if content is not None:
+        bad.write_bytes(content)
+    with pytest.raises(SodaError, match=message):
         load_template(str(bad))
 
 

@@ -3,8 +3,10 @@ and nothing answered is asked again."""
 
 import json
 
+from soda_distill.benchmarks import Item
 from soda_distill.config import load_config
 from soda_distill.errors import SodaError
+from soda_distill.judge import judge_body, run_judge
 from soda_distill.manifest import RunDir
 from soda_distill.records import read_examples
 from soda_distill.teacher import run_teacher
@@ -54,5 +56,67 @@ def test_teacher_through_a_faulty_endpoint(tmp_path, chat_server):
         records = read_examples(run.file("teacher.jsonl"), want_response=True)
         assert [r.id for r in records] == [f"p{i}" for i in range(N_PROMPTS)]
         assert run.manifest()["stages"]["teacher"]["truncated"] >= 1  # finish_reason=length is kept and counted
+    finally:
+        proxy.close()
+
+
+N_JUDGED = 12  # prompts, each judged in both orders
+
+
+def test_judge_through_a_faulty_endpoint(tmp_path, chat_server):
+    """The 135M model is a useless judge (mostly unparseable replies); what is tested is the protocol around it."""
+    template = tmp_path / "template.txt"  # short, so the CPU-bound server answers quickly
+    template.write_text("Question: {question}\nAssistant 1: {answer_1}\nAssistant 2: {answer_2}\n"
+                        "Rate each assistant from 1 to 10. First line: the two scores, e.g. 7 4.")
+    proxy = FaultProxy(chat_server["url"], fault_rate=0.35, seed=8, hang_s=5.5)  # a hang outlasts the 5 s timeout
+    max_retries, parse_retries = 1, 1  # a small budget, so that some judgments do fail
+    ev = load_config(None, [
+        f"evaluate.judge.base_url={proxy.url}/v1", f"evaluate.judge.model={chat_server['model']}",
+        "evaluate.judge.api_key_env=null", f"evaluate.judge.template={template}", "evaluate.judge.max_tokens=4",
+        f"evaluate.judge.parse_retries={parse_retries}", f"evaluate.judge.max_retries={max_retries}",
+        "evaluate.judge.concurrency=4", "evaluate.judge.backoff_initial_s=0.01", "evaluate.judge.backoff_max_s=0.05",
+        "evaluate.judge.timeout_s=5.0",
+    ]).evaluate
+    triples = [(Item(id=f"q{i}", prompt=[{"role": "user", "content": f"Say the number {i}."}], reference=None, category=None,
+                     instruction="", input=""), f"{i}.", f"The number is {i}.") for i in range(N_JUDGED)]
+    cells = {("Student", "numbers"): triples}
+    # what the proxy sees of each judgment: its rendered prompt, by the id the judge lists failures under
+    prompt_of = {}
+    for item, student, reference in triples:
+        for order, answers in (("student_first", (student, reference)), ("reference_first", (reference, student))):
+            body = judge_body(ev.judge, template.read_text(), item, *answers)
+            prompt_of[f"Student/numbers/{item.id}/{order}"] = body["messages"][-1]["content"]
+    evaldir = tmp_path / "eval"
+    try:
+        try:
+            run_judge(ev, evaldir, cells)
+            failed = []
+        except SodaError as e:
+            assert "run the same command again" in str(e)
+            failed = [json.loads(line) for line in (evaldir / "judge_failed.jsonl").read_text().splitlines()]
+        total = sum(proxy.asked.values())
+        assert total >= 40 and (total - proxy.faults["none"]) / total >= 0.30, proxy.faults
+        assert max(proxy.asked.values()) <= (parse_retries + 1) * (max_retries + 1)  # both budgets bound every judgment
+
+        cache = [json.loads(line) for line in (evaldir / "judge_cache.jsonl").read_text().splitlines()]
+        answered, failed_ids = [r["id"] for r in cache], {f["id"] for f in failed}
+        assert len(answered) == len(set(answered)) and len(failed) == len(failed_ids)  # nothing duplicated
+        assert set(answered) | failed_ids == set(prompt_of) and not set(answered) & failed_ids  # nothing lost
+        assert all(f["reason"] for f in failed)
+        for r in cache:  # each reply scored, or counted unparseable with the reason
+            assert (r["scores"] is None) == bool(r.get("error")) and r["attempts"] <= parse_retries + 1
+
+        # resume: only the failed judgments are asked again, and with the faults gone every one is answered
+        proxy.fault_rate, before = 0.0, dict(proxy.asked)
+        results, totals = run_judge(ev, evaldir, cells)
+        asked_again = {p for p, n in proxy.asked.items() if n > before.get(p, 0)}
+        assert asked_again == {prompt_of[i] for i in failed_ids}
+        assert totals["requests_this_run"] == len(failed_ids) and totals["judgments"] == 2 * N_JUDGED
+        summary = results["Student", "numbers"]["summary"]
+        details = results["Student", "numbers"]["details"]
+        for order in ("student_first", "reference_first"):
+            scored = sum(d[order]["student"] is not None for d in details)
+            assert scored + summary["unparseable"][order] == N_JUDGED
+        assert totals["unparseable"] == sum(summary["unparseable"].values())
     finally:
         proxy.close()

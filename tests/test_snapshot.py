@@ -2,9 +2,12 @@ import json
 
 from soda_distill.config import load_config
 from soda_distill.manifest import RunDir
+from soda_distill.pairs import run_pairs
 from soda_distill.records import read_examples
 from soda_distill.snapshot import run_snapshot
 from soda_distill.teacher import run_teacher
+
+from conftest import write_jsonl
 
 
 def snapshot_config(qa_file, tiny_model_dir, *extra):
@@ -41,3 +44,15 @@ def test_snapshot_sampling_settings_matter(tmp_path, qa_file, tiny_model_dir):
     _, a = run_fresh(tmp_path, "a", snapshot_config(qa_file, tiny_model_dir, "snapshot.seed=1"))
     _, b = run_fresh(tmp_path, "b", snapshot_config(qa_file, tiny_model_dir, "snapshot.seed=2"))
     assert a.read_text() != b.read_text()
+
+
+def test_prompts_too_long_for_the_context_are_skipped_and_counted(tmp_path, qa_file, tiny_model_dir):
+    records = [json.loads(line) for line in qa_file.read_text().splitlines()[:3]]
+    long = {"id": "long", "prompt": "word " * 1100, "response": "Too long."}  # the tiny model's context: 1024 tokens
+    teacher = write_jsonl(tmp_path / "teacher.jsonl", records[:1] + [long] + records[1:])
+    cfg = snapshot_config(teacher, tiny_model_dir)
+    run, out = run_fresh(tmp_path, "run", cfg)
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["q0", "q1", "q2"]
+    assert run.manifest()["stages"]["snapshot"]["skipped_too_long"] == 1
+    run_pairs(cfg, run)
+    assert run.manifest()["stages"]["pairs"]["dropped"]["no_student_response"] == 1

@@ -23,6 +23,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tmp_path, qa_file, tiny_m
     tokenizer = load_tokenizer(str(tiny_model_dir))
     trainer = warmup.build_sft_trainer(load_model(str(tiny_model_dir)), tokenizer, warmup.sft_dataset(run_teacher(cfg, run)),
                                        cfg, run.file("warmup"), run.file("warmup") / "metrics.jsonl")
+    assert trainer.model._soda_cpu_lm_head  # trains through lm_head.py, which scores exactly these labels
     for i in range(3):
         batch = trainer.data_collator([trainer.train_dataset[i]])
         ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()

@@ -53,6 +53,7 @@ class Item:
     category: str | None
     instruction: str
     input: str
+    line: int | None = None  # in the benchmark file, for errors
 
 
 @dataclass
@@ -89,7 +90,9 @@ def load_benchmark(path: str, name: str, note: str, limit: int | None = None) ->
         category = _optional_string(path, lineno, obj, "category")
         instruction = _optional_string(path, lineno, obj, "instruction")
         extra = _optional_string(path, lineno, obj, "input") or _optional_string(path, lineno, obj, "context") or ""
-        items.append(Item(ex.id, ex.prompt, ex.response, category, instruction or ex.prompt[-1]["content"], extra))
+        if ex.response is not None and not ex.response.strip():
+            raise InputError(path, lineno, "messages", "empty reference answer (leave the assistant turn out for a prompt without one)")
+        items.append(Item(ex.id, ex.prompt, ex.response, category, instruction or ex.prompt[-1]["content"], extra, lineno))
     return Benchmark(name, str(path), note, items)
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 import yaml
 
 from .errors import SodaError
+from .records import atomic_write_text, read_text_file
+
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def operational(default):
@@ -267,7 +270,8 @@ def _build(cls, values: dict, where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:
-        key = f"{where}.{sorted(unknown)[0]}" if where else sorted(unknown)[0]
+        first = min(map(str, unknown))
+        key = f"{where}.{first}" if where else first
         raise SodaError(f"unknown key '{key}' (known here: {', '.join(sorted(known))})")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
     return cls(**kwargs)
@@ -309,9 +313,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         where = str(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise SodaError(f"{path}: config file not found") from None
+            values = yaml.safe_load(read_text_file(path, "config file", MAX_CONFIG_BYTES)) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f", line {mark.line + 1}" if mark else ""
@@ -330,8 +332,6 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from .records import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

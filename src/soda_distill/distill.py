@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from trl import DPOConfig, DPOTrainer
 
 from .config import Config, fingerprint
 from .manifest import RunDir, combine
 from .models import load_model, load_tokenizer, model_digest, use_bf16
-from .records import read_jsonl, sha256_file
-from .training import MetricsLog, read_metrics, train_and_save, trainer_arguments
+from .records import read_pairs, sha256_file
+from .training import MetricsLog, ResumableOrder, apply_cpu_settings, read_metrics, train_and_save, trainer_arguments
 
 
 def dpo_dataset(pairs_path: Path):
@@ -22,19 +23,26 @@ def dpo_dataset(pairs_path: Path):
     reference log-probabilities then pads little."""
     from datasets import Dataset
 
-    rows = [{k: obj[k] for k in ("prompt", "chosen", "rejected")} for _, obj in read_jsonl(pairs_path)]
+    rows = read_pairs(pairs_path)
     size = lambda r: sum(len(m["content"]) for m in r["prompt"]) + max(len(r["chosen"][0]["content"]), len(r["rejected"][0]["content"]))
     rows.sort(key=size, reverse=True)
     return Dataset.from_list(rows)
 
 
-class LengthGroupedDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer, keeping the `length` column the length-grouped sampler batches by (TRL drops it)."""
+class DistillDPOTrainer(ResumableOrder, DPOTrainer):
+    """TRL's DPOTrainer, keeping the `length` column the length-grouped sampler batches by (TRL drops it), and
+    computing the reference log-probabilities with the training forward: this package's CPU head, under bf16 autocast
+    when training uses it (so at step 0 the policy's log-probabilities equal the reference's)."""
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self.args.length_column_name not in self._signature_columns:
             self._signature_columns.append(self.args.length_column_name)
+
+    def _precompute_ref_logps(self, *args, **kwargs):
+        apply_cpu_settings(self)  # TRL calls this from its __init__ after patching in its head: ours goes on top
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            return super()._precompute_ref_logps(*args, **kwargs)
 
 
 def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path):
@@ -46,7 +54,7 @@ def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=d.precompute_batch_size,
     )
-    trainer = LengthGroupedDPOTrainer(
+    trainer = DistillDPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
         callbacks=[MetricsLog(metrics_path)],
     )

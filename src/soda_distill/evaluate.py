@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from .benchmarks import Benchmark, load_benchmarks, student_prompt
-from .config import Config, fingerprint, load_config, save_config
+from .config import Config, EvaluateConfig, fingerprint, load_config, save_config
 from .errors import InputError, SodaError
-from .generation import Sampling, generate_transformers, generate_vllm
+from .generation import Sampling, generate_transformers, generate_vllm, prompt_tokens
 from .judge import reference_answers, run_judge
 from .manifest import RunDir
-from .models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
+from .models import context_length, load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from .pairs import length_summary
 from .pipeline import resolve_data_path
 from .records import AppendLog, atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_examples
@@ -81,6 +81,19 @@ def table_rows(cfg: Config) -> list[Row]:
     return rows
 
 
+def _refuse_overlong(row: Row, model_path: str, tokenizer, benchmarks: list[Benchmark], ev: EvaluateConfig) -> None:
+    """A prompt with no room for max_new_tokens in the model's context is an error, not a skip: a benchmark's score
+    must be over all of its prompts."""
+    context = context_length(model_path, row.trust_remote_code)
+    if context is None:
+        return
+    for b in benchmarks:
+        for item, n in zip(b.items, prompt_tokens(tokenizer, [student_prompt(it, ev.prompt_format) for it in b.items])):
+            if n + ev.max_new_tokens > context:
+                raise InputError(b.path, item.line, "messages", f"the prompt is {n} tokens: with evaluate.max_new_tokens "
+                                 f"({ev.max_new_tokens}) it does not fit {row.label}'s context of {context} tokens")
+
+
 def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark]) -> tuple[dict[str, list[dict]], int]:
     """The row's model's response to every benchmark prompt, generating only those not in the log."""
     ev = cfg.evaluate
@@ -103,6 +116,8 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark])
             prompts[key] = prompt
     todo = [k for k in prompts if k not in log]
     if todo:
+        tokenizer = load_tokenizer(model_path, row.trust_remote_code)
+        _refuse_overlong(row, model_path, tokenizer, benchmarks, ev)
         sampling = Sampling(max_new_tokens=ev.max_new_tokens, temperature=0.0)
 
         def keep(results):
@@ -112,7 +127,6 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark])
         if ev.backend == "vllm":
             keep(list(enumerate(generate_vllm(model_path, [prompts[k] for k in todo], sampling, bf16))))
         elif ev.backend == "transformers":
-            tokenizer = load_tokenizer(model_path, row.trust_remote_code)
             model = load_model(model_path, torch.bfloat16 if bf16 else torch.float32, row.trust_remote_code)
             generate_transformers(model, tokenizer, [prompts[k] for k in todo], sampling, ev.batch_size, on_batch=keep, desc=row.label)
             del model
@@ -182,7 +196,8 @@ def offline_metrics(references: list[str | None], responses: list[dict], exact_m
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", text) or "_"
+    """A file name from a row or benchmark name: no separators, and no leading dot (so never `..`)."""
+    return re.sub(r"[^\w.-]+|^\.", "_", text) or "_"
 
 
 def _cell(row: dict, bench: str, *path):

@@ -28,8 +28,8 @@ from .errors import SodaError
 from .manifest import RunDir, combine
 from .models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from .pipeline import run_stage
-from .records import read_examples, read_jsonl, sha256_file
-from .training import MetricsLog, read_metrics, train_and_save, trainer_arguments
+from .records import read_examples, read_pairs, sha256_file
+from .training import MetricsLog, ResumableOrder, read_metrics, train_and_save, trainer_arguments
 
 DISCRIMINATOR_STATE = "discriminator.pt"  # inside each generator checkpoint: weights, optimizer, update count
 
@@ -88,7 +88,7 @@ def bradley_terry_dataset(pairs_path: Path, tokenizer, g: GadConfig):
     from datasets import Dataset
 
     rows, dropped = [], 0
-    for _, obj in read_jsonl(pairs_path):
+    for obj in read_pairs(pairs_path):
         prompt = prompt_ids(tokenizer, obj["prompt"])
         if not _fits(g, prompt):
             dropped += 1
@@ -102,7 +102,7 @@ def bradley_terry_dataset(pairs_path: Path, tokenizer, g: GadConfig):
     return Dataset.from_list(rows), dropped
 
 
-class BradleyTerryTrainer(RewardTrainer):
+class BradleyTerryTrainer(ResumableOrder, RewardTrainer):
     """TRL's RewardTrainer (Bradley–Terry, chosen = teacher, rejected = student), scoring with discriminator_scores."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -239,7 +239,7 @@ class Discriminator:
         self.updates = state["updates"]
 
 
-class GadTrainer(GRPOTrainer):
+class GadTrainer(ResumableOrder, GRPOTrainer):
     """TRL's GRPOTrainer whose checkpoints also hold the discriminator, and whose first steps train it alone."""
 
     def __init__(self, *args, discriminator: Discriminator, discriminator_dir: Path, **kwargs):

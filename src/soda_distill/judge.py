@@ -25,11 +25,12 @@ from .benchmarks import Benchmark, Item
 from .config import EvaluateConfig, JudgeConfig, ScoredEndpointConfig
 from .endpoint import ask, collect, request_key, sum_usage
 from .errors import SodaError
-from .records import AppendLog
+from .records import AppendLog, read_text_file
 
 ORDERS = ("student_first", "reference_first")
 PLACEHOLDERS = ("{question}", "{answer_1}", "{answer_2}")
 RERUN = "run the same command again"
+MAX_TEMPLATE_BYTES = 64 << 10
 
 # Text in an answer that looks like one of the template's markers ("[End of Assistant 1's Answer]") is rewritten
 # with parentheses, so an answer cannot end its own block and pose as the judge's instructions.
@@ -47,10 +48,7 @@ def load_template(path: str | None) -> tuple[str, str]:
     """The judge prompt template and a name for it: the built-in one, or a user's file."""
     if path is None:
         return (resources.files("soda_distill") / "data" / "judge_template.txt").read_text(encoding="utf-8"), "built-in"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (FileNotFoundError, UnicodeDecodeError) as e:
-        raise SodaError(f"{path}: cannot read the judge template ({type(e).__name__})") from None
+    text = read_text_file(Path(path), "judge template", MAX_TEMPLATE_BYTES)  # it is sent with every judgment
     missing = [p for p in PLACEHOLDERS if p not in text]
     if missing:
         raise SodaError(f"{path}: the judge template lacks {', '.join(missing)} (it needs {', '.join(PLACEHOLDERS)})")

@@ -116,6 +116,14 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def context_length(path: str, trust_remote_code: bool = False) -> int | None:
+    """The model's context in tokens (`max_position_embeddings`), or None when its config does not say."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
 def model_digest(path: Path) -> str:
     """A cheap identity for a saved model: weight file names, sizes and times, and the config's content."""
     import hashlib

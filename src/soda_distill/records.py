@@ -17,8 +17,26 @@ from pathlib import Path
 from .errors import InputError
 
 ROLES = ("system", "user", "assistant")
+# One record's line at most: a longer one is refused after reading this much, never read whole into memory.
+MAX_LINE_BYTES = 16 << 20
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def read_text_file(path: Path, what: str, max_bytes: int) -> str:
+    """A whole small text file (a config, a template); missing, too big or not UTF-8 is an error naming it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise InputError(path, None, None, f"cannot read the {what} ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise InputError(path, None, None, f"the {what} is over {max_bytes >> 10} KiB, the most it may be")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(path, data.count(b"\n", 0, e.start) + 1, None, f"not UTF-8 (byte {e.start})") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -54,7 +72,11 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     except FileNotFoundError:
         raise InputError(path, None, None, "file not found") from None
     with f:
-        for lineno, raw in enumerate(f, 1):
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) - raw.endswith(b"\n") > MAX_LINE_BYTES:
+                raise InputError(path, lineno, None, f"line longer than {MAX_LINE_BYTES >> 20} MiB, the most one record may have")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -176,7 +198,10 @@ def read_examples(path: Path, want_response: bool = False, limit: int | None = N
     for lineno, obj in read_jsonl(path):
         ex = parse_example(path, lineno, obj, want_response)
         if ex.id in seen:
-            raise InputError(path, lineno, "id", f"duplicate id {ex.id!r} (first on line {seen[ex.id]})")
+            if "id" in obj:
+                raise InputError(path, lineno, "id", f"duplicate id {ex.id!r} (first on line {seen[ex.id]})")
+            raise InputError(path, lineno, "messages" if "messages" in obj else "prompt",
+                             f"the same prompt as line {seen[ex.id]} (a record without an 'id' is known by its prompt)")
         seen[ex.id] = lineno
         examples.append(ex)
         if limit is not None and len(examples) >= limit:
@@ -184,6 +209,32 @@ def read_examples(path: Path, want_response: bool = False, limit: int | None = N
     if not examples:
         raise InputError(path, None, None, "no records")
     return examples
+
+
+def read_pairs(path: Path) -> list[dict]:
+    """Preference pairs (TRL's conversational `prompt`/`chosen`/`rejected`, as the pairs stage writes them), checked."""
+    pairs, seen = [], {}
+    for lineno, obj in read_jsonl(path):
+        for key, roles in (("prompt", None), ("chosen", ["assistant"]), ("rejected", ["assistant"])):
+            if key not in obj:
+                raise InputError(path, lineno, key, "missing (each pair needs 'prompt', 'chosen' and 'rejected')")
+            _check_messages(path, lineno, obj[key], key)
+            if roles and [m["role"] for m in obj[key]] != roles:
+                raise InputError(path, lineno, key, "expected one assistant turn")
+            if not obj[key][-1]["content"].strip():
+                raise InputError(path, lineno, key, "empty text")
+        if obj["prompt"][-1]["role"] != "user":
+            raise InputError(path, lineno, "prompt", "the prompt must end with a user turn")
+        rid = obj.get("id")
+        if not isinstance(rid, (str, int, type(None))) or isinstance(rid, bool):
+            raise InputError(path, lineno, "id", "expected a string or integer")
+        if rid is not None and rid in seen:
+            raise InputError(path, lineno, "id", f"duplicate id {rid!r} (first on line {seen[rid]})")
+        seen[rid] = lineno
+        pairs.append({key: obj[key] for key in ("prompt", "chosen", "rejected")})
+    if not pairs:
+        raise InputError(path, None, None, "no pairs (the pairs stage counts what it dropped in manifest.json)")
+    return pairs
 
 
 def sha256_file(path: Path) -> str:

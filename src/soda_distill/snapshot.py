@@ -13,9 +13,9 @@ import torch
 
 from .config import Config, fingerprint
 from .errors import SodaError
-from .generation import Sampling, generate_transformers, generate_vllm
+from .generation import Sampling, generate_transformers, generate_vllm, prompt_tokens
 from .manifest import RunDir, combine
-from .models import load_model, load_tokenizer, resolve_model, use_bf16
+from .models import context_length, load_model, load_tokenizer, resolve_model, use_bf16
 from .records import AppendLog, atomic_write_jsonl, read_examples, sha256_file
 
 
@@ -33,6 +33,16 @@ def run_snapshot(cfg: Config, run: RunDir) -> Path:
     with run.stage("snapshot", fp) as info:
         model_path = resolve_model(cfg.student.model, cfg.student.gguf_file)
         bf16 = use_bf16(cfg.student.bf16)
+        tokenizer = load_tokenizer(model_path, cfg.student.trust_remote_code)
+        # A prompt that leaves no room for max_new_tokens in q0's context is skipped and counted: its answer could
+        # not be generated in full (pairs then drops it as no_student_response).
+        context = context_length(model_path, cfg.student.trust_remote_code)
+        lengths = prompt_tokens(tokenizer, [ex.prompt for ex in examples])
+        fits = [context is None or n + s.max_new_tokens <= context for n in lengths]
+        if not any(fits):
+            raise SodaError(f"{teacher_path}: no prompt leaves room for snapshot.max_new_tokens ({s.max_new_tokens}) "
+                            f"in the student's context of {context} tokens")
+        examples = [ex for ex, ok in zip(examples, fits) if ok]
         todo = [ex for ex in examples if ex.id not in log]
         start, new_tokens = time.perf_counter(), 0
 
@@ -50,7 +60,6 @@ def run_snapshot(cfg: Config, run: RunDir) -> Path:
             index = {ex.id: i for i, ex in enumerate(examples)}
             keep([(index[ex.id], g) for ex, g in zip(todo, results)])
         elif todo and s.backend == "transformers":
-            tokenizer = load_tokenizer(model_path, cfg.student.trust_remote_code)
             model = load_model(model_path, torch.bfloat16 if bf16 else torch.float32, cfg.student.trust_remote_code)
             generate_transformers(
                 model, tokenizer, [ex.prompt for ex in examples], sampling, s.batch_size,
@@ -64,6 +73,7 @@ def run_snapshot(cfg: Config, run: RunDir) -> Path:
         elapsed = time.perf_counter() - start
         info.update(
             records=len(records),
+            skipped_too_long=fits.count(False),
             truncated=sum(r["finish_reason"] == "length" for r in records),
             mean_tokens=round(sum(r["num_tokens"] for r in records) / len(records), 1),
             generated_tokens_per_s=round(new_tokens / elapsed, 1) if new_tokens else None,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trl import SFTConfig, SFTTrainer
+
 from .config import Config, fingerprint
 from .manifest import RunDir, combine
 from .models import load_model, load_tokenizer, resolve_model, use_bf16
 from .records import read_examples, sha256_file
-from .training import MetricsLog, train_and_save, trainer_arguments
+from .training import MetricsLog, ResumableOrder, apply_cpu_settings, train_and_save, trainer_arguments
 
 
 def sft_dataset(teacher_path: Path):
@@ -27,17 +29,19 @@ def sft_dataset(teacher_path: Path):
     return Dataset.from_list(rows)
 
 
-def build_sft_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path):
-    from trl import SFTConfig, SFTTrainer
+class ResumableSFTTrainer(ResumableOrder, SFTTrainer):
+    """TRL's SFTTrainer, with a training order a resumed run repeats."""
 
+
+def build_sft_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path):
     args = SFTConfig(
         **trainer_arguments(cfg.warmup, output_dir / "checkpoints", use_bf16(cfg.student.bf16)),
         completion_only_loss=True,
         packing=False,
     )
-    return SFTTrainer(
+    return apply_cpu_settings(ResumableSFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[MetricsLog(metrics_path)]
-    )
+    ))
 
 
 def run_warmup(cfg: Config, run: RunDir) -> Path:
