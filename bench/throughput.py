@@ -103,7 +103,7 @@ def train(stage: str, variant: str, quick: bool) -> dict:
     from soda_distill.manifest import PeakMemory
     from soda_distill.models import load_model, load_tokenizer, resolve_model
 
-    n_steps = 4 if quick else 10
+    n_steps = 3 if quick else 10  # the first step is not timed
     batch = 8 if stage == "sft" else 4
     rows = synthetic_pairs(batch * n_steps)
     path = resolve_model("embedded")
@@ -155,7 +155,8 @@ def profile_sft_step(quick: bool) -> dict:
 
     path = resolve_model("embedded")
     tokenizer, model = load_tokenizer(path), load_model(path)
-    trainer = soda_trainer("sft", model, tokenizer, synthetic_pairs(16), 8, Path(tempfile.mkdtemp()))
+    batch = 4 if quick else 8
+    trainer = soda_trainer("sft", model, tokenizer, synthetic_pairs(2 * batch), batch, Path(tempfile.mkdtemp()))
     trainer.add_callback(SecondStep())
     trainer.train()
     kinds = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "attention": ("aten::_scaled_dot_product",),
@@ -191,7 +192,7 @@ def generation(batch_size: int, quick: bool) -> dict:
     from soda_distill.generation import Sampling, generate_transformers
     from soda_distill.models import bf16_supported, load_model, load_tokenizer, resolve_model
 
-    n = 16 if quick else 32
+    n = (16 if quick else 32) if batch_size > 1 else (8 if quick else 16)  # one at a time: fewer, it is slow
     prompts = [r["prompt"] for r in synthetic_pairs(n)]
     path = resolve_model("embedded")
     tokenizer = load_tokenizer(path)
@@ -223,7 +224,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     pairs = [("SFT tokens/s", "sft"), ("DPO tokens/s", "dpo")]
     for ax, (title, stage) in zip(axes[:2], pairs):
         vals = [results[f"{stage}_stock"]["tokens_per_s"], results[f"{stage}_soda"]["tokens_per_s"]]
@@ -232,6 +233,11 @@ def plot(results: dict, path: Path) -> None:
     vals = [results["generate_one_at_a_time"]["tokens_per_s"], results["generate_batched"]["tokens_per_s"]]
     axes[2].bar(["one at a time", "batched (16)"], vals, color=["#999999", "#1f77b4"])
     axes[2].set_title("snapshot generation tokens/s")
+    share = results["sft_profile"]["share"]
+    axes[3].barh(list(share), list(share.values()), color="#1f77b4")
+    axes[3].invert_yaxis()
+    axes[3].set_xlabel("share of one soda SFT step (self CPU time)")
+    axes[3].set_title(f"where the time goes (LM head: {results['sft_profile']['lm_head_share']:.0%})")
     fig.suptitle(f"soda-distill throughput, embedded SmolLM2-135M, {platform.machine()} {os.cpu_count()} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
