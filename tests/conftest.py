@@ -103,6 +103,12 @@ def qa_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "qa.jsonl", QA)
 
 
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    """The questions of QA without their answers, as a teacher API run reads them."""
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"q{i}", "prompt": q} for i, q in enumerate(QUESTIONS)])
+
+
 @pytest.fixture(scope="session")
 def chat_server(embedded_path):
     """`transformers serve` with the embedded student on a loopback port: a real OpenAI-compatible endpoint."""

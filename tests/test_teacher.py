@@ -17,11 +17,6 @@ from soda_distill.teacher import run_teacher
 from conftest import QUESTIONS, write_jsonl
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    return write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"q{i}", "prompt": q} for i, q in enumerate(QUESTIONS)])
-
-
 def api_overrides(url, model, prompts, key_env="SODA_TEST_KEY"):
     return [f"teacher.base_url={url}/v1", f"teacher.model={model}", f"data.prompts={prompts}",
             "teacher.max_tokens=8", "teacher.temperature=0", f"teacher.api_key_env={key_env}",

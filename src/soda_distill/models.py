@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -93,10 +94,23 @@ def resolve_model(model: str, gguf_file: str | None = None) -> str:
     return str(target)
 
 
+@contextmanager
+def refusing_remote_code(path: str):
+    """transformers' refusal to run a model folder's own code, as one line saying how to allow it."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise SodaError(f"{path}: this model ships its own Python code, which runs only with "
+                        "student.trust_remote_code: true (set it only for a model you trust)") from None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with refusing_remote_code(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
@@ -108,9 +122,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+        with refusing_remote_code(path):
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
     except OSError as e:
         raise SodaError(f"{path}: cannot load the model as safetensors ({e})") from None
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +135,8 @@ def context_length(path: str, trust_remote_code: bool = False) -> int | None:
     """The model's context in tokens (`max_position_embeddings`), or None when its config does not say."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with refusing_remote_code(path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 

@@ -1,0 +1,64 @@
+"""Safety: a planted API key appears nowhere a full run writes or prints; weights load only from safetensors; a
+model's own code never runs unless asked."""
+
+from pathlib import Path
+
+import pytest
+
+from soda_distill.cli import main
+from soda_distill.errors import SodaError
+from soda_distill.models import load_model
+
+KEY = "sk-planted-secret-4242"
+
+
+def test_planted_key_absent_from_a_full_run_and_its_evaluation(tmp_path, prompts_file, qa_file, tiny_model_dir,
+                                                              chat_server, monkeypatch, capfd):
+    monkeypatch.setenv("SODA_TEST_KEY", KEY)
+    endpoint = [f"base_url={chat_server['url']}/v1", f"model={chat_server['model']}", "api_key_env=SODA_TEST_KEY", "max_tokens=8"]
+    run, evaluation = tmp_path / "run", tmp_path / "eval"
+    assert main(["run", "--out", str(run), f"data.prompts={prompts_file}", f"student.model={tiny_model_dir}",
+                 *[f"teacher.{e}" for e in endpoint], "snapshot.max_new_tokens=8",
+                 "warmup.max_length=128", "distill.max_length=128"]) == 0
+    assert main(["evaluate", str(run), "--out", str(evaluation), f"evaluate.benchmarks=[{qa_file}]", "evaluate.limit=2",
+                 "evaluate.max_new_tokens=4", *[f"evaluate.judge.{e}" for e in endpoint], "evaluate.judge.max_tokens=16"]) == 0
+    assert (evaluation / "judge_cache.jsonl").exists()  # the judge was really called, with the key
+    written = [p for p in [*run.rglob("*"), *evaluation.rglob("*")] if p.is_file()]
+    assert len(written) > 20
+    for path in written:
+        assert KEY.encode() not in path.read_bytes(), path
+    printed = capfd.readouterr()
+    assert KEY not in printed.out and KEY not in printed.err
+
+
+def test_weights_load_only_from_safetensors(tmp_path, tiny_model_dir):
+    """A folder with pickled weights (which can run code when unpickled) is refused, not loaded."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", pickled)
+    torch.save(load_file(tiny_model_dir / "model.safetensors"), pickled / "pytorch_model.bin")
+    with pytest.raises(SodaError, match="safetensors"):
+        load_model(str(pickled))
+
+
+def test_model_code_never_runs_unless_asked(tmp_path, tiny_model_dir):
+    """A model folder shipping its own modeling code (which would leave a marker file if it ran) is refused."""
+    import json
+    import shutil
+
+    folder, marker = tmp_path / "remote", tmp_path / "code-ran"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="planted", auto_map={"AutoConfig": "planted.PlantedConfig",
+                                                  "AutoModelForCausalLM": "planted.PlantedModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "planted.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    with pytest.raises(SodaError, match="trust_remote_code"):
+        load_model(str(folder))
+    assert not marker.exists()
+    assert not Path(folder / "__pycache__").exists()
