@@ -67,7 +67,7 @@ def plot(record: dict, out: Path, path: Path) -> None:
     label_axes(time_ax, f"wall time (GAD/SODA = {record['ratios']['time_gad_over_soda']}×)", "", "minutes", grid="y")
     mem_ax.bar(methods, [record[m]["peak_memory_mb"] / 1024 for m in methods], color=[run_color(0), run_color(1)])
     r = record["ratios"]
-    label_axes(mem_ax, f"peak memory (SODA/GAD = {r['memory_soda_over_gad']}; own stages {r['memory_soda_over_gad_own_stages']})",
+    label_axes(mem_ax, f"peak memory (SODA/GAD = {r['memory_soda_over_gad']};\nown stages {r['memory_soda_over_gad_own_stages']})",
                "", "GiB", grid="y")
     dpo = [m for m in read_metrics(out / "distill" / "metrics.jsonl") if "loss" in m and "rewards/margins" in m]
     dpo_ax.plot([m["step"] for m in dpo], [m["loss"] for m in dpo], color=run_color(0), label="DPO loss")
