@@ -125,11 +125,11 @@ class LengthBuckets(Sampler):
 
     def __iter__(self):
         indices = get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_mult=50)
-        batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        first, *rest = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         # a short last batch stays last: moved earlier, it would shift every later batch's boundaries
-        middle = len(batches) - 1 if len(batches[-1]) < self.batch_size else len(batches)
-        order = [0, *(1 + torch.randperm(middle - 1)).tolist(), *range(middle, len(batches))] if middle > 1 else list(range(len(batches)))
-        return iter([i for b in order for i in batches[b]])
+        last = [rest.pop()] if rest and len(rest[-1]) < self.batch_size else []
+        rest = [rest[i] for i in torch.randperm(len(rest)).tolist()]
+        return iter([i for batch in [first, *rest, *last] for i in batch])
 
 
 class ResumableOrder:
