@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 
 @dataclass
@@ -27,6 +28,28 @@ class Generated:
     text: str
     finish_reason: str  # "stop" (end of turn) or "length" (hit max_new_tokens)
     num_tokens: int
+
+
+class CategoricalSampler(LogitsProcessor):
+    """Samples the next token (temperature, then top-p) and leaves only it standing, for greedy decoding to pick.
+
+    Why: `generate`'s sampling draws through `torch.multinomial`, whose CPU kernel spends ~18 ms on 16 × 49k
+    exponential variates a step, a quarter of a decode step of the 135M student. One uniform per row against the
+    cumulative distribution draws from exactly the same distribution for ~1 ms.
+    """
+
+    def __init__(self, temperature: float, top_p: float):
+        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        cdf = scores.float().softmax(-1).cumsum(-1)
+        total = cdf[:, -1:]
+        # u < total strictly, so the search lands on a token of positive probability
+        u = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
+        chosen = torch.searchsorted(cdf, u, right=True)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
 
 
 def _chat_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
@@ -66,9 +89,9 @@ def generate_transformers(
                 continue
             enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             torch.manual_seed(sampling.seed * 100_003 + b)
-            kwargs = {"do_sample": sampling.temperature > 0, "max_new_tokens": sampling.max_new_tokens}
+            kwargs = {"do_sample": False, "max_new_tokens": sampling.max_new_tokens}
             if sampling.temperature > 0:
-                kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+                kwargs["logits_processor"] = LogitsProcessorList([CategoricalSampler(sampling.temperature, sampling.top_p)])
             with torch.inference_mode():
                 out = model.generate(**enc, **kwargs, pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stop_ids))
             results = []
