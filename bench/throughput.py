@@ -186,21 +186,27 @@ def stock_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, ou
     return DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
 
 
-def generation(batch_size: int, quick: bool) -> dict:
+def generation(batched: bool, quick: bool) -> dict:
+    """Snapshot generation as soda runs it (the snapshot stage's batch size, over enough prompts that batches group
+    similar lengths, as they do on a real prompt set), or one prompt at a time on fewer prompts (it is slow)."""
     import torch
 
+    from soda_distill.config import load_config
     from soda_distill.generation import Sampling, generate_transformers
     from soda_distill.models import bf16_supported, load_model, load_tokenizer, resolve_model
 
-    n = (16 if quick else 32) if batch_size > 1 else (8 if quick else 16)  # one at a time: fewer, it is slow
+    snapshot = load_config(None, []).snapshot
+    batch_size = snapshot.batch_size if batched else 1
+    n = (48 if quick else 96) if batched else (8 if quick else 16)
     prompts = [r["prompt"] for r in synthetic_pairs(n)]
     path = resolve_model("embedded")
     tokenizer = load_tokenizer(path)
     model = load_model(path, torch.bfloat16 if bf16_supported() else torch.float32)
     produced = []
+    sampling = Sampling(max_new_tokens=64 if quick else 128, temperature=snapshot.temperature, top_p=snapshot.top_p)
     start = time.perf_counter()
-    generate_transformers(model, tokenizer, prompts, Sampling(max_new_tokens=64 if quick else 128, temperature=0.8),
-                          batch_size, on_batch=lambda res: produced.extend(g.num_tokens for _, g in res))
+    generate_transformers(model, tokenizer, prompts, sampling, batch_size,
+                          on_batch=lambda res: produced.extend(g.num_tokens for _, g in res))
     seconds = time.perf_counter() - start
     return {"tokens_per_s": round(sum(produced) / seconds, 1), "prompts": n, "batch_size": batch_size}
 
@@ -213,8 +219,8 @@ MEASUREMENTS = {
     "dpo_soda": lambda q: train("dpo", "soda", q),
     "dpo_stock": lambda q: train("dpo", "stock", q),
     "sft_profile": profile_sft_step,
-    "generate_batched": lambda q: generation(16, q),
-    "generate_one_at_a_time": lambda q: generation(1, q),
+    "generate_batched": lambda q: generation(True, q),
+    "generate_one_at_a_time": lambda q: generation(False, q),
 }
 
 
@@ -231,7 +237,7 @@ def plot(results: dict, path: Path) -> None:
         ax.bar(["TRL stock", "soda"], vals, color=["#999999", "#1f77b4"])
         ax.set_title(title)
     vals = [results["generate_one_at_a_time"]["tokens_per_s"], results["generate_batched"]["tokens_per_s"]]
-    axes[2].bar(["one at a time", "batched (16)"], vals, color=["#999999", "#1f77b4"])
+    axes[2].bar(["one at a time", f"batched ({results['generate_batched']['batch_size']})"], vals, color=["#999999", "#1f77b4"])
     axes[2].set_title("snapshot generation tokens/s")
     share = results["sft_profile"]["share"]
     axes[3].barh(list(share), list(share.values()), color="#1f77b4")

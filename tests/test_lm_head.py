@@ -1,6 +1,6 @@
 """The CPU LM head against the plain path (full logits, fp32, transformers' own loss): the same loss and gradients —
-to fp32 rounding without autocast, and under bf16 autocast no further off than TRL's own fused head — and the same
-per-token outputs as TRL's head."""
+to fp32 rounding without autocast, and in bf16 (autocast, with fp32 or bf16 weights) no further off than TRL's own
+fused head under autocast — and the same per-token outputs as TRL's head."""
 
 import pytest
 import torch
@@ -59,12 +59,14 @@ def test_fp32_matches_the_plain_loss_and_gradients(tiny_model_dir, plain):
     assert max(relative_errors(fast, grads).values()) < 1e-5
 
 
-def test_bf16_autocast_is_as_close_as_trls_head(tiny_model_dir, plain):
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])  # bf16: as training on CPU sets the model up
+def test_bf16_is_as_close_as_trls_head_under_autocast(tiny_model_dir, plain, weights):
     inputs, loss, grads = plain
-    results = {head: loss_and_grads(models(tiny_model_dir, head), inputs, fused=True, autocast=True) for head in ("trl", "soda")}
-    (soda_out, soda_grads), (trl_out, trl_grads) = results["soda"], results["trl"]
+    trl_out, trl_grads = loss_and_grads(models(tiny_model_dir, "trl"), inputs, fused=True, autocast=True)
+    soda_out, soda_grads = loss_and_grads(models(tiny_model_dir, "soda").to(weights), inputs, fused=True, autocast=True)
     assert abs(soda_out.loss.item() - loss) / loss < 1e-3
-    soda_err, trl_err = relative_errors(soda_grads, grads), relative_errors(trl_grads, grads)
+    soda_err = relative_errors({n: g.float() for n, g in soda_grads.items()}, grads)
+    trl_err = relative_errors(trl_grads, grads)
     # bf16 keeps 8 bits of mantissa: a few 1e-3 of relative error on a gradient is its rounding, not a bug
     assert max(soda_err.values()) < 2e-2
     assert all(soda_err[n] <= 2 * trl_err[n] + 1e-3 for n in grads), (soda_err, trl_err)

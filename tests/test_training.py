@@ -1,8 +1,9 @@
+import io
 import random
 
 import torch
 
-from soda_distill.training import LengthBuckets
+from soda_distill.training import LengthBuckets, MasterWeightsAdamW
 
 
 def test_length_buckets_group_a_small_data_set():
@@ -21,3 +22,43 @@ def test_length_buckets_group_a_small_data_set():
         assert max(lengths[i] for i in batches[0]) == max(lengths)
         assert len(batches[-1]) == 3 and max(lengths[i] for i in batches[-1]) == sorted(lengths)[2]
     assert orders[0] != orders[1]
+
+
+def test_master_weights_keep_updates_too_small_for_bf16():
+    """bf16 weights of 2–4 move by steps of 2^-6 at least: one AdamW update of 1e-4 rounds away. The fp32 masters take
+    every update exactly as AdamW on fp32 weights would, the bf16 weights follow them rounded, and a restored optimizer
+    continues from the masters."""
+    torch.manual_seed(0)
+    start = torch.rand(64) * 2 + 2
+    weight = torch.nn.Parameter(start.to(torch.bfloat16))
+    reference = torch.nn.Parameter(weight.detach().float())
+    optimizer = MasterWeightsAdamW([{"params": [weight], "weight_decay": 0.01}], lr=1e-4)
+    plain = torch.optim.AdamW([{"params": [reference], "weight_decay": 0.01}], lr=1e-4)
+
+    def step(opt, param, i):
+        torch.manual_seed(i)
+        # positive, so the updates add up; bf16-exact, so both optimizers see the same gradient
+        param.grad = (torch.rand(64) + 0.1).to(torch.bfloat16).to(param.dtype)
+        opt.step()
+        opt.zero_grad()
+
+    for i in range(100):
+        step(optimizer, weight, i), step(plain, reference, i)
+    assert torch.equal(optimizer.masters[0], reference.detach())
+    assert torch.equal(weight.detach(), reference.detach().to(torch.bfloat16))
+    assert (weight.detach() != start.to(torch.bfloat16)).any()  # 100 steps of 1e-4 add up to a visible change
+    naive = torch.nn.Parameter(start.to(torch.bfloat16))
+    naive_optimizer = torch.optim.AdamW([naive], lr=1e-4)
+    for i in range(100):
+        step(naive_optimizer, naive, i)
+    assert torch.equal(naive.detach(), start.to(torch.bfloat16))  # each update rounded away: nothing learned
+
+    checkpoint = io.BytesIO()  # as the trainer saves and loads it
+    torch.save(optimizer.state_dict(), checkpoint)
+    checkpoint.seek(0)
+    restored_weight = torch.nn.Parameter(weight.detach().clone())
+    restored = MasterWeightsAdamW([{"params": [restored_weight], "weight_decay": 0.01}], lr=1e-4)
+    restored.load_state_dict(torch.load(checkpoint, weights_only=True))
+    for i in range(100, 105):
+        step(optimizer, weight, i), step(restored, restored_weight, i), step(plain, reference, i)
+    assert torch.equal(restored.masters[0], reference.detach()) and torch.equal(restored_weight, weight)

@@ -29,7 +29,7 @@ from .manifest import RunDir, combine
 from .models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from .pipeline import run_stage
 from .records import read_examples, read_pairs, sha256_file
-from .training import MetricsLog, ResumableOrder, read_metrics, train_and_save, trainer_arguments
+from .training import MetricsLog, ResumableOrder, adamw_for, bf16_weights, read_metrics, train_and_save, trainer_arguments
 
 DISCRIMINATOR_STATE = "discriminator.pt"  # inside each generator checkpoint: weights, optimizer, update count
 
@@ -127,9 +127,9 @@ def build_discriminator_trainer(model, tokenizer, dataset, cfg: Config, output_d
         **trainer_arguments(section, output_dir / "checkpoints", use_bf16(cfg.student.bf16)),
         remove_unused_columns=False,  # keeps `length` for the length-grouped sampler; the collator ignores it
     )
-    return BradleyTerryTrainer(
+    return bf16_weights(BradleyTerryTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[MetricsLog(metrics_path)]
-    )
+    ))
 
 
 def run_discriminator_warmup(cfg: Config, run: RunDir) -> Path:
@@ -184,7 +184,8 @@ class Discriminator:
 
     def __init__(self, model, g: GadConfig, bf16: bool):
         self.model, self.g, self.bf16 = model, g, bf16
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=g.discriminator_learning_rate, weight_decay=g.weight_decay)
+        adamw = adamw_for(model, bf16)
+        self.optimizer = adamw(model.parameters(), lr=g.discriminator_learning_rate, weight_decay=g.weight_decay)
         self.updates = 0
         if g.gradient_checkpointing:
             model.activation_checkpointing_enable()
@@ -282,11 +283,12 @@ def build_gad_trainer(generator, tokenizer, discriminator: Discriminator, datase
         **common, num_generations=g.num_generations, temperature=g.temperature, max_completion_length=g.max_new_tokens,
         beta=g.beta, entropy_coef=g.entropy_coef,
     )
-    return GadTrainer(
+    # Not `apply_cpu_settings`: GRPO's fused head divides the logits by the temperature, which this package's does not.
+    return bf16_weights(GadTrainer(
         model=generator, args=args, train_dataset=dataset, processing_class=tokenizer,
         callbacks=[MetricsLog(output_dir / "metrics.jsonl")], discriminator=discriminator,
         discriminator_dir=output_dir / "discriminator",
-    )
+    ))
 
 
 def run_adversarial(cfg: Config, run: RunDir, discriminator_start: Path) -> Path:
