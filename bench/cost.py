@@ -88,17 +88,24 @@ def plot(record: dict, out: Path, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the smallest setting (16 prompts, short answers)")
-    parser.add_argument("--out", type=Path, help="run directory (default: a new temporary one)")
+    parser.add_argument("--out", type=Path, help="run directory to keep (default: a temporary one, removed after)")
     args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="soda-cost-"))
-    overrides = QUICK if args.quick else []
+    if args.out:
+        measure(args.out, args.quick)
+        return
+    with tempfile.TemporaryDirectory(prefix="soda-cost-") as out:
+        measure(Path(out), args.quick)
+
+
+def measure(out: Path, quick: bool) -> None:
+    overrides = QUICK if quick else []
     for command in ("teacher", *SODA, "gad"):
         stage(command, out, overrides)
     manifest = json.loads((out / "manifest.json").read_text())
     soda, gad = summarize(manifest, SODA), summarize(manifest, GAD)
     config = yaml.safe_load((out / "config.yaml").read_text())
     record = {
-        "command": "python bench/cost.py" + (" --quick" if args.quick else ""),
+        "command": "python bench/cost.py" + (" --quick" if quick else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {manifest['soda_distill']['device']}",
         "student": config["student"]["model"],
@@ -115,7 +122,7 @@ def main() -> None:
         },
     }
     RESULTS.mkdir(exist_ok=True)
-    name = "cost-quick" if args.quick else "cost"
+    name = "cost-quick" if quick else "cost"
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     plot(record, out, RESULTS / f"{name}.png")
     print(json.dumps(record["ratios"], indent=2))

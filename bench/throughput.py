@@ -109,10 +109,9 @@ def train(stage: str, variant: str, quick: bool) -> dict:
     path = resolve_model("embedded")
     tokenizer, model = load_tokenizer(path), load_model(path)
     n_params = sum(p.numel() for p in model.parameters())
-    out = Path(tempfile.mkdtemp())
-    with PeakMemory() as peak:
+    with PeakMemory() as peak, tempfile.TemporaryDirectory() as out:
         make = stock_trainer if variant == "stock" else soda_trainer
-        trainer = make(stage, model, tokenizer, rows, batch, out)
+        trainer = make(stage, model, tokenizer, rows, batch, Path(out))
         timer = StepTimer()
         trainer.add_callback(timer.callback)
         start = time.perf_counter()
@@ -156,9 +155,10 @@ def profile_sft_step(quick: bool) -> dict:
     path = resolve_model("embedded")
     tokenizer, model = load_tokenizer(path), load_model(path)
     batch = 4 if quick else 8
-    trainer = soda_trainer("sft", model, tokenizer, synthetic_pairs(2 * batch), batch, Path(tempfile.mkdtemp()))
-    trainer.add_callback(SecondStep())
-    trainer.train()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = soda_trainer("sft", model, tokenizer, synthetic_pairs(2 * batch), batch, Path(out))
+        trainer.add_callback(SecondStep())
+        trainer.train()
     kinds = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "attention": ("aten::_scaled_dot_product",),
              "dtype casts and copies": ("aten::copy_", "aten::_to_copy")}
     seconds = {kind: 0.0 for kind in [*kinds, "elementwise and other"]}
