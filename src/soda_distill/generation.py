@@ -7,6 +7,7 @@ missing batch exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -105,14 +106,21 @@ def generate_transformers(
             bar.update(len(batch))
 
 
-def generate_vllm(model_path: str, prompts: list[list[dict]], sampling: Sampling, bf16: bool) -> list[Generated]:
-    from vllm import LLM, SamplingParams
+def vllm_engine(model_path: str, bf16: bool, seed: int):
+    from vllm import LLM
 
-    llm = LLM(model=model_path, dtype="bfloat16" if bf16 else "float32", seed=sampling.seed)
+    return LLM(model=model_path, dtype="bfloat16" if bf16 else "float32", seed=seed)
+
+
+def generate_vllm(llm, prompts: list[list[dict]], sampling: Sampling) -> list[Generated]:
+    """Every prompt's answer from a `vllm_engine`, which schedules them itself (continuous batching)."""
+    from vllm import SamplingParams
+
     params = SamplingParams(
         temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=sampling.seed
     )
-    outputs = llm.chat(prompts, params, use_tqdm=True)
+    # vLLM divides by its progress bar's elapsed time, which stays 0 when tqdm is disabled
+    outputs = llm.chat(prompts, params, use_tqdm=not os.environ.get("TQDM_DISABLE"))
     return [
         Generated(o.outputs[0].text.strip(), "length" if o.outputs[0].finish_reason == "length" else "stop", len(o.outputs[0].token_ids))
         for o in outputs

@@ -13,7 +13,7 @@ import torch
 
 from .config import Config, fingerprint
 from .errors import SodaError
-from .generation import Sampling, generate_transformers, generate_vllm, prompt_tokens
+from .generation import Sampling, generate_transformers, generate_vllm, prompt_tokens, vllm_engine
 from .manifest import RunDir, combine
 from .models import context_length, load_model, load_tokenizer, resolve_model, use_bf16
 from .records import AppendLog, atomic_write_jsonl, read_examples, sha256_file
@@ -56,7 +56,7 @@ def run_snapshot(cfg: Config, run: RunDir) -> Path:
             ])
 
         if todo and s.backend == "vllm":
-            results = generate_vllm(model_path, [ex.prompt for ex in todo], sampling, bf16)
+            results = generate_vllm(vllm_engine(model_path, bf16, s.seed), [ex.prompt for ex in todo], sampling)
             index = {ex.id: i for i, ex in enumerate(examples)}
             keep([(index[ex.id], g) for ex, g in zip(todo, results)])
         elif todo and s.backend == "transformers":
