@@ -105,8 +105,11 @@ def test_discriminator_warmup_learns_to_rank_teacher_above_student(run, qa, tiny
     assert info["steps"] == 18 and info["pairs"] == 12 and info["peak_rss_mb"] > 0
 
 
-def test_one_adversarial_step_trains_both_networks(run, qa, tiny_model_dir):
-    cfg = gad_config(qa, tiny_model_dir)
+@pytest.mark.parametrize("bf16", ["false", "true"])  # true: both networks in bf16 with fp32 master weights
+def test_one_adversarial_step_trains_both_networks(run, qa, tiny_model_dir, bf16, tmp_path):
+    cfg = gad_config(qa, tiny_model_dir, f"student.bf16={bf16}")
+    if bf16 == "true":  # the prepared run's snapshot was generated in fp32: this one starts from nothing
+        run = RunDir(tmp_path / "bf16")
     generator = gad.run_gad(cfg, run)
     start, d_start = run.file("warmup"), run.file("gad") / "discriminator_warmup"
     assert changed(params(AutoModelForCausalLM.from_pretrained(start)), params(AutoModelForCausalLM.from_pretrained(generator)))
@@ -114,6 +117,7 @@ def test_one_adversarial_step_trains_both_networks(run, qa, tiny_model_dir):
     assert changed(params(AutoModelForSequenceClassification.from_pretrained(d_start)), params(d_after))
     [step] = read_metrics(run.file("gad") / "metrics.jsonl")[:-1]  # the last line is the run's summary
     assert step["step"] == 1 and step["kl"] == 0.0  # the generator's first step starts at the reference
+    assert step["grad_norm"] > 0  # in bf16, the masters' gradients: the bf16 weights hold none
     for key in ("reward", "discriminator/loss", "discriminator/accuracy"):
         assert isinstance(step[key], float)
     info = run.manifest()["stages"]

@@ -25,9 +25,9 @@ def test_length_buckets_group_a_small_data_set():
 
 
 def test_master_weights_keep_updates_too_small_for_bf16():
-    """bf16 weights of 2–4 move by steps of 2^-6 at least: one AdamW update of 1e-4 rounds away. The fp32 masters take
-    every update exactly as AdamW on fp32 weights would, the bf16 weights follow them rounded, and a restored optimizer
-    continues from the masters."""
+    """bf16 weights of 2–4 move by steps of 2^-6 at least: one AdamW update of 1e-4 rounds away. The fp32 masters
+    accumulate two micro-batches' gradients and take every update exactly as AdamW on fp32 weights would, the bf16
+    weights follow them rounded, and a restored optimizer continues from the masters."""
     torch.manual_seed(0)
     start = torch.rand(64) * 2 + 2
     weight = torch.nn.Parameter(start.to(torch.bfloat16))
@@ -36,9 +36,15 @@ def test_master_weights_keep_updates_too_small_for_bf16():
     plain = torch.optim.AdamW([{"params": [reference], "weight_decay": 0.01}], lr=1e-4)
 
     def step(opt, param, i):
-        torch.manual_seed(i)
-        # positive, so the updates add up; bf16-exact, so both optimizers see the same gradient
-        param.grad = (torch.rand(64) + 0.1).to(torch.bfloat16).to(param.dtype)
+        for micro_batch in range(2):
+            torch.manual_seed(2 * i + micro_batch)
+            # positive, so the updates add up; bf16-exact, so both optimizers see the same gradients
+            gradient = (torch.rand(64) + 0.1).to(torch.bfloat16)
+            (param * gradient.to(param.dtype)).sum().backward()
+        if isinstance(opt, MasterWeightsAdamW):
+            assert param.grad is None  # moved into the master, in fp32
+            norm = opt.clip_grad_norm_(float("inf"))
+            assert torch.equal(norm, torch.linalg.vector_norm(opt.masters[0].grad))
         opt.step()
         opt.zero_grad()
 

@@ -29,7 +29,8 @@ from .manifest import RunDir, combine
 from .models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from .pipeline import run_stage
 from .records import read_examples, read_pairs, sha256_file
-from .training import MetricsLog, ResumableOrder, adamw_for, bf16_weights, read_metrics, train_and_save, trainer_arguments
+from .training import (MasterWeightsAdamW, MetricsLog, ResumableOrder, adamw_for, bf16_weights, read_metrics, train_and_save,
+                       trainer_arguments)
 
 DISCRIMINATOR_STATE = "discriminator.pt"  # inside each generator checkpoint: weights, optimizer, update count
 
@@ -216,7 +217,10 @@ class Discriminator:
                 rewards += student.detach().tolist()
                 loss_sum += losses.sum().item()
                 wins += int(won.sum())
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.g.max_grad_norm)
+        if isinstance(self.optimizer, MasterWeightsAdamW):  # its gradients are on the fp32 masters
+            self.optimizer.clip_grad_norm_(self.g.max_grad_norm)
+        else:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.g.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
