@@ -260,10 +260,10 @@ def plot(results: dict, path: Path) -> None:
         vals = [results[f"{stage}_stock"]["tokens_per_s"], results[f"{stage}_soda"]["tokens_per_s"]]
         ax.bar(["TRL stock", "soda"], vals, color=["#999999", "#1f77b4"])
         ax.set_title(title)
-    labels = ["one at a time", f"batched ({results['generate_batched']['batch_size']})"]
+    labels = ["one at\na time", f"batched\n({results['generate_batched']['batch_size']})"]
     vals = [results["generate_one_at_a_time"]["tokens_per_s"], results["generate_batched"]["tokens_per_s"]]
     if "generate_vllm" in results:
-        labels.append("vLLM (CPU)")
+        labels.append("vLLM\n(CPU)")
         vals.append(results["generate_vllm"]["tokens_per_s"])
     axes[2].bar(labels, vals, color=["#999999", "#1f77b4", "#2ca02c"][: len(vals)])
     axes[2].set_title("snapshot generation tokens/s")
