@@ -1,8 +1,10 @@
 import io
 import random
 
+import pytest
 import torch
 
+from soda_distill.errors import SodaError
 from soda_distill.training import LengthBuckets, MasterWeightsAdamW
 
 
@@ -68,3 +70,11 @@ def test_master_weights_keep_updates_too_small_for_bf16():
     for i in range(100, 105):
         step(optimizer, weight, i), step(restored, restored_weight, i), step(plain, reference, i)
     assert torch.equal(restored.masters[0], reference.detach()) and torch.equal(restored_weight, weight)
+
+
+def test_master_weights_refuse_a_checkpoint_written_without_them():
+    weight = torch.nn.Parameter(torch.ones(4))
+    plain_state = torch.optim.AdamW([weight]).state_dict()
+    bf16_weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    with pytest.raises(SodaError, match="student.bf16"):
+        MasterWeightsAdamW([bf16_weight]).load_state_dict(plain_state)

@@ -16,6 +16,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import TrainingConfig
+from .errors import SodaError
 from .lm_head import add_cpu_lm_head
 from .records import atomic_write_text
 
@@ -130,6 +131,10 @@ class MasterWeightsAdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
+        if "master_weights" not in state_dict:
+            raise SodaError("this checkpoint's optimizer state has no fp32 master weights: it was written with bf16 "
+                            "off (student.bf16); resume with the setting it was written with, or delete the stage's "
+                            "checkpoints to start it again")
         masters = state_dict.pop("master_weights")
         super().load_state_dict(state_dict)
         with torch.no_grad():
