@@ -189,24 +189,32 @@ def stock_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, ou
     return DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
 
 
+def snapshot_workload(quick: bool, prompts: int):
+    """`prompts` chat prompts and the snapshot stage's default settings: (prompts, sampling, snapshot config)."""
+    from soda_distill.config import load_config
+    from soda_distill.generation import Sampling
+
+    snapshot = load_config(None, []).snapshot
+    sampling = Sampling(max_new_tokens=64 if quick else 128, temperature=snapshot.temperature, top_p=snapshot.top_p,
+                        seed=snapshot.seed)
+    return [r["prompt"] for r in synthetic_pairs(prompts)], sampling, snapshot
+
+
 def generation(batched: bool, quick: bool) -> dict:
     """Snapshot generation as soda runs it (the snapshot stage's batch size, over enough prompts that batches group
     similar lengths, as they do on a real prompt set), or one prompt at a time on fewer prompts (it is slow)."""
     import torch
 
-    from soda_distill.config import load_config
-    from soda_distill.generation import Sampling, generate_transformers
+    from soda_distill.generation import generate_transformers
     from soda_distill.models import bf16_supported, load_model, load_tokenizer, resolve_model
 
-    snapshot = load_config(None, []).snapshot
-    batch_size = snapshot.batch_size if batched else 1
     n = (48 if quick else 96) if batched else (8 if quick else 16)
-    prompts = [r["prompt"] for r in synthetic_pairs(n)]
+    prompts, sampling, snapshot = snapshot_workload(quick, n)
+    batch_size = snapshot.batch_size if batched else 1
     path = resolve_model("embedded")
     tokenizer = load_tokenizer(path)
     model = load_model(path, torch.bfloat16 if bf16_supported() else torch.float32)
     produced = []
-    sampling = Sampling(max_new_tokens=64 if quick else 128, temperature=snapshot.temperature, top_p=snapshot.top_p)
     start = time.perf_counter()
     generate_transformers(model, tokenizer, prompts, sampling, batch_size,
                           on_batch=lambda res: produced.extend(g.num_tokens for _, g in res))
@@ -217,17 +225,14 @@ def generation(batched: bool, quick: bool) -> dict:
 def generation_vllm(quick: bool) -> dict:
     """The snapshot's vLLM backend on the batched measurement's prompts: generation alone, and with the engine's start
     (loading, compiling, allocating the KV cache), which a snapshot pays once."""
-    from soda_distill.config import load_config
-    from soda_distill.generation import Sampling, generate_vllm, vllm_engine
+    from soda_distill.generation import generate_vllm, vllm_engine
     from soda_distill.models import bf16_supported, resolve_model
 
-    snapshot = load_config(None, []).snapshot
     n = 48 if quick else 96
-    prompts = [r["prompt"] for r in synthetic_pairs(n)]
+    prompts, sampling, snapshot = snapshot_workload(quick, n)
     start = time.perf_counter()
     llm = vllm_engine(resolve_model("embedded"), bf16_supported(), snapshot.seed)
     started = time.perf_counter()
-    sampling = Sampling(max_new_tokens=64 if quick else 128, temperature=snapshot.temperature, top_p=snapshot.top_p)
     tokens = sum(g.num_tokens for g in generate_vllm(llm, prompts, sampling))
     end = time.perf_counter()
     return {"tokens_per_s": round(tokens / (end - started), 1), "engine_start_s": round(started - start, 1),
