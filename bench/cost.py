@@ -54,7 +54,7 @@ def summarize(manifest: dict, stages: tuple[str, ...]) -> dict:
 
 def plot(record: dict, out: Path, path: Path) -> None:
     from soda_distill.plots import label_axes, panels, run_color, save_png
-    from soda_distill.training import read_metrics
+    from soda_distill.records import read_metrics
 
     fig, (time_ax, mem_ax, dpo_ax, gad_ax) = panels(4)
     methods = ("SODA", "GAD")

@@ -29,8 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
     """Chat prompts with chosen/rejected answers of 100–400 tokens (≈ 0.75 words a token)."""
-    from soda_distill.pipeline import resolve_data_path
-    from soda_distill.records import read_examples
+    from soda_distill.records import read_examples, resolve_data_path
 
     rng = random.Random(seed)
     examples = read_examples(Path(resolve_data_path("builtin:dolly_train")), want_response=True)
@@ -85,8 +84,8 @@ def soda_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, out
     from datasets import Dataset
 
     from soda_distill.config import load_config
-    from soda_distill.distill import build_dpo_trainer, dpo_dataset
-    from soda_distill.warmup import build_sft_trainer
+    from soda_distill.stages.distill import build_dpo_trainer, dpo_dataset
+    from soda_distill.stages.warmup import build_sft_trainer
 
     section = "warmup" if stage == "sft" else "distill"
     cfg = load_config(None, [f"{section}.{k}" for k in

@@ -7,8 +7,8 @@ import scipy.stats
 import torch
 from conftest import QUESTIONS
 
-from soda_distill.analyze import activation_entropy, analyze, kurtosis, last_token_states, linear_cka
 from soda_distill.errors import SodaError
+from soda_distill.evaluation.analyze import activation_entropy, analyze, kurtosis, last_token_states, linear_cka
 from soda_distill.models import load_model, load_tokenizer
 
 PROMPTS = [[{"role": "user", "content": q}] for q in QUESTIONS] + [

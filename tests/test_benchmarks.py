@@ -1,12 +1,11 @@
 import json
 
 import pytest
+from conftest import write_jsonl
 
-from soda_distill.benchmarks import alpaca_prompt, load_benchmarks, student_prompt
 from soda_distill.config import load_config
 from soda_distill.errors import InputError, SodaError
-
-from conftest import write_jsonl
+from soda_distill.evaluation.benchmarks import alpaca_prompt, load_benchmarks, student_prompt
 
 
 def test_shipped_benchmarks_load_with_references():

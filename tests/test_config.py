@@ -4,12 +4,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_jsonl
 
 from soda_distill.cli import main
 from soda_distill.config import Config, fingerprint, load_config, parse_overrides
 from soda_distill.errors import SodaError
-
-from conftest import write_jsonl
 
 
 def test_yaml_and_overrides(tmp_path):

@@ -1,12 +1,14 @@
 from transformers import AutoModelForCausalLM
 
 from soda_distill.config import load_config
-from soda_distill.distill import run_distill
 from soda_distill.manifest import RunDir
-from soda_distill.pairs import run_pairs
-from soda_distill.snapshot import run_snapshot
-from soda_distill.teacher import run_teacher
-from soda_distill.training import read_metrics
+from soda_distill.records import read_metrics
+from soda_distill.models import load_model, load_tokenizer
+from soda_distill.stages.distill import build_dpo_trainer, dpo_dataset, run_distill
+from soda_distill.stages.pairs import run_pairs
+from soda_distill.stages.snapshot import run_snapshot
+from soda_distill.stages.teacher import run_teacher
+from soda_distill.training import EpochSeededSampler, LengthBuckets
 
 
 def test_dpo_raises_reward_margin_and_accuracy(tmp_path, qa_file, tiny_model_dir):
@@ -31,3 +33,22 @@ def test_dpo_raises_reward_margin_and_accuracy(tmp_path, qa_file, tiny_model_dir
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
     info = run.manifest()["stages"]["distill"]
     assert info["reward_margin"]["last"] > info["reward_margin"]["first"]
+
+
+def test_dpo_batches_group_pairs_by_length(tmp_path, qa_file, tiny_model_dir):
+    """The pairs' `length` column reaches the length-grouped sampler (TRL drops unknown columns by default), and
+    TRL's collator takes batches that still carry it."""
+    cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+                             "snapshot.temperature=1.0", "distill.batch_size=2", "distill.max_length=128"])
+    run = RunDir(tmp_path / "run")
+    for stage in (run_teacher, run_snapshot, run_pairs):
+        stage(cfg, run)
+    trainer = build_dpo_trainer(load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)),
+                                dpo_dataset(run.file("pairs.jsonl")), cfg, tmp_path / "out", tmp_path / "metrics.jsonl")
+    lengths = trainer.train_dataset["length"]
+    loader = trainer.get_train_dataloader()
+    sampler = loader.batch_sampler.sampler
+    assert isinstance(sampler, EpochSeededSampler) and isinstance(sampler.sampler, LengthBuckets)
+    assert list(sampler.sampler.lengths) == lengths and len(set(lengths)) > 1
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape[0] == 2 * 2  # chosen and rejected of two pairs

@@ -9,6 +9,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from soda_distill.manifest import RunDir
+from soda_distill.registry import METHODS, STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +31,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert all(s["status"] == "done" and s["wall_s"] >= 0 and s["peak_rss_mb"] > 0 for s in manifest["stages"].values())
     assert manifest["soda_distill"]["versions"]["trl"] and manifest["inputs"]
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["limit"] == 6
+    for stage in METHODS["soda"].chain:  # the registry lists what each stage leaves, and the run left it
+        assert all((out / output).exists() for output in STAGES[stage].outputs), stage
+        assert RunDir(out).finished(stage), stage
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert pairs and set(pairs[0]) == {"id", "prompt", "chosen", "rejected"}
 

@@ -3,13 +3,13 @@ import os
 import shutil
 
 import pytest
+from conftest import write_jsonl
 
 from soda_distill.cli import main
 from soda_distill.config import load_config, save_config
 from soda_distill.errors import InputError
-from soda_distill.evaluate import normalize_answer, offline_metrics, prepare_evaluation, rouge_l, run_evaluate
-
-from conftest import write_jsonl
+from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
+from soda_distill.evaluation.metrics import normalize_answer, offline_metrics, rouge_l
 
 
 def test_rouge_l_on_known_strings():

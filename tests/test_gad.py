@@ -2,17 +2,19 @@ import shutil
 
 import pytest
 import torch
+from conftest import QA, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback, set_seed
 
-from soda_distill import gad
 from soda_distill.config import load_config
 from soda_distill.errors import SodaError
 from soda_distill.manifest import RunDir
 from soda_distill.models import load_tokenizer
-from soda_distill.pipeline import run_stage
-from soda_distill.training import read_metrics
+from soda_distill.pipeline import run_methods, run_stage
+from soda_distill.records import read_metrics
+from soda_distill.registry import METHODS, STAGES
+from soda_distill.stages import gad
 
-from conftest import QA, write_jsonl
+run_gad = lambda cfg, run: run_methods(cfg, run, ["gad"])["gad"]
 
 # 12 prompts, 2 a step (4 rollouts, 2 per prompt): 6 steps an epoch
 STEP = 1 / 6 - 0.01
@@ -23,15 +25,19 @@ def qa(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("gad-data") / "qa.jsonl", QA)
 
 
-def gad_config(qa, tiny_model_dir, *extra):
-    return load_config(None, [
+def gad_overrides(qa, tiny_model_dir, *extra) -> list[str]:
+    return [
         f"teacher.file={qa}", f"student.model={tiny_model_dir}", "student.bf16=false", "snapshot.max_new_tokens=12",
         "snapshot.temperature=1.0", "warmup.max_length=128", "warmup.batch_size=12",
         "gad.num_generations=2", "gad.batch_size=4", "gad.gradient_accumulation_steps=1", "gad.max_new_tokens=8",
         "gad.max_length=128", "gad.gradient_checkpointing=false", "gad.discriminator_batch_size=2",
         "gad.learning_rate=1e-4", "gad.discriminator_learning_rate=1e-4", "gad.discriminator_only_steps=0",
         f"gad.discriminator_warmup_epochs={STEP}", f"gad.epochs={STEP}", *extra,
-    ])
+    ]
+
+
+def gad_config(qa, tiny_model_dir, *extra):
+    return load_config(None, gad_overrides(qa, tiny_model_dir, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +116,7 @@ def test_one_adversarial_step_trains_both_networks(run, qa, tiny_model_dir, bf16
     cfg = gad_config(qa, tiny_model_dir, f"student.bf16={bf16}")
     if bf16 == "true":  # the prepared run's snapshot was generated in fp32: this one starts from nothing
         run = RunDir(tmp_path / "bf16")
-    generator = gad.run_gad(cfg, run)
+    generator = run_gad(cfg, run)
     start, d_start = run.file("warmup"), run.file("gad") / "discriminator_warmup"
     assert changed(params(AutoModelForCausalLM.from_pretrained(start)), params(AutoModelForCausalLM.from_pretrained(generator)))
     d_after = AutoModelForSequenceClassification.from_pretrained(run.file("gad") / "discriminator")
@@ -127,7 +133,7 @@ def test_one_adversarial_step_trains_both_networks(run, qa, tiny_model_dir, bf16
 
 def test_discriminator_trains_alone_for_the_first_steps(run, qa, tiny_model_dir):
     cfg = gad_config(qa, tiny_model_dir, "gad.discriminator_only_steps=1")
-    generator = gad.run_gad(cfg, run)
+    generator = run_gad(cfg, run)
     assert not changed(params(AutoModelForCausalLM.from_pretrained(run.file("warmup"))),
                        params(AutoModelForCausalLM.from_pretrained(generator)))
     assert changed(params(AutoModelForSequenceClassification.from_pretrained(run.file("gad") / "discriminator_warmup")),
@@ -153,17 +159,38 @@ def test_gad_resumes_both_networks_from_the_last_checkpoint(run, qa, tiny_model_
 
     monkeypatch.setattr(gad, "build_gad_trainer", crashing)
     with pytest.raises(KeyboardInterrupt):
-        gad.run_gad(cfg, run)
+        run_gad(cfg, run)
     assert "gad" not in run.manifest()["stages"] and "gad_warmup" in run.manifest()["stages"]
     assert (run.file("gad") / "checkpoints" / "checkpoint-1" / gad.DISCRIMINATOR_STATE).exists()
     monkeypatch.setattr(gad, "build_gad_trainer", build)
-    gad.run_gad(cfg, run)
+    run_gad(cfg, run)
     info = run.manifest()["stages"]["gad"]
     assert info["resumed_from_step"] == 1 and info["steps"] == 3
     assert info["discriminator_updates"] == 3  # 1 restored from the checkpoint + 2 after it
     steps = [m["step"] for m in read_metrics(run.file("gad") / "metrics.jsonl") if "reward" in m]
     assert steps == [1, 2, 3]  # step 2 of the crashed attempt was replaced, not duplicated
     assert not (run.file("gad") / "checkpoints").exists()
+
+
+def test_run_method_gad_reuses_the_shared_stages(run, qa, tiny_model_dir, capsys):
+    """`run --method gad` after SODA's stages trains only GAD's; every row of the run then shows in evaluate and
+    analyze, GAD's included, and each stage left what the registry lists."""
+    from soda_distill.cli import main
+    from soda_distill.evaluation.analyze import run_models
+    from soda_distill.evaluation.evaluate import table_rows
+
+    before = run.manifest()["stages"]
+    assert main(["run", "--method", "gad", "--out", str(run.path), *gad_overrides(qa, tiny_model_dir)]) == 0
+    assert f"GAD model: {run.file('gad') / 'generator'}" in capsys.readouterr().out
+    after = run.manifest()["stages"]
+    assert list(after) == [*before, "gad_warmup", "gad"]
+    assert all(after[stage] == before[stage] for stage in before)  # teacher, snapshot, pairs, warmup: not redone
+    for stage in METHODS["gad"].chain:
+        assert all((run.path / output).exists() for output in STAGES[stage].outputs), stage
+    cfg = load_config(None, [f"evaluate.runs=[{run.path}]"])
+    assert [(r.method, r.model) for r in table_rows(cfg)][1:] == [
+        ("SeqKD (warmup)", str(run.file("warmup"))), ("GAD", str(run.file("gad") / "generator"))]
+    assert list(run_models([run.path])) == ["Base", "SeqKD", "GAD"]
 
 
 @pytest.mark.parametrize("override, message", [

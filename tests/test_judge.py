@@ -10,14 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import QUESTIONS, send_json, write_jsonl
 
 from soda_distill.cli import main
 from soda_distill.config import load_config
 from soda_distill.errors import SodaError
-from soda_distill.evaluate import prepare_evaluation, run_evaluate
-from soda_distill.judge import load_template, parse_scores, render
-
-from conftest import QUESTIONS, send_json, write_jsonl
+from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
+from soda_distill.evaluation.judge import load_template, parse_scores, render
 
 
 @pytest.mark.parametrize("reply, scores", [

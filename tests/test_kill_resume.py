@@ -25,14 +25,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import QA, write_jsonl
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 from soda_distill.cli import main
 from soda_distill.training import last_checkpoint
-
-from conftest import QA, write_jsonl
 
 POLL_S = 0.01
 PROMPTS, SNAPSHOT_BATCH, EVAL_BATCH = len(QA), 2, 2
@@ -63,7 +62,8 @@ def cli(argv: list[str], log: Path) -> None:
 @pytest.fixture(scope="module")
 def fork():
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["soda_distill.cli", __name__])
+    ctx.set_forkserver_preload(["soda_distill.cli", "soda_distill.pipeline", "soda_distill.stages.gad", "soda_distill.stages.distill",
+                                "soda_distill.stages.warmup", "soda_distill.stages.snapshot", "soda_distill.evaluation.evaluate", __name__])
     return ctx
 
 

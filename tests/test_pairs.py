@@ -2,7 +2,7 @@ import json
 
 from soda_distill.config import load_config
 from soda_distill.manifest import RunDir
-from soda_distill.pairs import run_pairs
+from soda_distill.stages.pairs import run_pairs
 
 
 def conv(i, prompt, answer):

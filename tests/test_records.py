@@ -4,16 +4,16 @@ import tracemalloc
 
 import pytest
 
-from soda_distill.analyze import analyze_runs
-from soda_distill.benchmarks import load_benchmarks
 from soda_distill.cli import main
 from soda_distill.config import load_config
-from soda_distill.distill import dpo_dataset
 from soda_distill.errors import InputError
-from soda_distill.evaluate import prepare_evaluation, run_evaluate
+from soda_distill.evaluation.analyze import analyze_runs
+from soda_distill.evaluation.benchmarks import load_benchmarks
+from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
 from soda_distill.manifest import RunDir
 from soda_distill.records import MAX_LINE_BYTES, AppendLog, read_examples, read_pairs
-from soda_distill.teacher import run_teacher
+from soda_distill.stages.distill import dpo_dataset
+from soda_distill.stages.teacher import run_teacher
 
 
 def write(tmp_path, *lines: str):

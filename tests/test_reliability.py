@@ -3,16 +3,16 @@ and nothing answered is asked again."""
 
 import json
 
-from soda_distill.benchmarks import Item
-from soda_distill.config import load_config
-from soda_distill.errors import SodaError
-from soda_distill.judge import judge_body, run_judge
-from soda_distill.manifest import RunDir
-from soda_distill.records import read_examples
-from soda_distill.teacher import run_teacher
-
 from conftest import write_jsonl
 from faults import FAULTS, FaultProxy
+
+from soda_distill.config import load_config
+from soda_distill.errors import SodaError
+from soda_distill.evaluation.benchmarks import Item
+from soda_distill.evaluation.judge import judge_body, run_judge
+from soda_distill.manifest import RunDir
+from soda_distill.records import read_examples
+from soda_distill.stages.teacher import run_teacher
 
 N_PROMPTS = 150
 

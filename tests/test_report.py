@@ -13,7 +13,8 @@ from matplotlib.image import imread
 
 from soda_distill.cli import main
 from soda_distill.config import load_config, save_config
-from soda_distill.report import markdown_to_html, write_report
+from soda_distill.markdown_html import markdown_to_html
+from soda_distill.report import write_report
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (Debian: apt-get install chromium); "

@@ -1,13 +1,13 @@
 import json
 
+from conftest import write_jsonl
+
 from soda_distill.config import load_config
 from soda_distill.manifest import RunDir
-from soda_distill.pairs import run_pairs
 from soda_distill.records import read_examples
-from soda_distill.snapshot import run_snapshot
-from soda_distill.teacher import run_teacher
-
-from conftest import write_jsonl
+from soda_distill.stages.pairs import run_pairs
+from soda_distill.stages.snapshot import run_snapshot
+from soda_distill.stages.teacher import run_teacher
 
 
 def snapshot_config(qa_file, tiny_model_dir, *extra):

@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -7,14 +6,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import QUESTIONS
 
 from soda_distill.config import load_config
 from soda_distill.errors import InputError, SodaError
 from soda_distill.manifest import RunDir
 from soda_distill.records import read_examples
-from soda_distill.teacher import run_teacher
-
-from conftest import QUESTIONS, write_jsonl
+from soda_distill.stages.teacher import run_teacher
 
 
 def api_overrides(url, model, prompts, key_env="SODA_TEST_KEY"):

@@ -1,15 +1,14 @@
 import pytest
 import torch
+from conftest import ANSWERS, QUESTIONS
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from soda_distill import warmup
 from soda_distill.config import load_config
 from soda_distill.manifest import RunDir
 from soda_distill.models import load_model, load_tokenizer
-from soda_distill.teacher import run_teacher
-from soda_distill.training import read_metrics
-
-from conftest import ANSWERS, QUESTIONS
+from soda_distill.records import read_metrics
+from soda_distill.stages import warmup
+from soda_distill.stages.teacher import run_teacher
 
 
 def warmup_config(qa_file, tiny_model_dir, *extra):

@@ -1,22 +1,25 @@
-"""soda-distill: SODA (Semi On-policy Distillation with Alignment) for black-box LLM distillation."""
+"""soda-distill: SODA (Semi On-policy Distillation with Alignment) for black-box LLM distillation.
 
-from .analyze import analyze, analyze_runs
-from .config import Config, load_config
-from .distill import run_distill
-from .errors import InputError, SodaError
-from .evaluate import run_evaluate
-from .gad import run_gad
-from .manifest import RunDir
-from .pairs import run_pairs
-from .pipeline import prepare, run_all
-from .report import write_report
-from .snapshot import run_snapshot
-from .teacher import run_teacher
-from .warmup import run_warmup
+The names below load on first use, so that `import soda_distill.report` (or evaluate) pulls in no trainer.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "Config", "InputError", "RunDir", "SodaError", "load_config", "prepare", "run_all",
-    "run_teacher", "run_snapshot", "run_pairs", "run_warmup", "run_distill",
-    "run_gad", "run_evaluate", "analyze", "analyze_runs", "write_report",
-]
+_EXPORTS = {
+    "Config": "config", "load_config": "config", "InputError": "errors", "SodaError": "errors", "RunDir": "manifest",
+    "METHODS": "registry", "STAGES": "registry", "prepare": "pipeline", "run_all": "pipeline",
+    "run_methods": "pipeline", "run_stage": "pipeline",
+    "run_teacher": "stages.teacher", "run_snapshot": "stages.snapshot", "run_pairs": "stages.pairs",
+    "run_warmup": "stages.warmup", "run_distill": "stages.distill",
+    "run_discriminator_warmup": "stages.gad", "run_adversarial": "stages.gad",
+    "run_evaluate": "evaluation.evaluate", "analyze": "evaluation.analyze", "analyze_runs": "evaluation.analyze",
+    "write_report": "report",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'soda_distill' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

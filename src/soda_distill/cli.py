@@ -1,14 +1,16 @@
 """`soda-distill` — the pipeline's stages as subcommands.
 
-    soda-distill run CONFIG [--out DIR] [section.key=value ...]
-    soda-distill STAGE [CONFIG] --out DIR [section.key=value ...]   (STAGE: teacher snapshot pairs warmup distill)
-    soda-distill gad [CONFIG] --out DIR [section.key=value ...]     (the GAD baseline, in the same run directory)
+    soda-distill run CONFIG [--method M[,M...]] [--out DIR] [section.key=value ...]   (M: seqkd soda gad; default soda)
+    soda-distill STAGE [CONFIG] --out DIR [section.key=value ...]   (STAGE: teacher snapshot pairs warmup distill
+                                                                     gad_warmup gad; runs unfinished stages it needs)
     soda-distill evaluate [CONFIG] [RUNDIR ...] [--out EVALDIR] [section.key=value ...]
     soda-distill analyze RUNDIR [RUNDIR ...] [--out DIR] [section.key=value ...]
     soda-distill report RUNDIR [RUNDIR ...] [--out DIR]
 
 Without CONFIG, a stage starts from DIR/config.yaml (the resolved config an earlier command wrote there), or
-from the defaults when there is none; key=value overrides apply on top.
+from the defaults when there is none; key=value overrides apply on top. `soda-distill gad` is GAD's final stage,
+so it runs the GAD method's chain, reusing whatever of it the run directory has finished.
+Commands import what they use when they run: `report` needs no torch, `evaluate` no trainer.
 """
 
 from __future__ import annotations
@@ -19,13 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-from .analyze import analyze_runs
 from .config import load_config
 from .errors import SodaError
-from .evaluate import prepare_evaluation, render_markdown, run_evaluate
-from .gad import run_gad
-from .pipeline import STAGES, prepare, run_all, run_stage
-from .report import write_report
+from .registry import DEFAULT_METHODS, METHODS, STAGES, methods_named
 
 
 def _split(rest: list[str]) -> tuple[str | None, list[str]]:
@@ -45,6 +43,8 @@ def _summary(run) -> str:
 
 def _evaluate(rest: list[str], out: str | None) -> None:
     """Arguments are told apart by what they are: a file is the config, a directory a run, the rest key=value."""
+    from .evaluation.evaluate import prepare_evaluation, render_markdown, run_evaluate
+
     config_path = next((r for r in rest if Path(r).is_file()), None)
     runs = [r for r in rest if Path(r).is_dir()]
     overrides = [r for r in rest if r != config_path and r not in runs]
@@ -78,6 +78,8 @@ def _directories(rest: list[str], out: str | None, default: str) -> tuple[list[s
 
 def _analyze(rest: list[str], out: str | None) -> None:
     """Settings start from the first run's config.yaml; key=value overrides (analyze.*, student.bf16) apply on top."""
+    from .evaluation.analyze import analyze_runs
+
     runs, overrides, out = _directories(rest, out, "analysis")
     config = Path(runs[0]) / "config.yaml"
     result = analyze_runs(load_config(config if config.is_file() else None, overrides), runs, out)
@@ -88,6 +90,8 @@ def _analyze(rest: list[str], out: str | None) -> None:
 
 
 def _report(rest: list[str], out: str | None) -> None:
+    from .report import write_report
+
     dirs, overrides, out = _directories(rest, out, "report")
     if overrides:
         raise SodaError(f"report takes no settings, got {overrides[0]}")
@@ -97,9 +101,12 @@ def _report(rest: list[str], out: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="soda-distill", description="Semi On-policy Distillation with Alignment")
-    parser.add_argument("command", choices=["run", *STAGES, "gad", "evaluate", "analyze", "report"],
-                        help="the whole pipeline, one stage, evaluation, representation analysis, or a report")
+    parser.add_argument("command", choices=["run", *STAGES, "evaluate", "analyze", "report"],
+                        help="train methods, run one stage, evaluate, analyze representations, or write a report")
     parser.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")
+    parser.add_argument("--method", action="append", metavar="M[,M...]",
+                        help=f"for run: the methods to train ({', '.join(m for m in METHODS if METHODS[m].stage)}; "
+                             f"default {','.join(DEFAULT_METHODS)}); stages they share run once")
     parser.add_argument("--out", help="run directory (default: config's `out`, else runs/<config name>); "
                                       "for evaluate, the results directory (default: RUNDIR/eval for one run); "
                                       "for analyze and report, where they write (default: RUNDIR/analysis, "
@@ -113,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("analyze", "report"):
             (_analyze if args.command == "analyze" else _report)(args.rest, args.out)
             return 0
+        methods = methods_named([m for arg in args.method or DEFAULT_METHODS for m in arg.split(",") if m])
+        if args.method and args.command != "run":
+            raise SodaError("--method is for `soda-distill run`")
         config_path, overrides = _split(args.rest)
         if config_path is None:
             if not args.out:
@@ -121,14 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             config_path = str(saved) if saved.exists() else None
         cfg = load_config(config_path, overrides)
         out = args.out or cfg.out or str(Path("runs") / Path(config_path).stem)
+        from .pipeline import prepare, run_methods, run_stage
+
         run = prepare(cfg, out)
         if args.command == "run":
-            final = run_all(cfg, run)
+            models = run_methods(cfg, run, [m.name for m in methods])
             print(_summary(run))
-            print(f"distilled model: {final}")
+            for name, model in models.items():
+                print(f"{'distilled' if name == 'soda' else METHODS[name].label} model: {model}")
             print(f"run summary:     {run.manifest_path}")
-        elif args.command == "gad":
-            print(f"gad: {run_gad(cfg, run)}")
         else:
             print(f"{args.command}: {run_stage(args.command, cfg, run)}")
     except SodaError as e:

@@ -53,13 +53,13 @@ class CategoricalSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
 
 
-def _chat_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
+def chat_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
     return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
 
 
 def prompt_tokens(tokenizer, prompts: list[list[dict]]) -> list[int]:
     """How many tokens each chat prompt is, as generation sees it (chat template and generation prompt included)."""
-    return [len(ids) for ids in tokenizer(_chat_texts(tokenizer, prompts), add_special_tokens=False)["input_ids"]]
+    return [len(ids) for ids in tokenizer(chat_texts(tokenizer, prompts), add_special_tokens=False)["input_ids"]]
 
 
 def generate_transformers(
@@ -73,7 +73,7 @@ def generate_transformers(
     desc: str = "generate",
 ) -> None:
     """Generate for every prompt i with `done(i)` false; hand each finished batch to `on_batch` as (i, result)."""
-    texts = _chat_texts(tokenizer, prompts)
+    texts = chat_texts(tokenizer, prompts)
     lengths = prompt_tokens(tokenizer, prompts)
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]

@@ -16,10 +16,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import torch
-
 from .errors import SodaError
 from .records import atomic_write_text, sha256_file
+from .registry import STAGES, finished, trained_models
 
 PACKAGES = ("soda-distill", "torch", "transformers", "trl", "accelerate", "datasets", "openai", "vllm")
 
@@ -35,6 +34,8 @@ def _versions() -> dict:
 
 
 def _device() -> str:
+    import torch  # here, not at the top: reading a run directory (report) needs no torch
+
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -50,6 +51,8 @@ class PeakMemory:
     peak allocated bytes on each GPU."""
 
     def __enter__(self):
+        import torch
+
         try:  # writing 5 to clear_refs resets VmHWM (the RSS high-water mark) to the current RSS
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
@@ -60,6 +63,8 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        import torch
+
         self.result = {}
         try:
             for line in Path("/proc/self/status").read_text().splitlines():
@@ -85,6 +90,11 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def output(self, stage: str) -> Path:
+        """What the stage yields here (registry.STAGES): its model folder, else its first output."""
+        s = STAGES[stage]
+        return self.path / (s.model or s.outputs[0].rstrip("/"))
+
     def manifest(self) -> dict:
         if not self.manifest_path.exists():
             return {"stages": {}, "inputs": {}}
@@ -102,6 +112,14 @@ class RunDir:
         digest = sha256_file(path)
         self._update(lambda m: m["inputs"].__setitem__(str(path), digest))
         return digest
+
+    def finished(self, stage: str) -> bool:
+        """Whether the stage finished here (with whatever settings), its model in place if it yields one."""
+        return finished(self.path, self.manifest()["stages"], stage)
+
+    def trained_models(self) -> list:
+        """(method, model folder) of each trained method whose stage finished here, in registry order."""
+        return trained_models(self.path, self.manifest()["stages"])
 
     def done(self, stage: str, fingerprint: str) -> bool:
         """True when the stage finished with these settings; an error when it finished with others."""

@@ -1,42 +1,19 @@
-"""The whole SODA pipeline: teacher → snapshot → pairs → warmup → distill, in one run directory."""
+"""Running methods in one run directory: each method's chain of stages from the registry, every stage once.
+
+SODA is teacher → snapshot → pairs → warmup → distill; GAD shares the teacher, pairs and warmup stages and adds
+its own two. A finished stage is skipped, so running a second method reuses what the first one trained, and running
+a method again resumes it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from importlib import resources
 from pathlib import Path
 
 from .config import Config, save_config
-from .distill import run_distill
-from .errors import SodaError
 from .manifest import RunDir
-from .pairs import run_pairs
-from .snapshot import run_snapshot
-from .teacher import run_teacher
-from .warmup import run_warmup
-
-STAGES = {
-    "teacher": run_teacher,
-    "snapshot": run_snapshot,
-    "pairs": run_pairs,
-    "warmup": run_warmup,
-    "distill": run_distill,
-}
-BUILTIN = "builtin:"
-
-
-def resolve_data_path(value: str | None) -> str | None:
-    """`builtin:NAME` → a data file shipped with the package; other paths → absolute."""
-    if value is None:
-        return None
-    if value.startswith(BUILTIN):
-        name = value[len(BUILTIN):]
-        path = resources.files("soda_distill") / "data" / f"{name}.jsonl"
-        if not path.is_file():
-            shipped = sorted(p.name.removesuffix(".jsonl") for p in (resources.files("soda_distill") / "data").iterdir() if p.name.endswith(".jsonl"))
-            raise SodaError(f"unknown built-in data set {name!r} (shipped: {', '.join(shipped)})")
-        return str(path)
-    return str(Path(value).expanduser().resolve())
+from .records import resolve_data_path
+from .registry import DEFAULT_METHODS, STAGES, chain, methods_named
 
 
 def prepare(cfg: Config, out: str | Path) -> RunDir:
@@ -50,12 +27,20 @@ def prepare(cfg: Config, out: str | Path) -> RunDir:
 
 
 def run_stage(name: str, cfg: Config, run: RunDir) -> Path:
-    return STAGES[name](cfg, run)
+    """One stage, after any stage it needs that has not finished."""
+    for needed in chain([name]):
+        out = STAGES[needed].run(cfg, run)
+    return out
+
+
+def run_methods(cfg: Config, run: RunDir, methods: list[str] | tuple[str, ...] = DEFAULT_METHODS) -> dict[str, Path]:
+    """Every stage these methods need, in order, each once; returns each trained method's model."""
+    chosen = methods_named(list(methods))
+    for name in chain([m.stage for m in chosen if m.stage]):
+        STAGES[name].run(cfg, run)
+    return {m.name: run.output(m.stage) for m in chosen if m.stage}
 
 
 def run_all(cfg: Config, run: RunDir) -> Path:
-    """Every stage in order; finished stages are skipped, so this also resumes an interrupted run."""
-    out = None
-    for name in STAGES:
-        out = run_stage(name, cfg, run)
-    return out
+    """SODA from the start; finished stages are skipped, so this also resumes an interrupted run."""
+    return run_methods(cfg, run, ["soda"])["soda"]

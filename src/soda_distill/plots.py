@@ -1,8 +1,8 @@
 """Every chart soda-distill draws, in one look: figures outside pyplot (no global state, no display; Agg draws the
 PNG), constrained layout, light grids, one colour per run, 150 dpi, files written atomically.
 
-Here: the training curves of each stage's `metrics.jsonl`, the manifest's cost per stage and the preference pairs'
-lengths. analyze.py draws its representation plots with the same helpers; report.py gathers them all.
+Here: the training curves of each stage's `metrics.jsonl`, the manifest's cost per stage, the preference pairs'
+lengths, evaluate's results chart and analyze's representation charts; report.py gathers them all.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from .evaluation.table import cell
 from .records import atomic_write_bytes
+from .registry import STAGES
 
 DPI = 150
 
@@ -71,31 +73,34 @@ class Panel:
 
 @dataclass(frozen=True)
 class Curves:
-    """One training stage's chart: its panels, read from `metrics` (relative to the run directory)."""
+    """One training stage's chart: its panels, read from the stage's `metrics.jsonl` (registry.STAGES)."""
 
-    name: str
+    stage: str
     title: str
-    metrics: str
     panels: tuple[Panel, ...]
+
+    @property
+    def metrics(self) -> str:
+        return STAGES[self.stage].metrics
 
 
 FRACTION = (-0.05, 1.05)
 TRAINING_CURVES = (
-    Curves("warmup", "SFT warmup (SeqKD)", "warmup/metrics.jsonl", (
+    Curves("warmup", "SFT warmup (SeqKD)", (
         Panel("SFT loss", "cross-entropy per assistant token", (("loss", "loss"),)),
     )),
-    Curves("distill", "DPO distillation (SODA)", "distill/metrics.jsonl", (
+    Curves("distill", "DPO distillation (SODA)", (
         Panel("DPO loss", "loss", (("loss", "loss"),)),
         Panel("Reward margin", "reward(chosen) − reward(rejected)", (("rewards/margins", "margin"),)),
         Panel("Reward accuracy", "pairs with chosen above rejected", (("rewards/accuracies", "accuracy"),), FRACTION),
         Panel("Log-probabilities", "log p(response)", (("logps/chosen", "chosen (teacher)"),
                                                        ("logps/rejected", "rejected (q0)"))),
     )),
-    Curves("gad_warmup", "GAD discriminator warmup", "gad/discriminator_warmup/metrics.jsonl", (
+    Curves("gad_warmup", "GAD discriminator warmup", (
         Panel("Discriminator loss", "Bradley–Terry loss", (("loss", "loss"),)),
         Panel("Discriminator accuracy", "teacher scored above q0", (("accuracy", "accuracy"),), FRACTION),
     )),
-    Curves("gad", "GAD adversarial phase", "gad/metrics.jsonl", (
+    Curves("gad", "GAD adversarial phase", (
         Panel("Generator reward", "discriminator score of rollouts", (("reward", "reward"),)),
         Panel("Discriminator accuracy", "teacher scored above rollout", (("discriminator/accuracy", "accuracy"),),
               FRACTION),
@@ -197,4 +202,75 @@ def plot_pair_lengths(runs: dict[str, dict[str, list[int]]], path: Path) -> None
         label_axes(ax, run, "response length (whitespace words)", "pairs", grid="y")
         ax.legend(fontsize="small")
     fig.suptitle("Preference pairs: response lengths")
+    save_png(fig, path)
+
+
+# --- Evaluation and representation analysis ------------------------------------------------------------------------
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """evaluate's grouped bars per metric (the judge score when there is one, ROUGE-L): benchmarks × rows, one colour
+    per row."""
+    names = [b["name"] for b in results["benchmarks"]]
+    metrics = [("Judge score (50 = parity)", ("judge", "score"))] if results["judge"] else []
+    metrics.append(("ROUGE-L", ("rouge_l",)))
+    rows = results["rows"]
+    fig = new_figure(max(6.0, 1.6 * len(names) * len(metrics) + 2), 4.2)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    width = 0.8 / len(rows)
+    for ax, (title, keys) in zip(axes, metrics):
+        for k, row in enumerate(rows):
+            values = [cell(row, name, *keys) for name in names]
+            xs = [i - 0.4 + width * (k + 0.5) for i in range(len(names))]
+            ax.bar(xs, [math.nan if v is None else v for v in values], width, color=run_color(k),
+                   label=f"{row['model']} {row['method']}".strip())
+        if keys[0] == "judge":
+            ax.axhline(50, color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(names)), names)
+        label_axes(ax, title, "", title.split(" (")[0], grid="y")
+    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    save_png(fig, path)
+
+
+
+def model_colors(result: dict) -> dict[str, str]:
+    """One colour per model of an analysis, the same in both of its charts; grey for the base model, the reference."""
+    others = [name for name in result["models"] if name != result["base"]]
+    return {result["base"]: "0.5", **{name: run_color(i) for i, name in enumerate(others)}}
+
+
+def plot_cka(result: dict, path: Path) -> None:
+    names, base = list(result["models"]), result["base"]
+    colors = model_colors(result)
+    fig = new_figure(7, 4.5)
+    ax = fig.add_subplot()
+    for name in names:
+        values = [math.nan if c is None else c for c in result["models"][name]["cka"]]
+        if name == base:
+            ax.plot(range(len(values)), values, color=colors[name], linestyle="--", label=f"{base} (reference)")
+        else:
+            ax.plot(range(len(values)), values, color=colors[name], marker="o", markersize=3, label=name)
+    label_axes(ax, f"Linear CKA to {base}, last-token hidden states ({result['num_prompts']} prompts)",
+               "layer (0 = embeddings)", "linear CKA")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    save_png(fig, path)
+
+
+def plot_activation_stats(result: dict, path: Path) -> None:
+    names = list(result["models"])
+    by_name = model_colors(result)
+    colors = [by_name[name] for name in names]
+    fig = new_figure(10, 4.5)
+    panels = (
+        ("final_layer_entropy", f"Activation entropy ({result['binning']['bins']} bins)", "entropy (nats)"),
+        ("final_layer_kurtosis", "Activation kurtosis", "excess kurtosis (Fisher)"),
+    )
+    for ax, (key, title, ylabel) in zip(fig.subplots(1, 2), panels):
+        values = [math.nan if (v := result["models"][name][key]) is None else v for name in names]
+        bars = ax.bar(names, values, color=colors)
+        ax.bar_label(bars, fmt="%.2f", padding=2)
+        label_axes(ax, title, "model", ylabel, grid="y")
+        ax.margins(y=0.12)
+    fig.suptitle(f"Final-layer activation statistics ({result['num_prompts']} prompts)")
     save_png(fig, path)

@@ -12,9 +12,10 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, SodaError
 
 ROLES = ("system", "user", "assistant")
 # One record's line at most: a longer one is refused after reading this much, never read whole into memory.
@@ -243,3 +244,34 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+BUILTIN = "builtin:"
+
+
+def resolve_data_path(value: str | None) -> str | None:
+    """`builtin:NAME` → a data file shipped with the package; other paths → absolute."""
+    if value is None:
+        return None
+    if value.startswith(BUILTIN):
+        name = value[len(BUILTIN):]
+        shipped = resources.files("soda_distill") / "data"
+        path = shipped / f"{name}.jsonl"
+        if not path.is_file():
+            names = sorted(p.name.removesuffix(".jsonl") for p in shipped.iterdir() if p.name.endswith(".jsonl"))
+            raise SodaError(f"unknown built-in data set {name!r} (shipped: {', '.join(names)})")
+        return str(path)
+    return str(Path(value).expanduser().resolve())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Every logged step of a `metrics.jsonl`; a torn last line (a kill mid-write) is left out, as on resume."""
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return steps

@@ -11,8 +11,6 @@ subdirectories, and can also be given as directories of their own (a comparison 
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import re
@@ -25,15 +23,15 @@ from pathlib import Path
 import yaml
 
 from .errors import SodaError
-from .pairs import length_summary
+from .markdown_html import html_document
 from .plots import TRAINING_CURVES, cost, has_curves, plot_costs, plot_pair_lengths, plot_training, recorded_costs
-from .records import atomic_write_bytes, atomic_write_text, read_jsonl
-from .training import read_metrics
+from .records import atomic_write_bytes, atomic_write_text, read_jsonl, read_metrics
+from .registry import STAGES, expected_stages, finished
+from .stats import length_summary
 
-# Stage -> what it leaves in the run directory. The pipeline's stages are expected; GAD is an optional baseline.
-PIPELINE = {"teacher": "teacher.jsonl", "snapshot": "snapshot.jsonl", "pairs": "pairs.jsonl", "warmup": "warmup/",
-            "distill": "distill/"}
-OPTIONAL = {"gad_warmup": "gad/discriminator_warmup/", "gad": "gad/generator/"}
+# The stages every run has (SODA's), then the optional ones (other methods'), each with what it leaves behind.
+EXPECTED = expected_stages()
+OPTIONAL = [name for name in STAGES if name not in EXPECTED]
 
 
 @dataclass
@@ -51,10 +49,9 @@ class Run:
         return (self.manifest or {}).get("stages", {})
 
     def status(self, stage: str) -> str:
-        if self.stages.get(stage, {}).get("status") == "done":
+        if finished(self.path, self.stages, stage):
             return "done"
-        output = {**PIPELINE, **OPTIONAL}[stage]
-        return "started" if (self.path / output).exists() else "missing"
+        return "started" if any((self.path / out).exists() for out in STAGES[stage].outputs) else "missing"
 
 
 def _read(run: Run, name: str, parse):
@@ -217,14 +214,14 @@ def _overview(page: Page, runs: list[Run], evaluations: list[Path], analyses: li
 
     rows = [["config.yaml", *("yes" if r.config else "**missing**" for r in runs)],
             ["manifest.json", *("yes" if r.manifest else "**missing**" for r in runs)]]
-    rows += [[f"{stage} (`{output}`)", *(status(r, stage, True) for r in runs)] for stage, output in PIPELINE.items()]
-    rows += [[f"{stage} (`{output}`)", *(status(r, stage, False) for r in runs)] for stage, output in OPTIONAL.items()]
+    rows += [[f"{stage} (`{STAGES[stage].outputs[0]}`)", *(status(r, stage, stage in EXPECTED) for r in runs)]
+             for stage in STAGES]
     rows += [["evaluation", *(found(evaluations, r) for r in runs)], ["analysis", *(found(analyses, r) for r in runs)]]
     page.add(_table(["", *(r.name for r in runs)], rows))
     notes = []
     for run in runs:
         missing = [name for name, ok in (("config.yaml", run.config), ("manifest.json", run.manifest)) if not ok]
-        missing += [f"{stage} (`{output}`)" for stage, output in PIPELINE.items() if run.status(stage) != "done"]
+        missing += [f"{stage} (`{STAGES[stage].outputs[0]}`)" for stage in EXPECTED if run.status(stage) != "done"]
         if missing:
             notes.append(f"- **{run.name}** is missing: {', '.join(missing)}. " + (
                 f"`soda-distill run --out {run.path}` runs or resumes the unfinished stages." if run.config else
@@ -271,7 +268,7 @@ def _costs(page: Page, runs: list[Run]) -> None:
     if not shown:
         page.add("No stage has a finished record with its cost in a manifest.json yet.")
         return
-    order = [*PIPELINE, *OPTIONAL]
+    order = list(STAGES)
     stages = sorted({s for r in recorded for s in r.stages}, key=lambda s: (order.index(s) if s in order else len(order), s))
     header, rows = ["stage"], [[s] for s in stages] + [["total"]]
     for run in recorded:
@@ -330,10 +327,10 @@ def _training(page: Page, runs: list[Run]) -> None:
         drawn = {name: steps for name, steps in metrics.items() if has_curves(curves, steps)}
         absent = [name for name in metrics if name not in drawn]
         if drawn:
-            plot_training(curves, drawn, page.out / "images" / f"training-{curves.name}.png")
-            page.image(f"training-{curves.name}.png", curves.title,
+            plot_training(curves, drawn, page.out / "images" / f"training-{curves.stage}.png")
+            page.image(f"training-{curves.stage}.png", curves.title,
                        f"Every logged optimizer step of `{curves.metrics}`" + (", one colour per run." if len(drawn) > 1 else "."))
-        optional = curves.name.startswith("gad")
+        optional = curves.stage in OPTIONAL
         if absent:
             page.add(f"No `{curves.metrics}` with these metrics in: {', '.join(absent)}"
                      + (" (GAD is an optional baseline)." if optional else "."))
@@ -400,110 +397,6 @@ def _pairs(page: Page, runs: list[Run]) -> None:
         page.add(f"No readable `pairs.jsonl` in: {', '.join(absent)}.")
 
 
-# --- HTML ----------------------------------------------------------------------------------------------------------
-
-
-CSS = """
-body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2329; background: #fff;
-       margin: 0; }
-main { max-width: 1240px; margin: 0 auto; padding: 24px 32px 64px; }
-h1 { font-size: 1.7em; border-bottom: 3px solid #2f6fb3; padding-bottom: 6px; }
-h2 { font-size: 1.35em; margin-top: 2.2em; border-bottom: 1px solid #d5dae0; padding-bottom: 4px; }
-h3 { font-size: 1.12em; margin-top: 1.6em; }
-h4, h5, h6 { font-size: 1em; }
-table { border-collapse: collapse; margin: 12px 0; font-size: 13px; display: block; overflow-x: auto; }
-th, td { border: 1px solid #d5dae0; padding: 4px 9px; vertical-align: top; }
-th { background: #eef2f6; text-align: left; }
-tr:nth-child(even) td { background: #f8fafb; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-code { font: 12.5px ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; background: #f1f3f5;
-       padding: 1px 4px; border-radius: 3px; }
-pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: 10px 12px; overflow-x: auto; max-height: 420px; }
-pre code { background: none; padding: 0; }
-img { max-width: 100%; height: auto; border: 1px solid #e1e4e8; }
-p.figure { margin: 14px 0 2px; }
-p.figure + p em { color: #57606a; font-size: 13px; }
-"""
-
-
-def _inline(text: str) -> str:
-    """Inline Markdown (`code`, **bold**, *italic*) as HTML, everything else escaped; code spans are set aside
-    first, so emphasis may enclose them but never reaches into them."""
-    codes: list[str] = []
-
-    def set_aside(m) -> str:
-        codes.append(m[1])
-        return f"\x00{len(codes) - 1}\x00"
-
-    text = html.escape(re.sub(r"`([^`]*)`", set_aside, text))
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    text = re.sub(r"(?<![\w*])\*(?![\s*])(.+?)(?<![\s*])\*(?![\w*])", r"<em>\1</em>", text)
-    return re.sub("\x00(\\d+)\x00", lambda m: f"<code>{html.escape(codes[int(m[1])])}</code>", text)
-
-
-def _cells(line: str) -> list[str]:
-    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
-
-
-def _html_table(lines: list[str]) -> str:
-    header, body = _cells(lines[0]), lines[1:]
-    align = [""] * len(header)
-    if body and re.fullmatch(r"\|?(\s*:?-+:?\s*\|)*\s*:?-+:?\s*\|?", body[0].strip()):
-        align = [' class="num"' if c.endswith(":") else "" for c in _cells(body.pop(0))]
-    row = lambda cells, tag: "<tr>" + "".join(f"<{tag}{a}>{_inline(c)}</{tag}>" for c, a in zip(cells, align)) + "</tr>"
-    return ("<table><thead>" + row(header, "th") + "</thead><tbody>"
-            + "".join(row(_cells(line), "td") for line in body) + "</tbody></table>")
-
-
-def _css_width(png: bytes) -> str:
-    """A width attribute that shows a chart at 100 CSS pixels per inch of its figure, whatever dpi it was saved at,
-    so that text is the same size in every chart: pixels from the PNG's IHDR chunk, resolution from its pHYs."""
-    at = png.find(b"pHYs")
-    per_metre = int.from_bytes(png[at + 4:at + 8], "big") if at > 0 else 0
-    return f' width="{round(int.from_bytes(png[16:20], "big") / (per_metre * 0.0254) * 100)}"' if per_metre else ""
-
-
-def _image_html(alt: str, src: str, base: Path) -> str:
-    path = base / src
-    if src.startswith(("/", "http:", "https:", "data:")) or not path.is_file():
-        return f"<p>[image not embedded: {html.escape(src)}]</p>"
-    png = path.read_bytes()
-    data = base64.b64encode(png).decode("ascii")
-    return f'<p class="figure"><img alt="{html.escape(alt)}"{_css_width(png)} src="data:image/png;base64,{data}"></p>'
-
-
-def markdown_to_html(markdown: str, base: Path) -> str:
-    """The Markdown this module writes (and evaluate's results.md) as HTML: headings, paragraphs, pipe tables,
-    bullet lists, fenced code and images on their own line, read from `base` and embedded as data URIs."""
-    lines, out, i = markdown.splitlines(), [], 0
-    starts = ("#", "|", "- ", "```", "![")
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("```"):
-            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), len(lines))
-            out.append("<pre><code>" + html.escape("\n".join(lines[i + 1:end])) + "</code></pre>")
-            i = end + 1
-        elif m := re.match(r"(#{1,6}) (.*)", line):
-            out.append(f"<h{len(m[1])}>{_inline(m[2])}</h{len(m[1])}>")
-            i += 1
-        elif m := re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", line.strip()):
-            out.append(_image_html(m[1], m[2], base))
-            i += 1
-        elif line.startswith(("|", "- ")):
-            end = next((j for j in range(i, len(lines)) if not lines[j].startswith(line[0])), len(lines))
-            block = lines[i:end]
-            out.append(_html_table(block) if line[0] == "|" else
-                       "<ul>" + "".join(f"<li>{_inline(item[2:])}</li>" for item in block) + "</ul>")
-            i = end
-        elif not line.strip():
-            i += 1
-        else:
-            end = next((j for j in range(i + 1, len(lines)) if not lines[j].strip() or lines[j].startswith(starts)), len(lines))
-            out.append("<p>" + _inline(" ".join(lines[i:end])) + "</p>")
-            i = end
-    return "\n".join(out)
-
-
 def write_report(paths: list[str | Path], out: str | Path) -> Path:
     """Write `report.md`, `images/` and the self-contained `report.html` into `out`; returns the HTML's path."""
     if not paths:
@@ -531,9 +424,5 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
         _config(page, runs)
     markdown = page.markdown()
     atomic_write_text(out / "report.md", markdown)
-    document = (f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-                f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-                f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
-                f"{markdown_to_html(markdown, out)}\n</main>\n</body>\n</html>\n")
-    atomic_write_text(out / "report.html", document)
+    atomic_write_text(out / "report.html", html_document(title, markdown, out))
     return out / "report.html"

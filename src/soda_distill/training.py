@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import TrainingConfig
 from .errors import SodaError
 from .lm_head import add_cpu_lm_head
-from .records import atomic_write_text
+from .records import atomic_write_text, read_metrics
 
 
 def trainer_arguments(section: TrainingConfig, output_dir: Path, bf16: bool) -> dict:
@@ -267,16 +267,3 @@ def train_and_save(trainer, final_dir: Path) -> dict:
         "train_loss": round(result.training_loss, 4),
         "resumed_from_step": int(Path(last).name.split("-")[-1]) if last else None,
     }
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Every logged step; a torn last line (a kill mid-write) is left out, as on resume."""
-    if not path.exists():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            steps.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return steps

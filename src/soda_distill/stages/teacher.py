@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config, fingerprint
-from .endpoint import collect, request_key, sum_usage
-from .errors import SodaError
-from .manifest import RunDir, combine
-from .records import AppendLog, Example, atomic_write_jsonl, read_examples, sha256_file
+from ..config import Config, fingerprint
+from ..endpoint import collect, request_key, sum_usage
+from ..errors import SodaError
+from ..manifest import RunDir, combine
+from ..records import AppendLog, Example, atomic_write_jsonl, read_examples, sha256_file
 
 
 def _source_fingerprint(cfg: Config, path: Path) -> str:
@@ -49,7 +49,7 @@ def run_teacher(cfg: Config, run: RunDir) -> Path:
     source = Path(cfg.teacher.file or cfg.data.prompts or "")
     if not cfg.teacher.file and not cfg.data.prompts:
         raise SodaError("set data.prompts (prompts to send to the teacher API) or teacher.file (existing responses)")
-    out = run.file("teacher.jsonl")
+    out = run.output("teacher")
     fp = _source_fingerprint(cfg, source)
     if run.done("teacher", fp):
         return out

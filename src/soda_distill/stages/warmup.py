@@ -11,11 +11,11 @@ from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
-from .config import Config, fingerprint
-from .manifest import RunDir, combine
-from .models import load_model, load_tokenizer, resolve_model, use_bf16
-from .records import read_examples, sha256_file
-from .training import MetricsLog, ResumableOrder, apply_cpu_settings, train_and_save, trainer_arguments
+from ..config import Config, fingerprint
+from ..manifest import RunDir, combine
+from ..models import load_model, load_tokenizer, resolve_model, use_bf16
+from ..records import read_examples, sha256_file
+from ..training import MetricsLog, ResumableOrder, apply_cpu_settings, train_and_save, trainer_arguments
 
 
 def sft_dataset(teacher_path: Path):
@@ -45,7 +45,7 @@ def build_sft_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
 
 
 def run_warmup(cfg: Config, run: RunDir) -> Path:
-    teacher_path, out = run.file("teacher.jsonl"), run.file("warmup")
+    teacher_path, out = run.output("teacher"), run.output("warmup")
     fp = combine(fingerprint(cfg.warmup), fingerprint(cfg.student), sha256_file(teacher_path))
     if run.done("warmup", fp):
         return out

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import EvaluateConfig
-from .errors import InputError, SodaError
-from .pipeline import BUILTIN, resolve_data_path
-from .records import read_examples, read_jsonl
+from ..config import EvaluateConfig
+from ..errors import InputError, SodaError
+from ..records import BUILTIN, read_examples, read_jsonl, resolve_data_path
 
 PROMPT_FORMATS = ("chat", "alpaca")
 

@@ -21,11 +21,11 @@ import statistics
 from importlib import resources
 from pathlib import Path
 
+from ..config import EvaluateConfig, JudgeConfig, ScoredEndpointConfig
+from ..endpoint import ask, collect, request_key, sum_usage
+from ..errors import SodaError
+from ..records import AppendLog, read_text_file
 from .benchmarks import Benchmark, Item
-from .config import EvaluateConfig, JudgeConfig, ScoredEndpointConfig
-from .endpoint import ask, collect, request_key, sum_usage
-from .errors import SodaError
-from .records import AppendLog, read_text_file
 
 ORDERS = ("student_first", "reference_first")
 PLACEHOLDERS = ("{question}", "{answer_1}", "{answer_2}")

@@ -1,41 +1,36 @@
 """Evaluation — responses of every compared model on every benchmark, offline metrics, the judge (judge.py) when
 an endpoint is configured, and one results table (JSON, Markdown in the layout of the paper's Table 1, a bar chart).
 
-The rows are models: base (the run's student), warmup (SeqKD) and distill (SODA) of each run directory, plus any
-model or file of responses named in `evaluate.models`. Responses are greedy and appended to `generations.jsonl` as
-each batch finishes, keyed by (model weights, dtype, backend, max_new_tokens, the exact prompt), so an interrupted
+The rows are models: Base (the run's student) and every trained method of each run directory whose stage finished
+(registry.METHODS: SeqKD, SODA, GAD, ...), plus any model or file of responses named in `evaluate.models`.
+Responses are greedy and appended to `generations.jsonl` as each batch finishes, keyed by (model weights, dtype, backend, max_new_tokens, the exact prompt), so an interrupted
 evaluation resumes, a model shared by two runs (their base) is asked once, and only new rows or prompts cost time.
-Offline metrics need no endpoint: ROUGE-L against the references (`rouge-score`, as MiniLLM scores), exact match
-on short references, and response lengths.
+Offline metrics (metrics.py) need no endpoint; the table's Markdown is table.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import io
 import json
 import re
-import statistics
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import Config, EvaluateConfig, fingerprint, load_config, save_config
+from ..errors import InputError, SodaError
+from ..generation import Sampling, generate_transformers, generate_vllm, prompt_tokens, vllm_engine
+from ..manifest import RunDir
+from ..models import context_length, load_model, load_tokenizer, model_digest, resolve_model, use_bf16
+from ..plots import plot_results
+from ..records import AppendLog, atomic_write_jsonl, atomic_write_text, read_examples, resolve_data_path
+from ..registry import METHODS
 from .benchmarks import Benchmark, load_benchmarks, student_prompt
-from .config import Config, EvaluateConfig, fingerprint, load_config, save_config
-from .errors import InputError, SodaError
-from .generation import Sampling, generate_transformers, generate_vllm, prompt_tokens, vllm_engine
 from .judge import reference_answers, run_judge
-from .manifest import RunDir
-from .models import context_length, load_model, load_tokenizer, model_digest, resolve_model, use_bf16
-from .pairs import length_summary
-from .pipeline import resolve_data_path
-from .records import AppendLog, atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_examples
-
-METHODS = {"base": "Base", "warmup": "SeqKD (warmup)", "distill": "SODA"}
+from .metrics import offline_metrics
+from .table import render_markdown
 
 
 @dataclass
@@ -55,17 +50,15 @@ class Row:
 
 
 def table_rows(cfg: Config) -> list[Row]:
-    """Base, warmup and distill of each run in `evaluate.runs` (those that exist), then `evaluate.models`."""
+    """Base and the finished trained methods of each run in `evaluate.runs`, then `evaluate.models`."""
     rows = []
     for path in map(Path, cfg.evaluate.runs):
         if not (path / "config.yaml").is_file():
             raise SodaError(f"{path}: not a run directory (no config.yaml)")
         student = load_config(path / "config.yaml").student
-        rows.append(Row(path.name, METHODS["base"], student.model, student.gguf_file, student.trust_remote_code))
-        stages = RunDir(path).manifest()["stages"]
-        for stage in ("warmup", "distill"):
-            if stages.get(stage, {}).get("status") == "done" and (path / stage / "config.json").is_file():
-                rows.append(Row(path.name, METHODS[stage], str(path / stage), None, student.trust_remote_code))
+        rows.append(Row(path.name, METHODS["base"].column, student.model, student.gguf_file, student.trust_remote_code))
+        for method, model in RunDir(path).trained_models():
+            rows.append(Row(path.name, method.column, str(model), None, student.trust_remote_code))
     for name, source in cfg.evaluate.models.items():
         group, _, method = name.rpartition("/") if "/" in name else (name, "", "")
         if source.endswith(".jsonl"):
@@ -158,125 +151,9 @@ def _from_file(cfg: Config, row: Row, benchmarks: list[Benchmark]) -> dict[str, 
     return out
 
 
-@functools.cache
-def _rouge_scorer():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l(reference: str, prediction: str) -> float:
-    """ROUGE-L F1 × 100 with Porter stemming — the `rouge-score` setting MiniLLM (and S-NI) report."""
-    return 100 * _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(c for c in text.lower() if c not in string.punctuation)
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
-def offline_metrics(references: list[str | None], responses: list[dict], exact_match_max_words: int) -> dict:
-    """ROUGE-L and exact match where there is a reference (exact match only where it is short), lengths for all."""
-    pairs = [(ref, r["text"]) for ref, r in zip(references, responses) if ref is not None]
-    short = [(ref, pred) for ref, pred in pairs if len(ref.split()) <= exact_match_max_words]
-    tokens = [r["num_tokens"] for r in responses if r["num_tokens"] is not None]
-    return {
-        "rouge_l": round(statistics.fmean(rouge_l(ref, pred) for ref, pred in pairs), 2) if pairs else None,
-        "exact_match": {
-            "score": round(100 * statistics.fmean(normalize_answer(ref) == normalize_answer(pred) for ref, pred in short), 2),
-            "prompts": len(short),
-        } if short else None,
-        "length": {
-            "words": length_summary([len(r["text"].split()) for r in responses]),
-            "tokens": length_summary(tokens),
-            "truncated": sum(r["finish_reason"] == "length" for r in responses),
-        },
-    }
-
-
 def _slug(text: str) -> str:
     """A file name from a row or benchmark name: no separators, and no leading dot (so never `..`)."""
     return re.sub(r"[^\w.-]+|^\.", "_", text) or "_"
-
-
-def _cell(row: dict, bench: str, *path):
-    value = row["cells"].get(bench)
-    for key in path:
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
-
-
-def markdown_table(results: dict, title: str, *path, bold_best: bool = True) -> str:
-    """One metric across rows × benchmarks in Table 1's layout (the best per model in bold, as there)."""
-    names = [b["name"] for b in results["benchmarks"]]
-    lines = [f"### {title}", "", "| Model | Method | " + " | ".join(names) + " |", "| --- | --- |" + " ---: |" * len(names)]
-    rows, previous = results["rows"], None
-    for row in rows:
-        cells = []
-        for name in names:
-            value = _cell(row, name, *path)
-            peers = [_cell(r, name, *path) for r in rows if r["model"] == row["model"]]
-            peers = [p for p in peers if p is not None]
-            text = "—" if value is None else f"{value:.1f}"
-            if bold_best and value is not None and len(peers) > 1 and value == max(peers):
-                text = f"**{text}**"
-            cells.append(text)
-        model = row["model"] if row["model"] != previous else ""
-        previous = row["model"]
-        lines.append(f"| {model} | {row['method']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def render_markdown(results: dict) -> str:
-    s, judge = results["settings"], results["judge"]
-    parts = [
-        "# Evaluation results\n",
-        f"Greedy decoding, at most {s['max_new_tokens']} new tokens, prompt format `{s['prompt_format']}`"
-        + (f", first {s['limit']} prompts per benchmark" if s["limit"] else "") + ".\n",
-    ]
-    if judge:
-        parts.append(markdown_table(results, f"Judge score ({judge['model']}): S/(S+R)×100 against {results['reference']['source']}, "
-                                              "50 = parity, mean over both presentation orders", "judge", "score"))
-        parts.append(f"Per order in results.json. Unparseable judge replies (counted, not scored): {judge['unparseable']} "
-                     f"of {judge['judgments']}. Judge tokens: {judge['usage']['prompt_tokens']} in, "
-                     f"{judge['usage']['completion_tokens']} out; estimated cost: "
-                     + (f"${judge['cost_usd']:.4f}" if judge["cost_usd"] is not None else "no price set") + ".\n")
-    parts.append(markdown_table(results, "ROUGE-L (F1 × 100, against the benchmarks' references)", "rouge_l"))
-    parts.append(markdown_table(results, f"Exact match (%, on references of at most {s['exact_match_max_words']} words)",
-                                "exact_match", "score"))
-    parts.append(markdown_table(results, "Mean response length (words)", "length", "words", "mean", bold_best=False))
-    parts.append("### Benchmarks\n\n" + "\n".join(
-        f"- **{b['name']}** ({b['prompts']} prompts, `{b['path']}`){': ' + b['note'] if b['note'] else ''}"
-        for b in results["benchmarks"]) + "\n")
-    return "\n".join(parts)
-
-
-def render_chart(results: dict) -> bytes:
-    """A grouped bar chart per metric (judge score when there is one, ROUGE-L): benchmarks × rows."""
-    from matplotlib.figure import Figure  # no pyplot: no global state; PNGs are drawn by Agg
-
-    names = [b["name"] for b in results["benchmarks"]]
-    metrics = [("Judge score (50 = parity)", ("judge", "score"))] if results["judge"] else []
-    metrics.append(("ROUGE-L", ("rouge_l",)))
-    rows = results["rows"]
-    fig = Figure(figsize=(max(6.0, 1.6 * len(names) * len(metrics) + 2), 4.2))
-    axes = fig.subplots(1, len(metrics), squeeze=False)
-    width = 0.8 / len(rows)
-    for ax, (title, path) in zip(axes[0], metrics):
-        for k, row in enumerate(rows):
-            values = [_cell(row, name, *path) for name in names]
-            xs = [i - 0.4 + width * (k + 0.5) for i in range(len(names))]
-            ax.bar(xs, [v if v is not None else 0 for v in values], width, label=f"{row['model']} {row['method']}".strip())
-        if path[0] == "judge":
-            ax.axhline(50, color="grey", linestyle="--", linewidth=1)
-        ax.set_xticks(range(len(names)), names)
-        ax.set_title(title)
-    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
 
 
 def prepare_evaluation(cfg: Config, out: str | Path) -> RunDir:
@@ -345,7 +222,7 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
         }
         atomic_write_text(evaldir.file("results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(evaldir.file("results.md"), render_markdown(results))
-        atomic_write_bytes(evaldir.file("results.png"), render_chart(results))
+        plot_results(results, evaldir.file("results.png"))
         info.update(rows=len(rows), benchmarks=len(benchmarks), generated=generated,
                     judge_requests=judge_totals["requests_this_run"] if judge_totals else 0)
     return results

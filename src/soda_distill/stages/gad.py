@@ -7,7 +7,8 @@ the last token of prompt + response, trained with the Bradley–Terry loss −lo
 teacher's response above every rollout. Warmup: the generator is this run's SFT model (`warmup/`), the discriminator
 is trained on teacher vs. q0 responses (`pairs.jsonl`). Then every step scores the rollouts (the reward, before the
 update) and takes one discriminator step on them; for the first steps only the discriminator learns. Checkpoints
-hold both networks, so an interrupted run resumes both.
+hold both networks, so an interrupted run resumes both. Its two stages, `gad_warmup` and `gad`, are in the registry:
+`soda-distill run --method gad` runs them after the stages GAD shares with SODA.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from transformers import set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
-from .config import Config, GadConfig, TrainingConfig, fingerprint
-from .errors import SodaError
-from .manifest import RunDir, combine
-from .models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
-from .pipeline import run_stage
-from .records import read_examples, read_pairs, sha256_file
-from .training import (MasterWeightsAdamW, MetricsLog, ResumableOrder, adamw_for, bf16_weights, read_metrics, train_and_save,
-                       trainer_arguments)
+from ..config import Config, GadConfig, TrainingConfig, fingerprint
+from ..errors import SodaError
+from ..manifest import RunDir, combine
+from ..models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
+from ..records import read_examples, read_metrics, read_pairs, sha256_file
+from ..training import (MasterWeightsAdamW, MetricsLog, ResumableOrder, adamw_for, bf16_weights, train_and_save,
+                        trainer_arguments)
 
 DISCRIMINATOR_STATE = "discriminator.pt"  # inside each generator checkpoint: weights, optimizer, update count
 
@@ -134,7 +134,7 @@ def build_discriminator_trainer(model, tokenizer, dataset, cfg: Config, output_d
 
 
 def run_discriminator_warmup(cfg: Config, run: RunDir) -> Path:
-    pairs_path, out = run.file("pairs.jsonl"), run.file("gad") / "discriminator_warmup"
+    pairs_path, out = run.output("pairs"), run.output("gad_warmup")
     fp = combine(fingerprint(cfg.gad), fingerprint(cfg.student), sha256_file(pairs_path))
     if run.done("gad_warmup", fp):
         return out
@@ -295,11 +295,13 @@ def build_gad_trainer(generator, tokenizer, discriminator: Discriminator, datase
     ))
 
 
-def run_adversarial(cfg: Config, run: RunDir, discriminator_start: Path) -> Path:
-    teacher_path, start, out = run.file("teacher.jsonl"), run.file("warmup"), run.file("gad")
+def run_adversarial(cfg: Config, run: RunDir) -> Path:
+    """GRPO from this run's warmup model q_w against the warmed-up discriminator; both networks are saved."""
+    teacher_path, start, discriminator_start = run.output("teacher"), run.output("warmup"), run.output("gad_warmup")
+    generator_dir, out = run.output("gad"), run.file("gad")
     fp = combine(fingerprint(cfg.gad), sha256_file(teacher_path), model_digest(start), model_digest(discriminator_start))
     if run.done("gad", fp):
-        return out / "generator"
+        return generator_dir
     with run.stage("gad", fp) as info:
         trust = cfg.student.trust_remote_code
         tokenizer = load_tokenizer(str(start), trust)
@@ -309,17 +311,11 @@ def run_adversarial(cfg: Config, run: RunDir, discriminator_start: Path) -> Path
         )
         dataset, dropped = gad_dataset(teacher_path, tokenizer, cfg.gad)
         trainer = build_gad_trainer(generator, tokenizer, discriminator, dataset, cfg, out)
-        info.update(prompts=len(dataset), dropped_long_prompts=dropped, **train_and_save(trainer, out / "generator"))
+        info.update(prompts=len(dataset), dropped_long_prompts=dropped, **train_and_save(trainer, generator_dir))
         info["discriminator_updates"] = discriminator.updates
         steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
         if steps:
             for key, name in (("reward", "reward"), ("discriminator/accuracy", "discriminator_accuracy")):
                 info[name] = {"first": steps[0][key], "last": steps[-1][key]}
-    return out / "generator"
+    return generator_dir
 
-
-def run_gad(cfg: Config, run: RunDir) -> Path:
-    """GAD on this run's teacher responses, from its warmup model; missing earlier stages run first."""
-    for name in ("teacher", "snapshot", "pairs", "warmup"):
-        run_stage(name, cfg, run)
-    return run_adversarial(cfg, run, run_discriminator_warmup(cfg, run))

@@ -25,14 +25,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, load_config
-from .errors import SodaError
-from .generation import _chat_texts
-from .manifest import RunDir
-from .models import load_model, load_tokenizer, resolve_model, use_bf16
-from .pipeline import resolve_data_path
-from .plots import label_axes, new_figure, save_png
-from .records import atomic_write_text, read_examples
+from ..config import Config, load_config
+from ..errors import SodaError
+from ..generation import chat_texts
+from ..manifest import RunDir
+from ..models import load_model, load_tokenizer, resolve_model, use_bf16
+from ..plots import plot_activation_stats, plot_cka
+from ..records import atomic_write_text, read_examples, resolve_data_path
 
 KURTOSIS = "Fisher (excess) kurtosis from population moments, m4 / m2^2 - 3: 0 for a normal distribution"
 
@@ -90,7 +89,7 @@ def last_token_states(model, tokenizer, prompts: list[list[dict]], batch_size: i
     Either padding side works: the last real token is found from the attention mask.
     """
     tokenizer.truncation_side = "left"
-    ids = tokenizer(_chat_texts(tokenizer, prompts), add_special_tokens=False, truncation=True,
+    ids = tokenizer(chat_texts(tokenizer, prompts), add_special_tokens=False, truncation=True,
                     max_length=max_length)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: little padding
     device = next(model.parameters()).device
@@ -186,19 +185,16 @@ def analyze(models: dict[str, str], prompts: list[list[dict]], out_dir: Path, ba
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _plot_cka(result, out_dir / "cka.png")
-    _plot_activation_stats(result, out_dir / "activation_stats.png")
+    plot_cka(result, out_dir / "cka.png")
+    plot_activation_stats(result, out_dir / "activation_stats.png")
     atomic_write_text(out_dir / "analysis.json", json.dumps(result, indent=2) + "\n")  # last: its presence means done
     return result
 
 
-# A run's trained models, named as in the paper's Figure 3: (manifest stage, model directory, name).
-TRAINED = (("warmup", "warmup", "SeqKD"), ("distill", "distill", "SODA"), ("gad", "gad/generator", "GAD"))
-
-
 def run_models(runs: list[Path]) -> dict[str, str]:
     """`Base` (the runs' student, which they must share: CKA compares every model with one base) and each run's
-    trained models whose stage finished — `SeqKD`, `SODA`, `GAD`, or `RUN/SeqKD`, ... for several runs."""
+    trained models whose stage finished (registry.METHODS) — `SeqKD`, `SODA`, `GAD`, or `RUN/SeqKD`, ... for
+    several runs."""
     if not runs:
         raise SodaError("give one or more run directories to analyze")
     bases, models = set(), {}
@@ -207,13 +203,11 @@ def run_models(runs: list[Path]) -> dict[str, str]:
             raise SodaError(f"{path}: not a run directory (no config.yaml)")
         student = load_config(path / "config.yaml").student
         bases.add(resolve_model(student.model, student.gguf_file))
-        stages = RunDir(path).manifest()["stages"]
-        for stage, folder, method in TRAINED:
-            if stages.get(stage, {}).get("status") == "done" and (path / folder / "config.json").is_file():
-                name = f"{path.name}/{method}" if len(runs) > 1 else method
-                if name in models:
-                    raise SodaError(f"two runs are named {path.name}; analyze runs whose directory names differ")
-                models[name] = str(path / folder)
+        for method, model in RunDir(path).trained_models():
+            name = f"{path.name}/{method.label}" if len(runs) > 1 else method.label
+            if name in models:
+                raise SodaError(f"two runs are named {path.name}; analyze runs whose directory names differ")
+            models[name] = str(model)
     if len(bases) > 1:
         raise SodaError(f"the runs have different students ({', '.join(sorted(bases))}); CKA compares every model "
                         "with one base model, so analyze them one at a time")
@@ -230,46 +224,3 @@ def analyze_runs(cfg: Config, runs: list[Path], out_dir: Path) -> dict:
               "max_length": a.max_length}
     return analyze(run_models(runs), prompts, out_dir, base="Base", batch_size=a.batch_size, max_length=a.max_length,
                    bins=a.bins, bf16=cfg.student.bf16, trust_remote_code=cfg.student.trust_remote_code, source=source)
-
-
-def _colors(result: dict) -> dict[str, str]:
-    """One colour per model, the same in every plot; grey for the base model, the reference."""
-    others = [name for name in result["models"] if name != result["base"]]
-    return {result["base"]: "0.5", **{name: f"C{i % 10}" for i, name in enumerate(others)}}
-
-
-def _plot_cka(result: dict, path: Path) -> None:
-    names, base = list(result["models"]), result["base"]
-    colors = _colors(result)
-    fig = new_figure(7, 4.5)
-    ax = fig.add_subplot()
-    for name in names:
-        values = [math.nan if c is None else c for c in result["models"][name]["cka"]]
-        if name == base:
-            ax.plot(range(len(values)), values, color=colors[name], linestyle="--", label=f"{base} (reference)")
-        else:
-            ax.plot(range(len(values)), values, color=colors[name], marker="o", markersize=3, label=name)
-    label_axes(ax, f"Linear CKA to {base}, last-token hidden states ({result['num_prompts']} prompts)",
-               "layer (0 = embeddings)", "linear CKA")
-    ax.set_ylim(0, 1.05)
-    ax.legend()
-    save_png(fig, path)
-
-
-def _plot_activation_stats(result: dict, path: Path) -> None:
-    names = list(result["models"])
-    by_name = _colors(result)
-    colors = [by_name[name] for name in names]
-    fig = new_figure(10, 4.5)
-    panels = (
-        ("final_layer_entropy", f"Activation entropy ({result['binning']['bins']} bins)", "entropy (nats)"),
-        ("final_layer_kurtosis", "Activation kurtosis", "excess kurtosis (Fisher)"),
-    )
-    for ax, (key, title, ylabel) in zip(fig.subplots(1, 2), panels):
-        values = [math.nan if (v := result["models"][name][key]) is None else v for name in names]
-        bars = ax.bar(names, values, color=colors)
-        ax.bar_label(bars, fmt="%.2f", padding=2)
-        label_axes(ax, title, "model", ylabel, grid="y")
-        ax.margins(y=0.12)
-    fig.suptitle(f"Final-layer activation statistics ({result['num_prompts']} prompts)")
-    save_png(fig, path)

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from .config import Config, fingerprint
-from .manifest import RunDir, combine
-from .models import load_model, load_tokenizer, model_digest, use_bf16
-from .records import read_pairs, sha256_file
-from .training import MetricsLog, ResumableOrder, apply_cpu_settings, read_metrics, train_and_save, trainer_arguments
+from ..config import Config, fingerprint
+from ..manifest import RunDir, combine
+from ..models import load_model, load_tokenizer, model_digest, use_bf16
+from ..records import read_metrics, read_pairs, sha256_file
+from ..training import MetricsLog, ResumableOrder, apply_cpu_settings, train_and_save, trainer_arguments
 
 
 def dpo_dataset(pairs_path: Path):
@@ -30,14 +30,9 @@ def dpo_dataset(pairs_path: Path):
 
 
 class DistillDPOTrainer(ResumableOrder, DPOTrainer):
-    """TRL's DPOTrainer, keeping the `length` column the length-grouped sampler batches by (TRL drops it), and
-    computing the reference log-probabilities with the training forward: this package's CPU head, under bf16 autocast
-    when training uses it (so at step 0 the policy's log-probabilities equal the reference's)."""
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if self.args.length_column_name not in self._signature_columns:
-            self._signature_columns.append(self.args.length_column_name)
+    """TRL's DPOTrainer, computing the reference log-probabilities with the training forward: this package's CPU
+    head, under bf16 autocast when training uses it (so at step 0 the policy's log-probabilities equal the
+    reference's)."""
 
     def _precompute_ref_logps(self, *args, **kwargs):
         apply_cpu_settings(self)  # TRL calls this from its __init__ after patching in its head: ours goes on top
@@ -53,6 +48,7 @@ def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
         loss_type=[d.loss_type],
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=d.precompute_batch_size,
+        remove_unused_columns=False,  # keeps `length` for the length-grouped sampler; TRL's collator reads its own keys
     )
     trainer = DistillDPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -67,8 +63,8 @@ def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
 
 def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
     """DPO from `start` (default: this run's warmup model q_w)."""
-    start = start or run.file("warmup")
-    pairs_path, out = run.file("pairs.jsonl"), run.file("distill")
+    start = start or run.output("warmup")
+    pairs_path, out = run.output("pairs"), run.output("distill")
     fp = combine(fingerprint(cfg.distill), sha256_file(pairs_path), model_digest(start))
     if run.done("distill", fp):
         return out

@@ -11,19 +11,18 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, fingerprint
-from .errors import SodaError
-from .generation import Sampling, generate_transformers, generate_vllm, prompt_tokens, vllm_engine
-from .manifest import RunDir, combine
-from .models import context_length, load_model, load_tokenizer, resolve_model, use_bf16
-from .records import AppendLog, atomic_write_jsonl, read_examples, sha256_file
+from ..config import Config, fingerprint
+from ..errors import SodaError
+from ..generation import Sampling, generate_transformers, generate_vllm, prompt_tokens, vllm_engine
+from ..manifest import RunDir, combine
+from ..models import context_length, load_model, load_tokenizer, resolve_model, use_bf16
+from ..records import AppendLog, atomic_write_jsonl, read_examples, sha256_file
 
 
 def run_snapshot(cfg: Config, run: RunDir) -> Path:
     """Write `snapshot.jsonl`: one `messages` record per prompt, ending with q0's own answer."""
     s = cfg.snapshot
-    teacher_path = run.file("teacher.jsonl")
-    out = run.file("snapshot.jsonl")
+    teacher_path, out = run.output("teacher"), run.output("snapshot")
     fp = combine(fingerprint(s), fingerprint(cfg.student), sha256_file(teacher_path))
     if run.done("snapshot", fp):
         return out

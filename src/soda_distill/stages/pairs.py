@@ -6,30 +6,18 @@ answer identical to the teacher's, or prompt + the longer response over `pairs.m
 
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 from pathlib import Path
 
-from .config import Config, fingerprint
-from .manifest import RunDir, combine
-from .models import load_tokenizer, resolve_model
-from .records import atomic_write_jsonl, read_examples, sha256_file
-
-
-def length_summary(values: list[int]) -> dict:
-    if not values:
-        return {}
-    ordered = sorted(values)
-    return {
-        "mean": round(statistics.fmean(values), 1),
-        "median": statistics.median(values),
-        "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
-        "max": ordered[-1],
-    }
+from ..config import Config, fingerprint
+from ..manifest import RunDir, combine
+from ..models import load_tokenizer, resolve_model
+from ..records import atomic_write_jsonl, read_examples, sha256_file
+from ..stats import length_summary
 
 
 def run_pairs(cfg: Config, run: RunDir) -> Path:
-    teacher_path, snapshot_path, out = run.file("teacher.jsonl"), run.file("snapshot.jsonl"), run.file("pairs.jsonl")
+    teacher_path, snapshot_path, out = run.output("teacher"), run.output("snapshot"), run.output("pairs")
     fp = combine(fingerprint(cfg.pairs), sha256_file(teacher_path), sha256_file(snapshot_path))
     if run.done("pairs", fp):
         return out

@@ -1,0 +1,2 @@
+"""Evaluation: benchmarks, responses and offline metrics, the LLM judge, the results table, and the representation
+analysis."""

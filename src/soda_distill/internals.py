@@ -1,0 +1,102 @@
+"""The private internals of TRL and transformers this package overrides or relies on, where they offer no public hook.
+
+Each entry names the library object, what this package does with it and why, and what it was written against: the
+parameters of the method, and that the library itself still calls it. `check_internals()` compares every entry with
+the installed libraries (tests/test_internals.py runs it), so an upgrade that moves one fails naming the override
+instead of silently training differently; pyproject.toml pins the versions it was tested with.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, is_dataclass
+from dataclasses import fields as dataclass_fields
+
+TESTED = {"trl": "1.16", "transformers": "5.24"}  # the minor versions these entries were checked against
+
+
+@dataclass(frozen=True)
+class Internal:
+    owner: str  # "module:Class" of the library
+    name: str  # the private attribute
+    used_by: str  # where this package relies on it
+    why: str
+    parameters: tuple[str, ...] | None = None  # a method's parameters as written against; None: not a method
+    called_as: str | None = None  # text the source of the owner or its bases must contain: the library calls it so
+    fields: tuple[str, ...] | None = None  # for a dataclass: the fields this package fills
+
+    @property
+    def label(self) -> str:
+        return f"{self.owner.split(':')[1]}.{self.name}" if self.name else self.owner.split(":")[1]
+
+
+INTERNALS = (
+    Internal("trl:DPOTrainer", "_precompute_ref_logps", "stages.distill.DistillDPOTrainer",
+             "the reference pass under the training forward (CPU head, bf16 autocast): step 0 starts at ratio 1",
+             ("self", "dataset", "name", "batch_size"), "self._precompute_ref_logps("),
+    Internal("transformers:Trainer", "_get_train_sampler", "training.ResumableOrder",
+             "a training order that a resumed run repeats, and length buckets that group on small data",
+             ("self", "train_dataset"), "sampler_fn=self._get_train_sampler"),
+    Internal("transformers:Trainer", "_clip_grad_norm", "training.bf16_weights",
+             "clips the fp32 master weights' gradients (the bf16 weights hold none)",
+             ("self", "model"), "self._clip_grad_norm("),
+    Internal("transformers:Trainer", "_get_grad_norm", "training.bf16_weights",
+             "reports the fp32 master weights' gradient norm",
+             ("self", "model", "grad_norm"), "self._get_grad_norm("),
+    Internal("transformers:Trainer", "_save_checkpoint", "stages.gad.GadTrainer",
+             "writes the discriminator into each checkpoint before the trainer state that marks it whole",
+             ("self", "model", "trial"), "self._save_checkpoint("),
+    Internal("transformers:Trainer", "_get_output_dir", "stages.gad.GadTrainer",
+             "the checkpoint folder the discriminator is saved into", ("self", "trial"), "self._get_output_dir("),
+    Internal("transformers:Trainer", "_load_optimizer_and_scheduler", "stages.gad.GadTrainer",
+             "restores the discriminator with the generator's optimizer on resume",
+             ("self", "checkpoint"), "self._load_optimizer_and_scheduler("),
+    Internal("trl:GRPOTrainer", "_prepare_inputs", "stages.gad.GadTrainer",
+             "rolls out and scores (training the discriminator) in the steps before the generator learns",
+             ("self", "generation_batch"), "self._prepare_inputs("),
+    Internal("trl:GRPOTrainer", "_step", "stages.gad.GadTrainer",
+             "GRPO's micro-step count, which schedules generation: advanced by the discriminator-only steps",
+             called_as="self._step += 1"),
+    Internal("trl.trainer.utils:FusedCausalLMOutput", "", "lm_head.add_cpu_lm_head",
+             "the output of TRL's fused LM head, which this package's CPU head returns in its place",
+             fields=("loss", "log_probs", "entropy", "mean_logits", "is_top1", "label_mask")),
+    Internal("trl:DPOTrainer", "", "lm_head.add_cpu_lm_head",
+             "TRL calls the model with fused_lm_head=True, the call this package's CPU head answers",
+             called_as="fused_lm_head=True"),
+)
+
+
+def check(internal: Internal) -> str | None:
+    """What no longer holds for this entry in the installed libraries, or None."""
+    module, _, attr = internal.owner.partition(":")
+    try:
+        owner = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        return f"{internal.owner} is gone ({e})"
+    if internal.parameters is not None:
+        method = getattr(owner, internal.name, None)
+        if method is None:
+            return f"{internal.owner} has no {internal.name}"
+        found = tuple(inspect.signature(method).parameters)
+        if found != internal.parameters:
+            return f"{internal.name} now takes {found}, not {internal.parameters}"
+    if internal.called_as is not None:
+        sources = [inspect.getsource(c) for c in inspect.getmro(owner) if c.__module__.split(".")[0] in TESTED]
+        if not any(internal.called_as in source for source in sources):
+            return f"{internal.owner}'s source no longer contains {internal.called_as!r}"
+    if internal.fields is not None:
+        have = {f.name for f in dataclass_fields(owner)} if is_dataclass(owner) else set()
+        if missing := [f for f in internal.fields if f not in have]:
+            return f"{internal.owner} has no field {', '.join(missing)}"
+    return None
+
+
+def check_internals() -> list[str]:
+    """One line per entry that no longer holds, naming the override that relies on it; [] when all hold."""
+    problems = []
+    for internal in INTERNALS:
+        problem = check(internal)
+        if problem:
+            problems.append(f"{internal.used_by} overrides or relies on {internal.label} ({internal.why}): {problem}")
+    return problems

@@ -1,0 +1,114 @@
+"""The map of a run directory, written once: every stage (its function, what it reads and writes, the model it
+yields) and every method (the stage whose model it is; its chain of stages follows from what each stage needs).
+
+The pipeline and the CLI run stages from here; evaluate, analyze, report and plots find a run's models and files
+here. Adding a method is one `Method` entry plus its stage module. Nothing here imports a trainer: a stage's
+function is named as `module:function` and imported only when the stage runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # its record in manifest.json and its subcommand
+    function: str  # "module:function" in soda_distill, called as function(cfg, run) -> the path it yields
+    does: str  # one line, for the CLI's help and the README
+    needs: tuple[str, ...] = ()  # the stages whose outputs it reads
+    outputs: tuple[str, ...] = ()  # what a finished stage has left, relative to the run directory ("x/": a folder)
+    model: str | None = None  # the model directory it yields (a Hugging Face model folder)
+    metrics: str | None = None  # its per-step training metrics
+
+    def run(self, cfg, run) -> Path:
+        module, function = self.function.split(":")
+        return getattr(importlib.import_module(f"soda_distill.{module}"), function)(cfg, run)
+
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("teacher", "stages.teacher:run_teacher", "teacher answers y_t, from an OpenAI-compatible API or a file",
+          outputs=("teacher.jsonl",)),
+    Stage("snapshot", "stages.snapshot:run_snapshot", "the untouched student q0 answers every prompt once: y_s",
+          needs=("teacher",), outputs=("snapshot.jsonl",)),
+    Stage("pairs", "stages.pairs:run_pairs", "preference pairs (x, chosen = y_t, rejected = y_s)",
+          needs=("teacher", "snapshot"), outputs=("pairs.jsonl",)),
+    Stage("warmup", "stages.warmup:run_warmup", "SFT of q0 on the teacher answers: q_w",
+          needs=("teacher",), outputs=("warmup/",), model="warmup", metrics="warmup/metrics.jsonl"),
+    Stage("distill", "stages.distill:run_distill", "DPO on the pairs from q_w, q_w the frozen reference",
+          needs=("pairs", "warmup"), outputs=("distill/",), model="distill", metrics="distill/metrics.jsonl"),
+    Stage("gad_warmup", "stages.gad:run_discriminator_warmup", "GAD's discriminator warmup: Bradley–Terry on the pairs",
+          needs=("pairs",), outputs=("gad/discriminator_warmup/",), metrics="gad/discriminator_warmup/metrics.jsonl"),
+    Stage("gad", "stages.gad:run_adversarial", "GAD's adversarial phase: GRPO on the discriminator's scores",
+          needs=("teacher", "warmup", "gad_warmup"), outputs=("gad/generator/", "gad/discriminator/"),
+          model="gad/generator", metrics="gad/metrics.jsonl"),
+)}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # as `--method` takes it
+    label: str  # its name in tables and figures (the paper's)
+    stage: str | None  # the stage whose model it is; None: the run's untouched student
+    detail: str = ""  # said beside the label in evaluation tables
+
+    @property
+    def column(self) -> str:
+        """The method's cell in an evaluation table's Method column."""
+        return f"{self.label} ({self.detail})" if self.detail else self.label
+
+    @property
+    def chain(self) -> list[str]:
+        """The stages that produce this method's model, in the order they run."""
+        return chain([self.stage] if self.stage else [])
+
+
+METHODS: dict[str, Method] = {method.name: method for method in (
+    Method("base", "Base", None),
+    Method("seqkd", "SeqKD", "warmup", detail="warmup"),
+    Method("soda", "SODA", "distill"),
+    Method("gad", "GAD", "gad"),
+)}
+DEFAULT_METHODS = ("soda",)  # what `soda-distill run` trains without --method
+
+
+def chain(stages: list[str]) -> list[str]:
+    """These stages and every stage they need, transitively, in registry order (which runs each after its needs)."""
+    wanted: set[str] = set()
+    todo = list(stages)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo += STAGES[name].needs
+    return [name for name in STAGES if name in wanted]
+
+
+def methods_named(names: list[str]) -> list[Method]:
+    from .errors import SodaError
+
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise SodaError(f"unknown method {unknown[0]!r} (methods: {', '.join(METHODS)})")
+    return [METHODS[n] for n in dict.fromkeys(names)]
+
+
+def expected_stages() -> list[str]:
+    """The stages every run has: those of the default methods. Others (GAD's) are optional."""
+    return chain([m.stage for m in methods_named(list(DEFAULT_METHODS)) if m.stage])
+
+
+def finished(run_path: Path, records: dict, stage: str) -> bool:
+    """Whether `stage` finished in this run directory: its manifest record (written after its outputs) says done,
+    and the model it yields, if any, is a model folder. `records` is the manifest's `stages`."""
+    model = STAGES[stage].model
+    return ((records.get(stage) or {}).get("status") == "done"
+            and (model is None or (run_path / model / "config.json").is_file()))
+
+
+def trained_models(run_path: Path, records: dict) -> list[tuple[Method, Path]]:
+    """The run's trained models whose stage finished, in registry order, with their folders."""
+    return [(m, run_path / STAGES[m.stage].model) for m in METHODS.values()
+            if m.stage and finished(run_path, records, m.stage)]

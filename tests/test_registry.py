@@ -1,0 +1,68 @@
+"""The registry is the one map of a run directory: consistent, complete, and read by everything that finds a run's
+stages or models. That a real run leaves exactly what it lists is checked where runs are made (test_e2e, test_gad)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from soda_distill.errors import SodaError
+from soda_distill.manifest import RunDir
+from soda_distill.plots import TRAINING_CURVES
+from soda_distill.registry import METHODS, STAGES, chain, expected_stages, finished, methods_named
+
+
+def test_every_stage_runs_after_what_it_needs():
+    order = list(STAGES)
+    for name, stage in STAGES.items():
+        assert all(order.index(need) < order.index(name) for need in stage.needs), name
+        assert stage.outputs, name
+        if stage.model:
+            assert any(out.rstrip("/") == stage.model for out in stage.outputs), name
+
+
+def test_every_stage_function_exists():
+    for stage in STAGES.values():
+        module, function = stage.function.split(":")
+        assert callable(getattr(__import__(f"soda_distill.{module}", fromlist=[function]), function)), stage.name
+
+
+def test_method_chains():
+    assert METHODS["base"].chain == []
+    assert METHODS["seqkd"].chain == ["teacher", "warmup"]
+    assert METHODS["soda"].chain == ["teacher", "snapshot", "pairs", "warmup", "distill"] == expected_stages()
+    assert METHODS["gad"].chain == ["teacher", "snapshot", "pairs", "warmup", "gad_warmup", "gad"]
+    assert chain(["distill", "gad"]) == list(STAGES)  # shared stages once
+    assert [m.column for m in METHODS.values()] == ["Base", "SeqKD (warmup)", "SODA", "GAD"]
+    with pytest.raises(SodaError, match="unknown method 'sodaa'"):
+        methods_named(["sodaa"])
+
+
+def test_every_training_stage_has_its_curves():
+    assert {c.stage for c in TRAINING_CURVES} == {name for name, s in STAGES.items() if s.metrics}
+    assert all(c.metrics == STAGES[c.stage].metrics for c in TRAINING_CURVES)
+
+
+def test_finished_needs_the_record_and_the_model(tmp_path):
+    run = RunDir(tmp_path / "run")
+    record = {"status": "done", "fingerprint": "x", "wall_s": 1.0}
+    run.manifest_path.write_text(json.dumps({"stages": {"warmup": record, "pairs": record}}))
+    assert run.finished("pairs") and not run.finished("distill")
+    (run.path / "warmup").mkdir()
+    assert not run.finished("warmup")  # a model folder needs its config.json
+    (run.path / "warmup" / "config.json").write_text("{}")
+    assert run.finished("warmup")
+    assert [(m.name, p) for m, p in run.trained_models()] == [("seqkd", run.path / "warmup")]
+    assert not finished(run.path, {"warmup": {**record, "status": "started"}}, "warmup")
+
+
+def test_reading_results_imports_no_trainer():
+    """Evaluation and reporting import no trainer; the report needs no torch at all."""
+    code = ("import sys, soda_distill, soda_distill.report, soda_distill.markdown_html, soda_distill.plots; "
+            "assert 'torch' not in sys.modules, 'report imports torch'; "
+            "import soda_distill.evaluation.evaluate, soda_distill.evaluation.analyze, soda_distill.evaluation.judge; "
+            "import soda_distill.cli, soda_distill.manifest; "
+            "assert not [m for m in sys.modules if m == 'trl' or m.startswith('trl.')], 'evaluation imports trl'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
