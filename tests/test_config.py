@@ -112,3 +112,36 @@ def test_a_config_cannot_make_the_tool_write_outside_its_run_directory(tmp_path,
     # the model '..' answering the benchmark 'generations' did not overwrite the generation log
     assert all("key" in json.loads(line) for line in (run / "eval" / "generations.jsonl").read_text().splitlines())
     assert {p.name for p in (run / "eval" / "responses").iterdir()} >= {"_.", "_._.._x"}  # never `..`
+
+
+def test_the_paper_preset_sets_what_the_paper_states_under_explicit_settings():
+    cfg = load_config(None, ["evaluate.preset=paper"]).evaluate
+    assert (cfg.max_new_tokens, cfg.prompt_format, cfg.judge.template, cfg.judge.model, cfg.reference.max_tokens) == \
+        (1536, "chat", "fastchat", "gpt-4o", 1536)
+    mine = load_config(None, ["evaluate.preset=paper", "evaluate.max_new_tokens=64", "evaluate.judge.model=mine"]).evaluate
+    assert (mine.max_new_tokens, mine.judge.model, mine.judge.template) == (64, "mine", "fastchat")
+    assert load_config(None, []).evaluate.max_new_tokens == 256
+    with pytest.raises(SodaError, match="evaluate.preset: unknown preset 'papr' \\(presets: paper\\)"):
+        load_config(None, ["evaluate.preset=papr"])
+
+
+@pytest.mark.parametrize("section", ["warmup", "distill", "gad"])
+def test_warmup_ratio_is_a_fraction_of_the_steps(section):
+    """transformers reads warmup_steps below 1 as a fraction, from 1 on as a step count: a ratio of 1 would have been
+    a single warmup step."""
+    from soda_distill.training import trainer_arguments
+    from transformers import TrainingArguments
+
+    cfg = load_config(None, [f"{section}.warmup_ratio=0.5"])
+    args = TrainingArguments(**{k: v for k, v in trainer_arguments(getattr(cfg, section), "/tmp/x", False).items()
+                                if k not in ("max_length", "activation_checkpointing")})
+    assert args.get_warmup_steps(10) == 5
+    with pytest.raises(SodaError, match=f"{section}.warmup_ratio must be at least 0 and below 1"):
+        load_config(None, [f"{section}.warmup_ratio=1.0"])
+
+
+def test_a_key_added_later_leaves_old_fingerprints_at_its_default():
+    """distill.use_weighting came after runs were made: at its default the distill stage's fingerprint is what it
+    was before (a pinned value), so `run` on such a run directory finds its DPO finished; set, it differs."""
+    assert fingerprint(load_config(None, []).distill) == "165413c472b01873"
+    assert fingerprint(load_config(None, ["distill.use_weighting=true"]).distill) != "165413c472b01873"

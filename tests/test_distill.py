@@ -52,3 +52,16 @@ def test_dpo_batches_group_pairs_by_length(tmp_path, qa_file, tiny_model_dir):
     assert list(sampler.sampler.lengths) == lengths and len(set(lengths)) > 1
     batch = next(iter(loader))
     assert batch["input_ids"].shape[0] == 2 * 2  # chosen and rejected of two pairs
+
+
+def test_dpo_with_wpo_weighting_trains_on_cpu(tmp_path, qa_file, tiny_model_dir):
+    """distill.use_weighting (WPO) needs log Σp² per token: on CPU it keeps TRL's own head, which returns it."""
+    cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+                             "distill.use_weighting=true", "distill.batch_size=4", "distill.epochs=0.5",
+                             "distill.max_length=128", "student.bf16=false"])
+    run = RunDir(tmp_path / "run")
+    for stage in (run_teacher, run_snapshot, run_pairs):
+        stage(cfg, run)
+    out = run_distill(cfg, run, start=tiny_model_dir)
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "rewards/margins" in m]
+    assert steps and all(m["loss"] > 0 for m in steps)

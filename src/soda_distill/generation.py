@@ -1,27 +1,44 @@
 """Batched generation from chat prompts: transformers (CPU/GPU, KV cache) or vLLM when installed.
 
 Prompts are sorted by length (longest first, so an out-of-memory batch shows up at once) and cut into fixed
-batches over the *whole* prompt list; each batch is seeded by its index. A resumed run therefore regenerates a
-missing batch exactly as the uninterrupted run would have.
+batches over the *whole* prompt list; each batch is seeded by its index (with vLLM, each prompt by its own). A
+resumed run therefore regenerates a missing batch exactly as the uninterrupted run would have.
+
+Both backends decode by `Sampling` alone: the model's own `generation_config` (a repetition penalty, top-k, ... as
+many Hub models ship) is not applied, so one config gives one decoding rule whatever the backend.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 
 @dataclass
 class Sampling:
+    """The whole decoding rule: temperature and top-p sampling (greedy at temperature 0), nothing else — no top-k,
+    repetition penalty or minimum length."""
+
     max_new_tokens: int
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int = 0
+
+    def describe(self) -> dict:
+        """The rule as the manifest records it."""
+        return {"decoding": "greedy" if self.temperature == 0 else "sampled", "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": None, "repetition_penalty": 1.0, "max_new_tokens": self.max_new_tokens,
+                "seed": self.seed, "model_generation_config": "ignored"}
+
+    def request_seed(self, index: int) -> int:
+        """The seed of the index-th prompt (or batch) of a generation: the same on a resumed run."""
+        return self.seed * 100_003 + index
 
 
 @dataclass
@@ -81,6 +98,9 @@ def generate_transformers(
     configured = model.generation_config.eos_token_id
     configured = configured if isinstance(configured, list) else [configured]
     stop_ids = {i for i in [tokenizer.eos_token_id, *configured] if i is not None}
+    # generate fills every setting left unset from model.generation_config: a neutral one leaves `Sampling` alone
+    neutral = GenerationConfig(eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id,
+                               bos_token_id=model.generation_config.bos_token_id)
     device = next(model.parameters()).device
     model.eval()
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
@@ -89,12 +109,11 @@ def generate_transformers(
             if all(done(i) for i in batch):
                 continue
             enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            torch.manual_seed(sampling.seed * 100_003 + b)
-            kwargs = {"do_sample": False, "max_new_tokens": sampling.max_new_tokens}
-            if sampling.temperature > 0:
-                kwargs["logits_processor"] = LogitsProcessorList([CategoricalSampler(sampling.temperature, sampling.top_p)])
-            with torch.inference_mode():
-                out = model.generate(**enc, **kwargs, pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stop_ids))
+            torch.manual_seed(sampling.request_seed(b))
+            processors = [CategoricalSampler(sampling.temperature, sampling.top_p)] if sampling.temperature > 0 else []
+            with torch.inference_mode(), _generation_config(model, neutral):
+                out = model.generate(**enc, do_sample=False, max_new_tokens=sampling.max_new_tokens,
+                                     logits_processor=LogitsProcessorList(processors))
             results = []
             for row, i in enumerate(batch):
                 new = out[row, enc["input_ids"].shape[1] :].tolist()
@@ -106,19 +125,36 @@ def generate_transformers(
             bar.update(len(batch))
 
 
+@contextmanager
+def _generation_config(model, config: GenerationConfig):
+    saved, model.generation_config = model.generation_config, config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 def vllm_engine(model_path: str, bf16: bool, seed: int):
     from vllm import LLM
 
-    return LLM(model=model_path, dtype="bfloat16" if bf16 else "float32", seed=seed)
+    # generation_config="vllm": vLLM's neutral defaults, not the model's generation_config.json
+    return LLM(model=model_path, dtype="bfloat16" if bf16 else "float32", seed=seed, generation_config="vllm")
 
 
-def generate_vllm(llm, prompts: list[list[dict]], sampling: Sampling) -> list[Generated]:
-    """Every prompt's answer from a `vllm_engine`, which schedules them itself (continuous batching)."""
+def vllm_sampling(sampling: Sampling, indices: list[int]) -> list[dict]:
+    """SamplingParams' arguments for each prompt: the whole rule spelled out, and a seed of the prompt's own (its
+    index in the whole prompt list), so prompts draw independent streams and a resumed run draws the same ones."""
+    return [{"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": -1, "min_p": 0.0,
+             "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+             "max_tokens": sampling.max_new_tokens, "seed": sampling.request_seed(i)} for i in indices]
+
+
+def generate_vllm(llm, prompts: list[list[dict]], sampling: Sampling, indices: list[int] | None = None) -> list[Generated]:
+    """Every prompt's answer from a `vllm_engine`, which schedules them itself (continuous batching); `indices`:
+    each prompt's place in the whole prompt list (default: its place here)."""
     from vllm import SamplingParams
 
-    params = SamplingParams(
-        temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=sampling.seed
-    )
+    params = [SamplingParams(**p) for p in vllm_sampling(sampling, indices or list(range(len(prompts))))]
     # vLLM divides by its progress bar's elapsed time, which stays 0 when tqdm is disabled
     outputs = llm.chat(prompts, params, use_tqdm=not os.environ.get("TQDM_DISABLE"))
     return [

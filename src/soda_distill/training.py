@@ -31,7 +31,7 @@ def trainer_arguments(section: TrainingConfig, output_dir: Path, bf16: bool) -> 
         gradient_accumulation_steps=section.gradient_accumulation_steps,
         max_length=section.max_length,
         lr_scheduler_type=section.lr_scheduler,
-        warmup_steps=section.warmup_ratio,
+        warmup_steps=section.warmup_ratio,  # below 1, transformers reads it as a fraction of the steps
         weight_decay=section.weight_decay,
         max_grad_norm=section.max_grad_norm,
         seed=section.seed,
@@ -55,7 +55,8 @@ def apply_cpu_settings(trainer):
     applied from inside its constructor."""
     if trainer.model.device.type != "cpu":
         return trainer
-    add_cpu_lm_head(trainer.model)
+    if not getattr(trainer, "use_weighting", False):  # WPO weights need log Σp², which only TRL's head returns
+        add_cpu_lm_head(trainer.model)
     return_freed_memory()
     return bf16_weights(trainer)
 
@@ -125,6 +126,14 @@ class MasterWeightsAdamW(torch.optim.AdamW):
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.masters, max_norm)
+
+    @torch.no_grad()
+    def copy_into(self, model) -> None:
+        """The model back in fp32, holding the masters exactly: what a stage saves, so that the progress below bf16's
+        resolution is not rounded away at the hand-off to the next stage."""
+        model.to(torch.float32)
+        for p, master in zip(self.model_params, self.masters, strict=True):
+            p.copy_(master)
 
     def state_dict(self):
         return {**super().state_dict(), "master_weights": self.masters}
@@ -252,10 +261,14 @@ def last_checkpoint(folder: Path) -> str | None:
 
 
 def train_and_save(trainer, final_dir: Path) -> dict:
-    """Train (resuming from the newest whole checkpoint if there is one), save the final model, drop the checkpoints."""
+    """Train (resuming from the newest whole checkpoint if there is one), save the final model (trained with fp32
+    masters: the masters, in fp32), drop the checkpoints."""
     checkpoints = Path(trainer.args.output_dir)
     last = last_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=last)
+    masters = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
+    if isinstance(masters, MasterWeightsAdamW):
+        masters.copy_into(trainer.model)
     trainer.save_model(str(final_dir))
     # Trainer states first, so that a kill part-way leaves no checkpoint that looks whole with files missing (the
     # stage then trains again from the start, to the same result, instead of failing to resume).

@@ -111,7 +111,7 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark])
     if todo:
         tokenizer = load_tokenizer(model_path, row.trust_remote_code)
         _refuse_overlong(row, model_path, tokenizer, benchmarks, ev)
-        sampling = Sampling(max_new_tokens=ev.max_new_tokens, temperature=0.0)
+        sampling = Sampling(max_new_tokens=ev.max_new_tokens)  # greedy
 
         def keep(results):
             log.append([{"key": todo[i], "model": row.label, "text": g.text, "finish_reason": g.finish_reason,
@@ -199,7 +199,8 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
                 atomic_write_jsonl(evaldir.file(f"judgments/{_slug(label)}/{_slug(bench)}.jsonl"), result["details"])
         results = {
             "settings": {
-                "prompt_format": ev.prompt_format, "decoding": "greedy", "max_new_tokens": ev.max_new_tokens,
+                "preset": ev.preset, "prompt_format": ev.prompt_format, "decoding": "greedy", "max_new_tokens": ev.max_new_tokens,
+                "sampling": Sampling(max_new_tokens=ev.max_new_tokens).describe(),
                 "backend": ev.backend, "limit": ev.limit, "exact_match_max_words": ev.exact_match_max_words,
             },
             "benchmarks": [{"name": b.name, "path": b.path, "prompts": len(b.items), "note": b.note} for b in benchmarks],

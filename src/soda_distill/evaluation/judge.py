@@ -3,7 +3,9 @@
 For each prompt the judge (GPT-4o in the paper; any OpenAI-compatible endpoint here) sees the question and two
 answers — the student's and the reference model's — each between its own markers, rates each from 1 to 10 for
 helpfulness, relevance, accuracy and level of detail, and writes the two scores on its first line before
-explaining. Every prompt is judged twice, student first and reference first; a judgment scores S/(S+R)×100
+explaining. The default prompt is the lineage's: FastChat's pairwise review prompt ("general"), which MiniLLM and
+GAD evaluate with, shipped verbatim with its system prompt (data/judge_fastchat.txt); `soda` names this package's
+own stricter wording, and any file with the three placeholders works. Every prompt is judged twice, student first and reference first; a judgment scores S/(S+R)×100
 (50 = parity with the reference), and a cell's score is the mean over its judgments.
 
 Only the reply's first line is read, and marker-like text inside an answer is defused, so an answer that tries to
@@ -32,22 +34,32 @@ PLACEHOLDERS = ("{question}", "{answer_1}", "{answer_2}")
 RERUN = "run the same command again"
 MAX_TEMPLATE_BYTES = 64 << 10
 
-# Text in an answer that looks like one of the template's markers ("[End of Assistant 1's Answer]") is rewritten
-# with parentheses, so an answer cannot end its own block and pose as the judge's instructions.
-_MARKER = re.compile(r"\[(\s*(?:(?:start|end)\s+of\s+)?(?:question|assistant\b[^\]\n]*))\]", re.IGNORECASE)
+# Text in an answer that looks like one of the templates' markers ("[The End of Assistant 1's Answer]", "[System]")
+# is rewritten with parentheses, so an answer cannot end its own block and pose as the judge's instructions.
+_MARKER = re.compile(r"\[(\s*(?:the\s+)?(?:(?:start|end)\s+of\s+)?(?:question|system|assistant\b[^\]\n]*))\]",
+                     re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?!\w|\.\d)")
 # What may stand beside the two scores on the first line: labels, "/10", and a few joining words.
 _LABEL = re.compile(r"assistant\s*[12](?:'s)?|(?:/|out\s+of)\s*10\b|\b(?:scores?|ratings?|and|vs)\b", re.IGNORECASE)
+
+
+FASTCHAT_SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
+# Named templates: their file in data/ and their system prompt.
+TEMPLATES = {
+    "fastchat": ("judge_fastchat.txt", FASTCHAT_SYSTEM_PROMPT),
+    "soda": ("judge_soda.txt", "You are a careful, impartial judge of the quality of AI assistants' answers."),
+}
 
 
 class UnparseableReply(ValueError):
     """A judge reply whose first line does not hold the two scores."""
 
 
-def load_template(path: str | None) -> tuple[str, str]:
-    """The judge prompt template and a name for it: the built-in one, or a user's file."""
-    if path is None:
-        return (resources.files("soda_distill") / "data" / "judge_template.txt").read_text(encoding="utf-8"), "built-in"
+def load_template(name: str) -> tuple[str, str]:
+    """The judge prompt template and its name: a named one (TEMPLATES), or a user's file."""
+    if name in TEMPLATES:
+        return (resources.files("soda_distill") / "data" / TEMPLATES[name][0]).read_text(encoding="utf-8"), name
+    path = name
     text = read_text_file(Path(path), "judge template", MAX_TEMPLATE_BYTES)  # it is sent with every judgment
     missing = [p for p in PLACEHOLDERS if p not in text]
     if missing:
@@ -87,11 +99,18 @@ def parse_scores(reply: str) -> tuple[float, float]:
     return scores
 
 
+def system_prompt(section: JudgeConfig) -> str:
+    """The configured system prompt, else the named template's own (FastChat's for a file of one's own)."""
+    if section.system_prompt is not None:
+        return section.system_prompt
+    return TEMPLATES.get(section.template, TEMPLATES["fastchat"])[1]
+
+
 def judge_body(section: JudgeConfig, template: str, item: Item, answer_1: str, answer_2: str) -> dict:
     return {
         "model": section.model,
         "messages": [
-            {"role": "system", "content": section.system_prompt},
+            {"role": "system", "content": system_prompt(section)},
             {"role": "user", "content": render(template, question_text(item.prompt), answer_1, answer_2)},
         ],
         "temperature": section.temperature,
@@ -193,6 +212,8 @@ def run_judge(
     totals.update(
         template=template_name,
         template_sha256=hashlib.sha256(template.encode()).hexdigest(),
+        system_prompt=system_prompt(j),
+        temperature=j.temperature,
         judgments=len(jobs),
         unparseable=sum(cache.records[k]["scores"] is None for k in jobs),
     )

@@ -46,6 +46,7 @@ def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
         **trainer_arguments(d, output_dir / "checkpoints", use_bf16(cfg.student.bf16)),
         beta=d.beta,
         loss_type=[d.loss_type],
+        use_weighting=d.use_weighting,
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=d.precompute_batch_size,
         remove_unused_columns=False,  # keeps `length` for the length-grouped sampler; TRL's collator reads its own keys

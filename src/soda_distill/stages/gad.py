@@ -273,6 +273,8 @@ class GadTrainer(ResumableOrder, GRPOTrainer):
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
+        if isinstance(self.discriminator.optimizer, MasterWeightsAdamW):
+            self.discriminator.optimizer.copy_into(self.discriminator.model)
         self.discriminator.model.save_pretrained(self.discriminator_dir)  # before train_and_save drops the checkpoints
         self.processing_class.save_pretrained(self.discriminator_dir)
         return result

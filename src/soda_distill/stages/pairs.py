@@ -1,7 +1,8 @@
 """Stage 3 — the preference set D_pref = {(x, chosen = y_t, rejected = y_s)} in TRL's conversational format.
 
 Pairs that teach nothing or do not fit are dropped and counted: an empty response on either side, a student
-answer identical to the teacher's, or prompt + the longer response over `pairs.max_length` tokens.
+answer identical to the teacher's, or prompt + the longer response over `pairs.max_length` tokens — counted as TRL's
+DPO tokenizes them, through the chat template, so a response's end of turn counts as many tokens as the template has.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def run_pairs(cfg: Config, run: RunDir) -> Path:
         teacher = read_examples(teacher_path, want_response=True)
         student = {ex.id: ex for ex in read_examples(snapshot_path, want_response=True)}
         tokenizer = load_tokenizer(resolve_model(cfg.student.model, cfg.student.gguf_file), cfg.student.trust_remote_code)
-        end_of_turn = 1  # the end-of-turn token the chat template appends to every response
+        chat_tokens = lambda messages, **kw: len(
+            tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
         dropped: Counter = Counter()
         lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
         pairs = []
@@ -44,9 +46,9 @@ def run_pairs(cfg: Config, run: RunDir) -> Path:
             if chosen.strip() == rejected.strip():
                 dropped["identical"] += 1
                 continue
-            n_prompt = len(tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-            n_chosen = len(tokenizer(chosen, add_special_tokens=False)["input_ids"]) + end_of_turn
-            n_rejected = len(tokenizer(rejected, add_special_tokens=False)["input_ids"]) + end_of_turn
+            n_prompt = chat_tokens(ex.prompt, add_generation_prompt=True)
+            n_chosen = chat_tokens(ex.prompt + [{"role": "assistant", "content": chosen}]) - n_prompt
+            n_rejected = chat_tokens(ex.prompt + [{"role": "assistant", "content": rejected}]) - n_prompt
             if n_prompt + max(n_chosen, n_rejected) > cfg.pairs.max_length:
                 dropped["too_long"] += 1
                 continue

@@ -55,8 +55,9 @@ def run_snapshot(cfg: Config, run: RunDir) -> Path:
             ])
 
         if todo and s.backend == "vllm":
-            results = generate_vllm(vllm_engine(model_path, bf16, s.seed), [ex.prompt for ex in todo], sampling)
             index = {ex.id: i for i, ex in enumerate(examples)}
+            results = generate_vllm(vllm_engine(model_path, bf16, s.seed), [ex.prompt for ex in todo], sampling,
+                                    [index[ex.id] for ex in todo])
             keep([(index[ex.id], g) for ex, g in zip(todo, results)])
         elif todo and s.backend == "transformers":
             model = load_model(model_path, torch.bfloat16 if bf16 else torch.float32, cfg.student.trust_remote_code)
@@ -78,6 +79,7 @@ def run_snapshot(cfg: Config, run: RunDir) -> Path:
             generated_tokens_per_s=round(new_tokens / elapsed, 1) if new_tokens else None,
             backend=s.backend,
             dtype="bfloat16" if bf16 else "float32",
+            sampling=sampling.describe(),
         )
     log.path.unlink(missing_ok=True)  # only once the stage is recorded as done
     return out
