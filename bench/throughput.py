@@ -95,7 +95,7 @@ def soda_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, out
         return build_sft_trainer(model, tokenizer, data, cfg, out, out / "metrics.jsonl")
     pairs = out / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return build_dpo_trainer(model, tokenizer, dpo_dataset(pairs), cfg, out, out / "metrics.jsonl")
+    return build_dpo_trainer(model, tokenizer, dpo_dataset(pairs, tokenizer, 1024)[0], cfg, out, out / "metrics.jsonl")
 
 
 def train(stage: str, variant: str, quick: bool) -> dict:

@@ -44,7 +44,7 @@ def test_dpo_batches_group_pairs_by_length(tmp_path, qa_file, tiny_model_dir):
     for stage in (run_teacher, run_snapshot, run_pairs):
         stage(cfg, run)
     trainer = build_dpo_trainer(load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)),
-                                dpo_dataset(run.file("pairs.jsonl")), cfg, tmp_path / "out", tmp_path / "metrics.jsonl")
+                                dpo_dataset(run.file("pairs.jsonl"), load_tokenizer(str(tiny_model_dir)), 128)[0], cfg, tmp_path / "out", tmp_path / "metrics.jsonl")
     lengths = trainer.train_dataset["length"]
     loader = trainer.get_train_dataloader()
     sampler = loader.batch_sampler.sampler

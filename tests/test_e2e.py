@@ -35,7 +35,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert all((out / output).exists() for output in STAGES[stage].outputs), stage
         assert RunDir(out).finished(stage), stage
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
-    assert pairs and set(pairs[0]) == {"id", "prompt", "chosen", "rejected"}
+    assert pairs and set(pairs[0]) == {"id", "prompt", "chosen", "rejected", "chosen_truncated", "rejected_truncated"}
 
     model = AutoModelForCausalLM.from_pretrained(out / "distill")
     tokenizer = AutoTokenizer.from_pretrained(out / "distill")

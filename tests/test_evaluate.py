@@ -51,8 +51,11 @@ def test_results_table_from_two_runs_offline(tmp_path, tiny_model_dir, qa_file, 
     assert [(r["model"], r["method"]) for r in results["rows"]] == [("a", "Base"), ("a", "SeqKD (warmup)"), ("b", "Base"), ("b", "SODA")]
     cell = results["rows"][3]["cells"]["qa"]
     assert cell["prompts"] == 4 and cell["rouge_l"] is not None and cell["judge"] is None and results["judge"] is None
-    assert results["settings"] == {"prompt_format": "chat", "decoding": "greedy", "max_new_tokens": 4, "backend": "transformers",
-                                   "limit": 4, "exact_match_max_words": 5}
+    assert results["settings"] == {"preset": None, "prompt_format": "chat", "decoding": "greedy", "max_new_tokens": 4,
+                                   "backend": "transformers", "limit": 4, "exact_match_max_words": 5,
+                                   "sampling": {"decoding": "greedy", "temperature": 0.0, "top_p": 1.0, "top_k": None,
+                                                "repetition_penalty": 1.0, "max_new_tokens": 4, "seed": 0,
+                                                "model_generation_config": "ignored"}}
     # the base model is shared by both runs: generated once; 3 distinct models × 4 prompts
     assert json.loads((out / "manifest.json").read_text())["stages"]["evaluate"]["generated"] == 12
     markdown = (out / "results.md").read_text()

@@ -24,6 +24,8 @@ def test_pairs_format_and_drops(tmp_path, tiny_model_dir):
         "prompt": [{"role": "user", "content": "Name a color."}],
         "chosen": [{"role": "assistant", "content": "Red."}],
         "rejected": [{"role": "assistant", "content": "I think blue."}],
+        "chosen_truncated": False,
+        "rejected_truncated": False,
     }]
     info = run.manifest()["stages"]["pairs"]
     assert info["kept"] == 1
@@ -58,3 +60,36 @@ def test_the_length_limit_counts_tokens_as_dpo_trains_them(tmp_path, tiny_model_
         if kept == len(answers):  # the recorded lengths are TRL's too
             assert info["lengths"]["chosen"]["max"] == max(map(len, ds["chosen_ids"]))
             assert info["lengths"]["prompt"]["max"] == max(map(len, ds["prompt_ids"]))
+
+
+def test_a_cut_answer_is_kept_open_or_dropped(tmp_path, tiny_model_dir):
+    """q0's answer cut at snapshot.max_new_tokens is kept and trained with no end of turn (DPO learns its text, not
+    to stop there), or dropped and counted."""
+    from soda_distill.chat_tokens import end_of_turn
+    from soda_distill.models import load_tokenizer
+    from soda_distill.stages.distill import dpo_dataset
+
+    teacher = [conv("a", "Name a color.", "Red."), conv("b", "Name a fruit.", "Apple.")]
+    student = [{**conv("a", "Name a color.", "Well, there are many colors, and the one I"), "finish_reason": "length"},
+               {**conv("b", "Name a fruit.", "Banana."), "finish_reason": "stop"}]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    suffix = list(end_of_turn(tokenizer))
+    assert tokenizer.decode(suffix) == "<|im_end|>\n"
+    for policy, kept in (("open", 2), ("drop", 1)):
+        run = RunDir(tmp_path / policy)
+        for name, recs in (("teacher.jsonl", teacher), ("snapshot.jsonl", student)):
+            run.file(name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        out = run_pairs(load_config(None, [f"student.model={tiny_model_dir}", f"pairs.truncated_rejected={policy}"]), run)
+        info = run.manifest()["stages"]["pairs"]
+        assert info["kept"] == kept and info["truncated_policy"]["rejected"] == policy
+        if policy == "drop":
+            assert info["dropped"] == {"truncated_rejected": 1}
+            continue
+        assert info["truncated_kept_open"] == {"rejected": 1}
+        rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+        assert rows["a"]["rejected_truncated"] and not rows["b"]["rejected_truncated"]
+        data, _ = dpo_dataset(out, tokenizer, 1024)
+        by_text = {tokenizer.decode(r["rejected_ids"]): r for r in data}
+        cut = by_text["Well, there are many colors, and the one I"]  # its text, and no end of turn after it
+        assert cut["rejected_ids"][-len(suffix):] != suffix and cut["chosen_ids"][-len(suffix):] == suffix
+        assert by_text["Banana.<|im_end|>\n"]["rejected_ids"][-len(suffix):] == suffix

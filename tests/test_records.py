@@ -12,7 +12,6 @@ from soda_distill.evaluation.benchmarks import load_benchmarks
 from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
 from soda_distill.manifest import RunDir
 from soda_distill.records import MAX_LINE_BYTES, AppendLog, read_examples, read_pairs
-from soda_distill.stages.distill import dpo_dataset
 from soda_distill.stages.teacher import run_teacher
 
 
@@ -40,7 +39,7 @@ READERS = {
     "lmsys": lambda path, tmp: load_benchmarks(config(f"evaluate.lmsys={path}", "evaluate.benchmarks=[]").evaluate),
     "responses": lambda path, tmp: evaluate(tmp, "evaluate.benchmarks=[vicuna]", f"evaluate.models.M/File={path}"),
     "analyze-prompts": lambda path, tmp: analyze_runs(config(f"analyze.prompts={path}"), [], tmp / "analysis"),
-    "pairs": lambda path, tmp: dpo_dataset(path),  # pairs.jsonl as distill (and GAD) read it
+    "pairs": lambda path, tmp: read_pairs(path),  # pairs.jsonl as distill (and GAD) read it
 }
 ENORMOUS = object()  # stands for a 50 MB line (written sparse: no disk space, no time)
 

@@ -20,7 +20,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tmp_path, qa_file, tiny_m
     cfg = warmup_config(qa_file, tiny_model_dir)
     run = RunDir(tmp_path / "run")
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    trainer = warmup.build_sft_trainer(load_model(str(tiny_model_dir)), tokenizer, warmup.sft_dataset(run_teacher(cfg, run)),
+    trainer = warmup.build_sft_trainer(load_model(str(tiny_model_dir)), tokenizer, warmup.sft_dataset(run_teacher(cfg, run), tokenizer)[0],
                                        cfg, run.file("warmup"), run.file("warmup") / "metrics.jsonl")
     assert trainer.model._soda_cpu_lm_head  # trains through lm_head.py, which scores exactly these labels
     for i in range(3):
@@ -68,6 +68,26 @@ def test_bf16_warmup_saves_its_fp32_masters(tmp_path, qa_file, tiny_model_dir):
     assert max(float(d.max()) for d in moved) < 1e-3  # sub-ulp steps: bf16's spacing here is ~1e-4
     changed = sum(int((d > 0).sum()) for d in moved) / sum(d.numel() for d in moved)
     assert changed > 0.5, changed  # the masters moved nearly every weight; bf16 weights alone would keep ~none
+
+
+def test_a_cut_teacher_answer_is_trained_without_an_end_of_turn(tmp_path, tiny_model_dir):
+    from conftest import write_jsonl
+
+    from soda_distill.chat_tokens import end_of_turn
+
+    teacher = write_jsonl(tmp_path / "t.jsonl", [
+        {"id": "a", "messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A full answer."}]},
+        {"id": "b", "messages": [{"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "An answer that was"}],
+         "finish_reason": "length"}])
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    suffix = list(end_of_turn(tokenizer))
+    data, counts = warmup.sft_dataset(teacher, tokenizer)
+    assert counts == {"truncated_kept_open": 1, "dropped_truncated": 0}
+    full, cut = data
+    assert full["input_ids"][-len(suffix):] == suffix and cut["input_ids"][-len(suffix):] != suffix
+    assert tokenizer.decode([t for t, m in zip(cut["input_ids"], cut["completion_mask"]) if m]) == "An answer that was"
+    data, counts = warmup.sft_dataset(teacher, tokenizer, "drop")
+    assert len(data) == 1 and counts["dropped_truncated"] == 1
 
 
 class Crash(TrainerCallback):

@@ -83,9 +83,25 @@ class SnapshotConfig:
     batch_size: int = operational(16)
 
 
+TRUNCATED = ("open", "drop")  # a cut answer: kept without a trained end of turn, or dropped (and counted)
+
+
+def _check_truncated(section: str, key: str, value: str) -> None:
+    if value not in TRUNCATED:
+        raise SodaError(f"{section}.{key}: expected one of {TRUNCATED}, got {value!r}")
+
+
 @dataclass
 class PairsConfig:
     max_length: int = 1024  # tokens of prompt + the longer response; longer pairs are dropped
+    # An answer cut at its token limit (teacher: the API's max_tokens; q0: snapshot.max_new_tokens): "open" keeps it
+    # and trains no end of turn after it, so DPO learns its text and not to stop there; "drop" drops the pair.
+    truncated_chosen: str = added("open")
+    truncated_rejected: str = added("open")
+
+    def __post_init__(self):
+        for key in ("truncated_chosen", "truncated_rejected"):
+            _check_truncated("pairs", key, getattr(self, key))
 
 
 @dataclass
@@ -115,6 +131,11 @@ class TrainingConfig:
 class WarmupConfig(TrainingConfig):
     section = "warmup"
     learning_rate: float = 5e-6  # GAD's SeqKD learning rate
+    truncated: str = added("open")  # a teacher answer cut at its token limit: as pairs.truncated_chosen
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_truncated("warmup", "truncated", self.truncated)
 
 
 @dataclass

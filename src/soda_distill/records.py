@@ -139,6 +139,7 @@ class Example:
     id: str
     prompt: list[dict]
     response: str | None = None
+    truncated: bool = False  # the response was cut at its token limit (`finish_reason: length`)
 
 
 def _check_messages(path, lineno, messages, field_name) -> None:
@@ -190,7 +191,7 @@ def parse_example(path, lineno: int, obj: dict, want_response: bool) -> Example:
     rid = obj.get("id", prompt_id(prompt))
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         raise InputError(path, lineno, "id", "expected a string or integer")
-    return Example(id=str(rid), prompt=prompt, response=response)
+    return Example(id=str(rid), prompt=prompt, response=response, truncated=obj.get("finish_reason") == "length")
 
 
 def read_examples(path: Path, want_response: bool = False, limit: int | None = None) -> list[Example]:
@@ -232,7 +233,8 @@ def read_pairs(path: Path) -> list[dict]:
         if rid is not None and rid in seen:
             raise InputError(path, lineno, "id", f"duplicate id {rid!r} (first on line {seen[rid]})")
         seen[rid] = lineno
-        pairs.append({key: obj[key] for key in ("prompt", "chosen", "rejected")})
+        pairs.append({key: obj[key] for key in ("prompt", "chosen", "rejected")}
+                     | {key: obj.get(key) is True for key in ("chosen_truncated", "rejected_truncated")})
     if not pairs:
         raise InputError(path, None, None, "no pairs (the pairs stage counts what it dropped in manifest.json)")
     return pairs

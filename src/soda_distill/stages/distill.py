@@ -1,5 +1,8 @@
 """Stage 5 — distill: DPO on D_pref from q_w, with q_w as the frozen reference (strength β).
 
+The pairs are tokenized here as TRL would (chat_tokens.py), except that an answer cut at its token limit gets no
+end of turn.
+
 The reference log-probabilities of every chosen and rejected response are computed once, before training,
 from q_w itself (TRL's `precompute_ref_log_probs`), so no second model is resident while training.
 """
@@ -11,6 +14,7 @@ from pathlib import Path
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from ..chat_tokens import chat_ids
 from ..config import Config, fingerprint
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, model_digest, use_bf16
@@ -18,21 +22,33 @@ from ..records import read_metrics, read_pairs, sha256_file
 from ..training import MetricsLog, ResumableOrder, apply_cpu_settings, train_and_save, trainer_arguments
 
 
-def dpo_dataset(pairs_path: Path):
-    """The pairs, longest first (by characters, a close enough proxy for tokens): the one sequential pass of
-    reference log-probabilities then pads little."""
+def dpo_dataset(pairs_path: Path, tokenizer, max_length: int):
+    """The pairs tokenized as TRL's DPO tokenizes conversations, a cut answer without its end of turn
+    (chat_tokens.py), with each pair's length for the length-grouped sampler; longest first, so the one sequential
+    pass of reference log-probabilities pads little. A pair whose prompt alone fills max_length is left out, as TRL
+    does (nothing of its answers would be trained). Returns the data set and how many were left out."""
     from datasets import Dataset
 
-    rows = read_pairs(pairs_path)
-    size = lambda r: sum(len(m["content"]) for m in r["prompt"]) + max(len(r["chosen"][0]["content"]), len(r["rejected"][0]["content"]))
-    rows.sort(key=size, reverse=True)
-    return Dataset.from_list(rows)
+    rows = []
+    for pair in read_pairs(pairs_path):
+        prompt_ids, chosen_ids = chat_ids(tokenizer, pair["prompt"], pair["chosen"][0]["content"], pair["chosen_truncated"])
+        _, rejected_ids = chat_ids(tokenizer, pair["prompt"], pair["rejected"][0]["content"], pair["rejected_truncated"])
+        rows.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
+                     "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))})
+    kept = [r for r in rows if len(r["prompt_ids"]) < max_length]
+    kept.sort(key=lambda r: r["length"], reverse=True)
+    return Dataset.from_list(kept), len(rows) - len(kept)
 
 
 class DistillDPOTrainer(ResumableOrder, DPOTrainer):
     """TRL's DPOTrainer, computing the reference log-probabilities with the training forward: this package's CPU
     head, under bf16 autocast when training uses it (so at step 0 the policy's log-probabilities equal the
-    reference's)."""
+    reference's), from data already tokenized by `dpo_dataset`."""
+
+    def _prepare_dataset(self, dataset, *args, **kwargs):
+        if "prompt_ids" in dataset.column_names:  # dpo_dataset's: a cut answer has no end of turn to add back
+            return dataset
+        return super()._prepare_dataset(dataset, *args, **kwargs)
 
     def _precompute_ref_logps(self, *args, **kwargs):
         apply_cpu_settings(self)  # TRL calls this from its __init__ after patching in its head: ours goes on top
@@ -51,15 +67,10 @@ def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
         precompute_ref_batch_size=d.precompute_batch_size,
         remove_unused_columns=False,  # keeps `length` for the length-grouped sampler; TRL's collator reads its own keys
     )
-    trainer = DistillDPOTrainer(
+    return DistillDPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
         callbacks=[MetricsLog(metrics_path)],
     )
-    # The length-grouped sampler needs each pair's padded length; TRL's tokenized columns give it exactly.
-    ds = trainer.train_dataset
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
-    trainer.train_dataset = ds.add_column(args.length_column_name, lengths)
-    return trainer
 
 
 def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
@@ -72,9 +83,9 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
     with run.stage("distill", fp) as info:
         tokenizer = load_tokenizer(str(start), cfg.student.trust_remote_code)
         model = load_model(str(start), trust_remote_code=cfg.student.trust_remote_code)
-        dataset = dpo_dataset(pairs_path)
+        dataset, prompt_too_long = dpo_dataset(pairs_path, tokenizer, cfg.distill.max_length)
         trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")
-        info.update(pairs=len(dataset), **train_and_save(trainer, out))
+        info.update(pairs=len(dataset), dropped_prompt_too_long=prompt_too_long, **train_and_save(trainer, out))
         steps = [m for m in read_metrics(out / "metrics.jsonl") if "rewards/margins" in m]
         if steps:
             info["reward_margin"] = {"first": steps[0]["rewards/margins"], "last": steps[-1]["rewards/margins"]}

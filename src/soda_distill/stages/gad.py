@@ -39,9 +39,10 @@ def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
 
 
-def response_ids(tokenizer, text: str, max_new_tokens: int) -> list[int]:
-    """A response as the generator would have emitted it: its tokens and end-of-turn, cut at max_new_tokens."""
-    return (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_new_tokens]
+def response_ids(tokenizer, text: str, max_new_tokens: int, ended: bool = True) -> list[int]:
+    """A response as the generator would have emitted it: its tokens and end-of-turn (none for an answer cut at its
+    token limit, as for a rollout cut at max_new_tokens), cut at max_new_tokens."""
+    return (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended)[:max_new_tokens]
 
 
 def load_discriminator(path: str, tokenizer, trust_remote_code: bool = False):
@@ -94,8 +95,9 @@ def bradley_terry_dataset(pairs_path: Path, tokenizer, g: GadConfig):
         if not _fits(g, prompt):
             dropped += 1
             continue
-        chosen = prompt + response_ids(tokenizer, obj["chosen"][0]["content"], g.max_new_tokens)
-        rejected = prompt + response_ids(tokenizer, obj["rejected"][0]["content"], g.max_new_tokens)
+        chosen = prompt + response_ids(tokenizer, obj["chosen"][0]["content"], g.max_new_tokens, not obj["chosen_truncated"])
+        rejected = prompt + response_ids(tokenizer, obj["rejected"][0]["content"], g.max_new_tokens,
+                                         not obj["rejected_truncated"])
         rows.append({"chosen_ids": chosen, "rejected_ids": rejected, "length": max(len(chosen), len(rejected))})
     if not rows:
         raise SodaError(f"{pairs_path}: no pair whose prompt fits gad.max_length − gad.max_new_tokens "
@@ -167,7 +169,7 @@ def gad_dataset(teacher_path: Path, tokenizer, g: GadConfig):
         if not _fits(g, prompt):
             dropped += 1
             continue
-        teacher = response_ids(tokenizer, ex.response, g.max_new_tokens)
+        teacher = response_ids(tokenizer, ex.response, g.max_new_tokens, not ex.truncated)
         rows.append({"id": ex.id, "prompt": ex.prompt, "prompt_tokens": prompt, "teacher_tokens": teacher})
     if not rows:
         raise SodaError(f"{teacher_path}: no prompt with a response fits gad.max_length − gad.max_new_tokens "

@@ -1,8 +1,10 @@
 """Stage 3 — the preference set D_pref = {(x, chosen = y_t, rejected = y_s)} in TRL's conversational format.
 
 Pairs that teach nothing or do not fit are dropped and counted: an empty response on either side, a student
-answer identical to the teacher's, or prompt + the longer response over `pairs.max_length` tokens — counted as TRL's
-DPO tokenizes them, through the chat template, so a response's end of turn counts as many tokens as the template has.
+answer identical to the teacher's, or prompt + the longer response over `pairs.max_length` tokens — counted as DPO
+trains them (chat_tokens.py), the template's whole end of turn included. An answer cut at its token limit is kept
+open (flagged `chosen_truncated`/`rejected_truncated`, trained with no end of turn) or dropped, per side
+(`pairs.truncated_chosen`, `pairs.truncated_rejected`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from ..chat_tokens import chat_ids
 from ..config import Config, fingerprint
 from ..manifest import RunDir, combine
 from ..models import load_tokenizer, resolve_model
@@ -26,40 +29,43 @@ def run_pairs(cfg: Config, run: RunDir) -> Path:
         teacher = read_examples(teacher_path, want_response=True)
         student = {ex.id: ex for ex in read_examples(snapshot_path, want_response=True)}
         tokenizer = load_tokenizer(resolve_model(cfg.student.model, cfg.student.gguf_file), cfg.student.trust_remote_code)
-        chat_tokens = lambda messages, **kw: len(
-            tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+        policy = {"chosen": cfg.pairs.truncated_chosen, "rejected": cfg.pairs.truncated_rejected}
         dropped: Counter = Counter()
+        kept_open: Counter = Counter()
         lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
         pairs = []
         for ex in teacher:
-            chosen = ex.response
-            rejected = student[ex.id].response if ex.id in student else None
-            if rejected is None:
+            answers = {"chosen": ex, "rejected": student.get(ex.id)}
+            if answers["rejected"] is None:
                 dropped["no_student_response"] += 1
                 continue
-            if not chosen.strip():
-                dropped["empty_chosen"] += 1
+            text = {side: a.response for side, a in answers.items()}
+            empty = next((side for side in answers if not text[side].strip()), None)
+            if empty:
+                dropped[f"empty_{empty}"] += 1
                 continue
-            if not rejected.strip():
-                dropped["empty_rejected"] += 1
-                continue
-            if chosen.strip() == rejected.strip():
+            if text["chosen"].strip() == text["rejected"].strip():
                 dropped["identical"] += 1
                 continue
-            n_prompt = chat_tokens(ex.prompt, add_generation_prompt=True)
-            n_chosen = chat_tokens(ex.prompt + [{"role": "assistant", "content": chosen}]) - n_prompt
-            n_rejected = chat_tokens(ex.prompt + [{"role": "assistant", "content": rejected}]) - n_prompt
-            if n_prompt + max(n_chosen, n_rejected) > cfg.pairs.max_length:
+            cut = [side for side, a in answers.items() if a.truncated]
+            if any(policy[side] == "drop" for side in cut):
+                dropped[f"truncated_{next(s for s in cut if policy[s] == 'drop')}"] += 1
+                continue
+            ids = {side: chat_ids(tokenizer, ex.prompt, text[side], open_end=side in cut) for side in answers}
+            n = {"prompt": len(ids["chosen"][0]), **{side: len(ids[side][1]) for side in answers}}
+            if n["prompt"] + max(n["chosen"], n["rejected"]) > cfg.pairs.max_length:
                 dropped["too_long"] += 1
                 continue
-            for key, n in zip(lengths, (n_prompt, n_chosen, n_rejected)):
-                lengths[key].append(n)
+            kept_open.update(cut)
+            for key in lengths:
+                lengths[key].append(n[key])
             pairs.append({
                 "id": ex.id,
                 "prompt": ex.prompt,
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
+                **{side: [{"role": "assistant", "content": text[side]}] for side in answers},
+                **{f"{side}_truncated": side in cut for side in answers},
             })
         atomic_write_jsonl(out, pairs)
-        info.update(kept=len(pairs), dropped=dict(dropped), lengths={k: length_summary(v) for k, v in lengths.items()})
+        info.update(kept=len(pairs), dropped=dict(dropped), lengths={k: length_summary(v) for k, v in lengths.items()},
+                    truncated_kept_open=dict(kept_open), truncated_policy=policy)
     return out

@@ -1,8 +1,9 @@
 """Stage 4 — warmup: SFT of q0 on the teacher responses, loss on assistant tokens only → q_w.
 
 Run briefly, it is SODA's starting point; run fully (its own config), it is the SeqKD baseline.
-The data is TRL's conversational prompt-completion format, so the completion mask (prompt tokens masked, the
-assistant's answer and its end-of-turn token trained) comes from TRL itself.
+The teacher's answers are tokenized as TRL tokenizes a conversational prompt-completion example (chat_tokens.py): the
+prompt masked, the answer and its end of turn trained — except that an answer cut at its token limit gets no end of
+turn (`warmup.truncated`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
+from ..chat_tokens import chat_ids
 from ..config import Config, fingerprint
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, resolve_model, use_bf16
@@ -18,15 +20,23 @@ from ..records import read_examples, sha256_file
 from ..training import MetricsLog, ResumableOrder, apply_cpu_settings, train_and_save, trainer_arguments
 
 
-def sft_dataset(teacher_path: Path):
+def sft_dataset(teacher_path: Path, tokenizer, truncated: str = "open"):
+    """The teacher's answers tokenized as TRL's SFT tokenizes a prompt-completion conversation, the loss on the
+    answer (`completion_mask`); an answer cut at its token limit without its end of turn, or dropped (`truncated`).
+    Returns the data set and the counts of cut answers kept open and dropped."""
     from datasets import Dataset
 
-    rows = [
-        {"prompt": ex.prompt, "completion": [{"role": "assistant", "content": ex.response}]}
-        for ex in read_examples(teacher_path, want_response=True)
-        if ex.response.strip()
-    ]
-    return Dataset.from_list(rows)
+    rows, counts = [], {"truncated_kept_open": 0, "dropped_truncated": 0}
+    for ex in read_examples(teacher_path, want_response=True):
+        if not ex.response.strip():
+            continue
+        if ex.truncated and truncated == "drop":
+            counts["dropped_truncated"] += 1
+            continue
+        counts["truncated_kept_open"] += ex.truncated
+        prompt_ids, answer_ids = chat_ids(tokenizer, ex.prompt, ex.response, open_end=ex.truncated)
+        rows.append({"input_ids": prompt_ids + answer_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)})
+    return Dataset.from_list(rows), counts
 
 
 class ResumableSFTTrainer(ResumableOrder, SFTTrainer):
@@ -53,7 +63,7 @@ def run_warmup(cfg: Config, run: RunDir) -> Path:
         model_path = resolve_model(cfg.student.model, cfg.student.gguf_file)
         tokenizer = load_tokenizer(model_path, cfg.student.trust_remote_code)
         model = load_model(model_path, trust_remote_code=cfg.student.trust_remote_code)
-        dataset = sft_dataset(teacher_path)
+        dataset, counts = sft_dataset(teacher_path, tokenizer, cfg.warmup.truncated)
         trainer = build_sft_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")
-        info.update(examples=len(dataset), **train_and_save(trainer, out))
+        info.update(examples=len(dataset), **counts, **train_and_save(trainer, out))
     return out
