@@ -58,8 +58,17 @@ def test_results_table_from_two_runs_offline(tmp_path, tiny_model_dir, qa_file, 
                                                 "model_generation_config": "ignored"}}
     # the base model is shared by both runs: generated once; 3 distinct models × 4 prompts
     assert json.loads((out / "manifest.json").read_text())["stages"]["evaluate"]["generated"] == 12
+    # every trained row against its own run's Base on the same prompts; these copies of one model answer alike
+    paired = cell["paired"]
+    assert list(paired) == ["vs Base"] and list(results["rows"][1]["cells"]["qa"]["paired"]) == ["vs Base"]
+    assert paired["vs Base"]["rouge_l"] == {"difference": 0.0, "ci95": [0.0, 0.0], "prompts": 4}
+    assert paired["vs Base"]["reference_nll"]["difference"] == 0.0 and paired["vs Base"]["judge"] is None
+    assert cell["reference_nll"] > 0 and len(cell["rouge_l_ci95"]) == 2
+    responses = [json.loads(line) for line in (out / "responses" / "b_SODA" / "qa.jsonl").read_text().splitlines()]
+    assert all(r["reference_nll"] > 0 and r["rouge_l"] is not None for r in responses)
     markdown = (out / "results.md").read_text()
     assert "| Model | Method | qa |" in markdown and "| a | Base |" in markdown and "|  | SODA |" in markdown
+    assert "### Paired differences" in markdown and "| b | SODA | vs Base | +0.00 [+0.00, +0.00] |" in markdown
     assert markdown in capsys.readouterr().out
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     responses = (out / "responses/b_SODA/qa.jsonl").read_text().splitlines()
@@ -88,3 +97,21 @@ def test_a_prompt_too_long_for_a_model_is_an_error_naming_its_line(tmp_path, qa_
     with pytest.raises(InputError, match=r"bench.jsonl, line 3, field 'messages': the prompt is \d+ tokens: with "
                                          r"evaluate.max_new_tokens \(8\) it does not fit Tiny/Base's context of 1024 tokens"):
         run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))
+
+
+def test_reference_nll_is_the_mean_cross_entropy_of_the_answer_tokens(tiny_model_dir):
+    """One forward pass per prompt, the logits of the answer positions only, against the full-logits computation."""
+    import torch
+
+    from soda_distill.chat_tokens import chat_ids
+    from soda_distill.evaluation.nll import reference_nll
+    from soda_distill.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompts = [[{"role": "user", "content": "Name a color."}], [{"role": "user", "content": "Say hi."}]]
+    got = reference_nll(model, tokenizer, prompts, ["Red, like a fire truck.", None])
+    prompt_ids, answer_ids = chat_ids(tokenizer, prompts[0], "Red, like a fire truck.")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0]
+    logp = logits.log_softmax(-1)[len(prompt_ids) - 1 : -1].gather(1, torch.tensor(answer_ids)[:, None])
+    assert got[1] is None and got[0] == pytest.approx(float(-logp.mean()), rel=1e-5)

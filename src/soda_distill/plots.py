@@ -209,11 +209,13 @@ def plot_pair_lengths(runs: dict[str, dict[str, list[int]]], path: Path) -> None
 
 
 def plot_results(results: dict, path: Path) -> None:
-    """evaluate's grouped bars per metric (the judge score when there is one, ROUGE-L): benchmarks × rows, one colour
-    per row."""
+    """evaluate's grouped bars per metric (the judge score when there is one, ROUGE-L, reference NLL): benchmarks ×
+    rows, one colour per row, with each bar's bootstrap 95% interval over prompts where there is one."""
     names = [b["name"] for b in results["benchmarks"]]
     metrics = [("Judge score (50 = parity)", ("judge", "score"))] if results["judge"] else []
     metrics.append(("ROUGE-L", ("rouge_l",)))
+    if any(cell(row, name, "reference_nll") is not None for row in results["rows"] for name in names):
+        metrics.append(("Reference NLL (lower: closer)", ("reference_nll",)))
     rows = results["rows"]
     fig = new_figure(max(6.0, 1.6 * len(names) * len(metrics) + 2), 4.2)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -222,8 +224,12 @@ def plot_results(results: dict, path: Path) -> None:
         for k, row in enumerate(rows):
             values = [cell(row, name, *keys) for name in names]
             xs = [i - 0.4 + width * (k + 0.5) for i in range(len(names))]
+            intervals = [cell(row, name, *keys[:-1], f"{keys[-1]}_ci95") for name in names]
+            # clamped: the bar's value is rounded apart from its interval's ends
+            errors = [[math.nan if v is None or not ci else max(0.0, v - ci[0]) for v, ci in zip(values, intervals)],
+                      [math.nan if v is None or not ci else max(0.0, ci[1] - v) for v, ci in zip(values, intervals)]]
             ax.bar(xs, [math.nan if v is None else v for v in values], width, color=run_color(k),
-                   label=f"{row['model']} {row['method']}".strip())
+                   yerr=errors, capsize=2, error_kw={"linewidth": 0.8}, label=f"{row['model']} {row['method']}".strip())
         if keys[0] == "judge":
             ax.axhline(50, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(names)), names)

@@ -16,3 +16,35 @@ def length_summary(values: list[int]) -> dict:
         "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
         "max": ordered[-1],
     }
+
+
+RESAMPLES = 2000  # bootstrap resamples: the 95% interval's ends move by well under a tenth of its width beyond this
+
+
+def _usable(*columns):
+    """Positions where every column has a value (a prompt without a reference has no ROUGE-L, for example)."""
+    import numpy as np
+
+    keep = [i for i in range(len(columns[0])) if all(c[i] is not None for c in columns)]
+    return [np.asarray([c[i] for i in keep], dtype=np.float64) for c in columns]
+
+
+def bootstrap_ci(values: list, resamples: int = RESAMPLES, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap 95% interval of the mean over prompts (None values left out); None for no values."""
+    import numpy as np
+
+    (x,) = _usable(values)
+    if not len(x):
+        return None
+    means = x[np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))].mean(axis=1)
+    return [round(float(v), 4) for v in np.percentile(means, [2.5, 97.5])]
+
+
+def paired_difference(x: list, y: list, resamples: int = RESAMPLES, seed: int = 0) -> dict | None:
+    """mean(x − y) over the prompts both have, with a paired percentile bootstrap 95% interval: prompts are resampled
+    together, so what the two share (a prompt's difficulty) cancels. None when no prompt has both."""
+    a, b = _usable(x, y)
+    if not len(a):
+        return None
+    diff = (a - b).tolist()
+    return {"difference": round(float((a - b).mean()), 4), "ci95": bootstrap_ci(diff, resamples, seed), "prompts": len(diff)}

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +28,11 @@ from ..models import context_length, load_model, load_tokenizer, model_digest, r
 from ..plots import plot_results
 from ..records import AppendLog, atomic_write_jsonl, atomic_write_text, read_examples, resolve_data_path
 from ..registry import METHODS
+from ..stats import bootstrap_ci, paired_difference
 from .benchmarks import Benchmark, load_benchmarks, student_prompt
-from .judge import reference_answers, run_judge
-from .metrics import offline_metrics
+from .judge import ORDERS, reference_answers, run_judge
+from .metrics import offline_metrics, rouge_l_per_prompt
+from .nll import reference_nll
 from .table import render_markdown
 
 
@@ -87,8 +90,13 @@ def _refuse_overlong(row: Row, model_path: str, tokenizer, benchmarks: list[Benc
                                  f"({ev.max_new_tokens}) it does not fit {row.label}'s context of {context} tokens")
 
 
+def _key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark]) -> tuple[dict[str, list[dict]], int]:
-    """The row's model's response to every benchmark prompt, generating only those not in the log."""
+    """The row's model's response to every benchmark prompt, and the NLL of each reference answer under it (None
+    without one); only what is not in the logs yet is computed."""
     ev = cfg.evaluate
     model_path = resolve_model(row.model, row.gguf_file)
     bf16 = use_bf16(cfg.student.bf16)
@@ -98,19 +106,31 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark])
         "backend": ev.backend,
         "max_new_tokens": ev.max_new_tokens,
     }
-    log = AppendLog(evaldir / "generations.jsonl", "key")
-    prompts, keys = {}, {}
+    log, nll_log = AppendLog(evaldir / "generations.jsonl", "key"), AppendLog(evaldir / "nll.jsonl", "key")
+    prompts, keys, scored, nll_keys = {}, {}, {}, {}
     for b in benchmarks:
-        keys[b.name] = []
+        keys[b.name], nll_keys[b.name] = [], []
         for item in b.items:
             prompt = student_prompt(item, ev.prompt_format)
-            key = hashlib.sha256(json.dumps({**identity, "prompt": prompt}, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+            key = _key({**identity, "prompt": prompt})
             keys[b.name].append(key)
             prompts[key] = prompt
+            nll_key = _key({"model": identity["model"], "dtype": identity["dtype"], "prompt": prompt, "reference": item.reference})
+            nll_keys[b.name].append(nll_key)
+            scored[nll_key] = (prompt, item.reference)
     todo = [k for k in prompts if k not in log]
-    if todo:
+    nll_todo = [k for k in scored if k not in nll_log]
+    model = None
+    if todo or nll_todo:
         tokenizer = load_tokenizer(model_path, row.trust_remote_code)
         _refuse_overlong(row, model_path, tokenizer, benchmarks, ev)
+    if nll_todo or (todo and ev.backend == "transformers"):
+        model = load_model(model_path, torch.bfloat16 if bf16 else torch.float32, row.trust_remote_code)
+    if nll_todo:
+        values = reference_nll(model, tokenizer, [scored[k][0] for k in nll_todo], [scored[k][1] for k in nll_todo],
+                               desc=f"{row.label} reference NLL")
+        nll_log.append([{"key": k, "model": row.label, "nll": v} for k, v in zip(nll_todo, values)])
+    if todo:
         sampling = Sampling(max_new_tokens=ev.max_new_tokens)  # greedy
 
         def keep(results):
@@ -120,12 +140,12 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark])
         if ev.backend == "vllm":
             keep(list(enumerate(generate_vllm(vllm_engine(model_path, bf16, seed=0), [prompts[k] for k in todo], sampling))))
         elif ev.backend == "transformers":
-            model = load_model(model_path, torch.bfloat16 if bf16 else torch.float32, row.trust_remote_code)
             generate_transformers(model, tokenizer, [prompts[k] for k in todo], sampling, ev.batch_size, on_batch=keep, desc=row.label)
-            del model
         else:
             raise SodaError(f"evaluate.backend: unknown backend {ev.backend!r} (expected 'transformers' or 'vllm')")
-    return {name: [log.records[k] for k in ks] for name, ks in keys.items()}, len(todo)
+    del model
+    return {name: [{**log.records[k], "reference_nll": nll_log.records[n]["nll"]} for k, n in zip(ks, nll_keys[name])]
+            for name, ks in keys.items()}, len(todo)
 
 
 def _from_file(cfg: Config, row: Row, benchmarks: list[Benchmark]) -> dict[str, list[dict]]:
@@ -144,7 +164,8 @@ def _from_file(cfg: Config, row: Row, benchmarks: list[Benchmark]) -> dict[str, 
         for it in found:
             if answers[it.id].prompt not in (it.prompt, student_prompt(it, cfg.evaluate.prompt_format)):
                 raise InputError(path, None, "messages", f"record {it.id!r}: its prompt differs from {b.name}'s prompt of that id")
-        out[b.name] = [{"text": answers[it.id].response, "finish_reason": None, "num_tokens": None} for it in b.items]
+        out[b.name] = [{"text": answers[it.id].response, "finish_reason": None, "num_tokens": None, "reference_nll": None}
+                       for it in b.items]
     if not out:
         raise InputError(path, None, "id", f"answers none of the prompts of {', '.join(b.name for b in benchmarks)} "
                                            "(responses are matched to benchmark prompts by id)")
@@ -154,6 +175,42 @@ def _from_file(cfg: Config, row: Row, benchmarks: list[Benchmark]) -> dict[str, 
 def _slug(text: str) -> str:
     """A file name from a row or benchmark name: no separators, and no leading dot (so never `..`)."""
     return re.sub(r"[^\w.-]+|^\.", "_", text) or "_"
+
+
+def _nll(responses: list[dict]) -> dict:
+    values = [r["reference_nll"] for r in responses if r["reference_nll"] is not None]
+    return {"reference_nll": round(statistics.fmean(values), 4) if values else None,
+            "reference_nll_ci95": bootstrap_ci(values)}
+
+
+def _per_prompt(label: str, bench: Benchmark, responses: dict, judged: dict) -> dict[str, list]:
+    """A row's per-prompt ROUGE-L, reference NLL and judge score (mean of both orders) on one benchmark."""
+    answers = responses[label, bench.name]
+    judge = [None] * len(bench.items)
+    if (label, bench.name) in judged:
+        by_id = {d["id"]: d for d in judged[label, bench.name]["details"]}
+        for i, it in enumerate(bench.items):
+            shares = [100 * o["student"] / (o["student"] + o["reference"]) for o in
+                      (by_id[it.id][order] for order in ORDERS if it.id in by_id) if o["student"] is not None]
+            judge[i] = statistics.fmean(shares) if shares else None
+    return {"rouge_l": rouge_l_per_prompt([it.reference for it in bench.items], answers),
+            "reference_nll": [r["reference_nll"] for r in answers], "judge": judge}
+
+
+def _paired(row: Row, rows: list[Row], bench: Benchmark, responses: dict, judged: dict) -> dict:
+    """This row against Base and SeqKD of its own group on the same prompts: mean differences (this − that) with
+    paired bootstrap 95% intervals. For NLL lower is better, so a negative difference is an improvement."""
+    baselines = [METHODS["base"].column, METHODS["seqkd"].column]
+    out = {}
+    if row.method == METHODS["base"].column:
+        return out
+    for other in rows:
+        if other.group != row.group or other.method not in baselines or other is row or \
+                (other.label, bench.name) not in responses:
+            continue
+        mine, theirs = (_per_prompt(r.label, bench, responses, judged) for r in (row, other))
+        out[f"vs {other.method}"] = {metric: paired_difference(mine[metric], theirs[metric]) for metric in mine}
+    return out
 
 
 def prepare_evaluation(cfg: Config, out: str | Path) -> RunDir:
@@ -183,8 +240,10 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
                     responses[row.label, b.name] = per_bench[b.name]
                     atomic_write_jsonl(evaldir.file(f"responses/{_slug(row.label)}/{_slug(b.name)}.jsonl"), [
                         {"id": it.id, "messages": it.prompt + [{"role": "assistant", "content": r["text"]}],
-                         "finish_reason": r["finish_reason"], "num_tokens": r["num_tokens"]}
-                        for it, r in zip(b.items, per_bench[b.name])
+                         "finish_reason": r["finish_reason"], "num_tokens": r["num_tokens"],
+                         "rouge_l": score, "reference_nll": r["reference_nll"]}
+                        for it, r, score in zip(b.items, per_bench[b.name],
+                                                rouge_l_per_prompt([it.reference for it in b.items], per_bench[b.name]))
                     ])
         judged, judge_totals, reference_info = {}, None, None
         if ev.judge.base_url:
@@ -213,7 +272,9 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
                         b.name: {
                             "prompts": len(b.items),
                             **offline_metrics([it.reference for it in b.items], responses[row.label, b.name], ev.exact_match_max_words),
+                            **_nll(responses[row.label, b.name]),
                             "judge": judged[row.label, b.name]["summary"] if (row.label, b.name) in judged else None,
+                            "paired": _paired(row, rows, b, responses, judged),
                         }
                         for b in benchmarks if (row.label, b.name) in responses
                     },

@@ -8,7 +8,7 @@ import re
 import statistics
 import string
 
-from ..stats import length_summary
+from ..stats import bootstrap_ci, length_summary
 
 
 @functools.cache
@@ -29,13 +29,20 @@ def normalize_answer(text: str) -> str:
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
+def rouge_l_per_prompt(references: list[str | None], responses: list[dict]) -> list[float | None]:
+    return [None if ref is None else rouge_l(ref, r["text"]) for ref, r in zip(references, responses)]
+
+
 def offline_metrics(references: list[str | None], responses: list[dict], exact_match_max_words: int) -> dict:
-    """ROUGE-L and exact match where there is a reference (exact match only where it is short), lengths for all."""
+    """ROUGE-L (with its bootstrap 95% interval over prompts) and exact match where there is a reference (exact match
+    only where it is short), lengths for all."""
     pairs = [(ref, r["text"]) for ref, r in zip(references, responses) if ref is not None]
     short = [(ref, pred) for ref, pred in pairs if len(ref.split()) <= exact_match_max_words]
     tokens = [r["num_tokens"] for r in responses if r["num_tokens"] is not None]
+    scores = [s for s in rouge_l_per_prompt(references, responses) if s is not None]
     return {
-        "rouge_l": round(statistics.fmean(rouge_l(ref, pred) for ref, pred in pairs), 2) if pairs else None,
+        "rouge_l": round(statistics.fmean(scores), 2) if scores else None,
+        "rouge_l_ci95": bootstrap_ci(scores),
         "exact_match": {
             "score": round(100 * statistics.fmean(normalize_answer(ref) == normalize_answer(pred) for ref, pred in short), 2),
             "prompts": len(short),

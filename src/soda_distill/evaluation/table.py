@@ -10,8 +10,17 @@ def cell(row: dict, bench: str, *path):
     return value
 
 
-def markdown_table(results: dict, title: str, *path, bold_best: bool = True) -> str:
-    """One metric across rows × benchmarks in Table 1's layout (the best per model in bold, as there)."""
+def _interval(ci: list[float] | None, digits: int, signed: bool = False) -> str:
+    if not ci:
+        return ""
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return f" [{f.format(ci[0])}, {f.format(ci[1])}]"
+
+
+def markdown_table(results: dict, title: str, *path, bold_best: bool = True, lower_is_better: bool = False,
+                   digits: int = 1) -> str:
+    """One metric across rows × benchmarks in Table 1's layout (the best per model in bold, as there), with its
+    bootstrap 95% interval over prompts where results.json has one (the metric's key + `_ci95`)."""
     names = [b["name"] for b in results["benchmarks"]]
     lines = [f"### {title}", "", "| Model | Method | " + " | ".join(names) + " |", "| --- | --- |" + " ---: |" * len(names)]
     rows, previous = results["rows"], None
@@ -21,10 +30,12 @@ def markdown_table(results: dict, title: str, *path, bold_best: bool = True) -> 
             value = cell(row, name, *path)
             peers = [cell(r, name, *path) for r in rows if r["model"] == row["model"]]
             peers = [p for p in peers if p is not None]
-            text = "—" if value is None else f"{value:.1f}"
-            if bold_best and value is not None and len(peers) > 1 and value == max(peers):
+            text = "—" if value is None else f"{value:.{digits}f}"
+            best = (min if lower_is_better else max)(peers, default=None)
+            if bold_best and value is not None and len(peers) > 1 and value == best:
                 text = f"**{text}**"
-            cells.append(text)
+            interval = cell(row, name, *path[:-1], f"{path[-1]}_ci95")
+            cells.append(text + (_interval(interval, digits) if isinstance(interval, list) else ""))
         model = row["model"] if row["model"] != previous else ""
         previous = row["model"]
         lines.append(f"| {model} | {row['method']} | " + " | ".join(cells) + " |")
@@ -46,6 +57,9 @@ def render_markdown(results: dict) -> str:
                      f"{judge['usage']['completion_tokens']} out; estimated cost: "
                      + (f"${judge['cost_usd']:.4f}" if judge["cost_usd"] is not None else "no price set") + ".\n")
     parts.append(markdown_table(results, "ROUGE-L (F1 × 100, against the benchmarks' references)", "rouge_l"))
+    parts.append(markdown_table(results, "Reference NLL (nats per token of the benchmarks' reference answers; lower is "
+                                "closer)", "reference_nll", lower_is_better=True, digits=3))
+    parts.append(paired_tables(results))
     parts.append(markdown_table(results, f"Exact match (%, on references of at most {s['exact_match_max_words']} words)",
                                 "exact_match", "score"))
     parts.append(markdown_table(results, "Mean response length (words)", "length", "words", "mean", bold_best=False))
@@ -53,3 +67,33 @@ def render_markdown(results: dict) -> str:
         f"- **{b['name']}** ({b['prompts']} prompts, `{b['path']}`){': ' + b['note'] if b['note'] else ''}"
         for b in results["benchmarks"]) + "\n")
     return "\n".join(parts)
+
+
+PAIRED = (("rouge_l", "ROUGE-L"), ("reference_nll", "reference NLL (negative: closer to the references)"),
+          ("judge", "judge score"))
+
+
+def paired_tables(results: dict) -> str:
+    """Each row's difference to Base and to SeqKD of its own model, on the same prompts, with paired bootstrap 95%
+    intervals: an interval that excludes 0 is a difference these prompts can tell apart."""
+    names = [b["name"] for b in results["benchmarks"]]
+    comparisons = [(row, vs) for row in results["rows"] for vs in dict.fromkeys(
+        k for c in row["cells"].values() for k in (c.get("paired") or {}))]
+    if not comparisons:
+        return ""
+    parts = ["### Paired differences (this row − the named one, same prompts; bootstrap 95% interval over prompts)\n"]
+    for metric, title in PAIRED:
+        lines = []
+        for row, vs in comparisons:
+            cells = [(row["cells"].get(n, {}).get("paired") or {}).get(vs, {}).get(metric) for n in names]
+            if not any(cells):
+                continue
+            digits = 3 if metric == "reference_nll" else 2
+            text = ["—" if c is None else f"{c['difference']:+.{digits}f}" + _interval(c["ci95"], digits, signed=True)
+                    for c in cells]
+            lines.append(f"| {row['model']} | {row['method']} | {vs} | " + " | ".join(text) + " |")
+        if lines:
+            parts.append(f"**{title}**\n\n| Model | Method | against | " + " | ".join(names) + " |\n"
+                         "| --- | --- | --- |" + " ---: |" * len(names) + "\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts)
+
