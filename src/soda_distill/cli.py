@@ -100,7 +100,12 @@ def _report(rest: list[str], out: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="soda-distill", description="Semi On-policy Distillation with Alignment")
+    stages = "\n".join(f"  {s.name:<11} {s.does}" for s in STAGES.values())
+    methods = "\n".join(f"  {m.name:<11} {m.label}: " + (" -> ".join(m.chain) if m.chain else "the untouched student")
+                         for m in METHODS.values())
+    parser = argparse.ArgumentParser(prog="soda-distill", description="Semi On-policy Distillation with Alignment",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"stages:\n{stages}\n\nmethods (--method):\n{methods}")
     parser.add_argument("command", choices=["run", *STAGES, "evaluate", "analyze", "report"],
                         help="train methods, run one stage, evaluate, analyze representations, or write a report")
     parser.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")

@@ -12,6 +12,8 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SodaError
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -87,8 +89,6 @@ def chain(stages: list[str]) -> list[str]:
 
 
 def methods_named(names: list[str]) -> list[Method]:
-    from .errors import SodaError
-
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise SodaError(f"unknown method {unknown[0]!r} (methods: {', '.join(METHODS)})")
