@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import write_jsonl
@@ -115,3 +116,19 @@ def test_reference_nll_is_the_mean_cross_entropy_of_the_answer_tokens(tiny_model
         logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0]
     logp = logits.log_softmax(-1)[len(prompt_ids) - 1 : -1].gather(1, torch.tensor(answer_ids)[:, None])
     assert got[1] is None and got[0] == pytest.approx(float(-logp.mean()), rel=1e-5)
+
+
+def test_held_out_preference_margin_against_q0s_own_answers(tmp_path, embedded_path, qa_file):
+    """The embedded student answers for real: each row scores its run's Base answers (q0's) against the references;
+    a copy of Base has exactly Base's margins, so its paired difference is 0."""
+    run = tiny_run(tmp_path / "r", Path(embedded_path), "distill", mtime=3)
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run), "--out", str(out), f"evaluate.benchmarks=[{qa_file}]", "evaluate.limit=3",
+                 "evaluate.max_new_tokens=12", "student.bf16=false"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    base, soda = (row["cells"]["qa"] for row in results["rows"])
+    assert base["preference_margin"] is not None and base["preference_margin"] == soda["preference_margin"]
+    assert soda["paired"]["vs Base"]["preference_margin"] == {"difference": 0.0, "ci95": [0.0, 0.0], "prompts": 3}
+    rows = [json.loads(line) for line in (out / "responses" / "r_Base" / "qa.jsonl").read_text().splitlines()]
+    assert all(r["q0_answer_nll"] > 0 and r["reference_nll"] > 0 for r in rows)
+    assert "Held-out preference margin" in (out / "results.md").read_text()

@@ -94,9 +94,11 @@ def _key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark]) -> tuple[dict[str, list[dict]], int]:
-    """The row's model's response to every benchmark prompt, and the NLL of each reference answer under it (None
-    without one); only what is not in the logs yet is computed."""
+def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark],
+              q0: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], int]:
+    """The row's model's response to every benchmark prompt, and under it the NLL of each reference answer (None
+    without one) and of q0's answer (`q0`: its run's Base row's responses); only what is not in the logs yet is
+    computed."""
     ev = cfg.evaluate
     model_path = resolve_model(row.model, row.gguf_file)
     bf16 = use_bf16(cfg.student.bf16)
@@ -115,9 +117,13 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark])
             key = _key({**identity, "prompt": prompt})
             keys[b.name].append(key)
             prompts[key] = prompt
-            nll_key = _key({"model": identity["model"], "dtype": identity["dtype"], "prompt": prompt, "reference": item.reference})
-            nll_keys[b.name].append(nll_key)
-            scored[nll_key] = (prompt, item.reference)
+            per_answer = []
+            for answer, open_end in ((item.reference, False), *_q0_answer(q0, b.name, len(keys[b.name]) - 1)):
+                nll_key = _key({"model": identity["model"], "dtype": identity["dtype"], "prompt": prompt,
+                                "reference": answer, **({"open_end": True} if open_end else {})})
+                per_answer.append(nll_key)
+                scored[nll_key] = (prompt, answer, open_end)
+            nll_keys[b.name].append(per_answer)
     todo = [k for k in prompts if k not in log]
     nll_todo = [k for k in scored if k not in nll_log]
     model = None
@@ -126,10 +132,12 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark])
         _refuse_overlong(row, model_path, tokenizer, benchmarks, ev)
     if nll_todo or (todo and ev.backend == "transformers"):
         model = load_model(model_path, torch.bfloat16 if bf16 else torch.float32, row.trust_remote_code)
-    if nll_todo:
-        values = reference_nll(model, tokenizer, [scored[k][0] for k in nll_todo], [scored[k][1] for k in nll_todo],
-                               desc=f"{row.label} reference NLL")
-        nll_log.append([{"key": k, "model": row.label, "nll": v} for k, v in zip(nll_todo, values)])
+    for start in range(0, len(nll_todo), 32):  # appended a chunk at a time: a kill loses at most one chunk
+        chunk = nll_todo[start : start + 32]
+        chunk_prompts, answers, open_ends = (list(column) for column in zip(*(scored[k] for k in chunk)))
+        values = reference_nll(model, tokenizer, chunk_prompts, answers, open_ends=open_ends,
+                               desc=f"{row.label} NLL {start // 32 + 1}/{-(-len(nll_todo) // 32)}")
+        nll_log.append([{"key": k, "model": row.label, "nll": v} for k, v in zip(chunk, values)])
     if todo:
         sampling = Sampling(max_new_tokens=ev.max_new_tokens)  # greedy
 
@@ -144,8 +152,15 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark])
         else:
             raise SodaError(f"evaluate.backend: unknown backend {ev.backend!r} (expected 'transformers' or 'vllm')")
     del model
-    return {name: [{**log.records[k], "reference_nll": nll_log.records[n]["nll"]} for k, n in zip(ks, nll_keys[name])]
-            for name, ks in keys.items()}, len(todo)
+    nll = lambda keys: [nll_log.records[k]["nll"] for k in keys] + [None]  # [reference, q0's answer (or None)]
+    return {name: [{**log.records[k], "reference_nll": nll(n)[0], "q0_answer_nll": nll(n)[1]}
+                   for k, n in zip(ks, nll_keys[name])] for name, ks in keys.items()}, len(todo)
+
+
+def _q0_answer(q0: dict[str, list[dict]], bench: str, i: int) -> list[tuple[str, bool]]:
+    """q0's answer to a benchmark's i-th prompt, and whether it was cut at max_new_tokens; [] when there is none."""
+    answer = q0.get(bench, [None] * (i + 1))[i]
+    return [] if answer is None or not answer["text"].strip() else [(answer["text"], answer["finish_reason"] == "length")]
 
 
 def _from_file(cfg: Config, row: Row, benchmarks: list[Benchmark]) -> dict[str, list[dict]]:
@@ -164,8 +179,8 @@ def _from_file(cfg: Config, row: Row, benchmarks: list[Benchmark]) -> dict[str, 
         for it in found:
             if answers[it.id].prompt not in (it.prompt, student_prompt(it, cfg.evaluate.prompt_format)):
                 raise InputError(path, None, "messages", f"record {it.id!r}: its prompt differs from {b.name}'s prompt of that id")
-        out[b.name] = [{"text": answers[it.id].response, "finish_reason": None, "num_tokens": None, "reference_nll": None}
-                       for it in b.items]
+        out[b.name] = [{"text": answers[it.id].response, "finish_reason": None, "num_tokens": None, "reference_nll": None,
+                        "q0_answer_nll": None} for it in b.items]
     if not out:
         raise InputError(path, None, "id", f"answers none of the prompts of {', '.join(b.name for b in benchmarks)} "
                                            "(responses are matched to benchmark prompts by id)")
@@ -177,10 +192,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^\w.-]+|^\.", "_", text) or "_"
 
 
+def _margin(responses: list[dict]) -> list[float | None]:
+    """Per prompt, how much more likely per token the model finds the reference answer than q0's own greedy answer:
+    NLL(q0's answer) − NLL(reference), in nats. Its change from Base is DPO's implicit reward margin per token, with
+    Base as the reference model, on prompts no model trained on."""
+    return [None if r["reference_nll"] is None or r["q0_answer_nll"] is None else r["q0_answer_nll"] - r["reference_nll"]
+            for r in responses]
+
+
 def _nll(responses: list[dict]) -> dict:
     values = [r["reference_nll"] for r in responses if r["reference_nll"] is not None]
+    margins = [m for m in _margin(responses) if m is not None]
     return {"reference_nll": round(statistics.fmean(values), 4) if values else None,
-            "reference_nll_ci95": bootstrap_ci(values)}
+            "reference_nll_ci95": bootstrap_ci(values),
+            "preference_margin": round(statistics.fmean(margins), 4) if margins else None,
+            "preference_margin_ci95": bootstrap_ci(margins)}
 
 
 def _per_prompt(label: str, bench: Benchmark, responses: dict, judged: dict) -> dict[str, list]:
@@ -194,7 +220,8 @@ def _per_prompt(label: str, bench: Benchmark, responses: dict, judged: dict) -> 
                       (by_id[it.id][order] for order in ORDERS if it.id in by_id) if o["student"] is not None]
             judge[i] = statistics.fmean(shares) if shares else None
     return {"rouge_l": rouge_l_per_prompt([it.reference for it in bench.items], answers),
-            "reference_nll": [r["reference_nll"] for r in answers], "judge": judge}
+            "reference_nll": [r["reference_nll"] for r in answers],
+            "preference_margin": _margin(answers), "judge": judge}
 
 
 def _paired(row: Row, rows: list[Row], bench: Benchmark, responses: dict, judged: dict) -> dict:
@@ -233,7 +260,14 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
             if row.responses:
                 per_bench = _from_file(cfg, row, benchmarks)
             else:
-                per_bench, n = _generate(cfg, evaldir.path, row, benchmarks)
+                # q0 is the run's Base row (it comes first in its group); its own answers are known only once
+                # generated, so a second pass scores them (the answers come from the log)
+                base = next((r for r in rows if r.group == row.group and r.method == METHODS["base"].column), None)
+                q0 = {b.name: responses[base.label, b.name] for b in benchmarks if (base.label, b.name) in responses} \
+                    if base is not None and base is not row else {}
+                per_bench, n = _generate(cfg, evaldir.path, row, benchmarks, q0)
+                if base is row:
+                    per_bench, _ = _generate(cfg, evaldir.path, row, benchmarks, per_bench)
                 generated += n
             for b in benchmarks:
                 if b.name in per_bench:
@@ -241,7 +275,7 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
                     atomic_write_jsonl(evaldir.file(f"responses/{_slug(row.label)}/{_slug(b.name)}.jsonl"), [
                         {"id": it.id, "messages": it.prompt + [{"role": "assistant", "content": r["text"]}],
                          "finish_reason": r["finish_reason"], "num_tokens": r["num_tokens"],
-                         "rouge_l": score, "reference_nll": r["reference_nll"]}
+                         "rouge_l": score, "reference_nll": r["reference_nll"], "q0_answer_nll": r["q0_answer_nll"]}
                         for it, r, score in zip(b.items, per_bench[b.name],
                                                 rouge_l_per_prompt([it.reference for it in b.items], per_bench[b.name]))
                     ])

@@ -13,17 +13,19 @@ from ..chat_tokens import chat_ids
 
 @torch.inference_mode()
 def reference_nll(model, tokenizer, prompts: list[list[dict]], references: list[str | None],
-                  desc: str = "reference NLL") -> list[float | None]:
-    """Mean NLL (nats per token) of each reference answer, its end of turn included, after its prompt as the chat
-    template renders it; None where there is no reference. One prompt at a time: no padding to get wrong."""
+                  desc: str = "reference NLL", open_ends: list[bool] | None = None) -> list[float | None]:
+    """Mean NLL (nats per token) of each reference answer, its end of turn included (not for an answer cut at its
+    token limit: `open_ends`), after its prompt as the chat template renders it; None where there is no reference.
+    One prompt at a time: no padding to get wrong."""
     device = next(model.parameters()).device
     model.eval()
     out: list[float | None] = []
-    for prompt, reference in tqdm(list(zip(prompts, references)), desc=desc, unit="prompt"):
+    open_ends = open_ends or [False] * len(prompts)
+    for prompt, reference, open_end in tqdm(list(zip(prompts, references, open_ends)), desc=desc, unit="prompt"):
         if reference is None:
             out.append(None)
             continue
-        prompt_ids, answer_ids = chat_ids(tokenizer, prompt, reference)
+        prompt_ids, answer_ids = chat_ids(tokenizer, prompt, reference, open_end)
         ids = torch.tensor([prompt_ids + answer_ids], device=device)
         # only the logits that predict the answer's tokens: the last len(answer) + 1 positions, less the very last
         logits = model(input_ids=ids, logits_to_keep=len(answer_ids) + 1, use_cache=False).logits[0, :-1].float()

@@ -59,6 +59,9 @@ def render_markdown(results: dict) -> str:
     parts.append(markdown_table(results, "ROUGE-L (F1 × 100, against the benchmarks' references)", "rouge_l"))
     parts.append(markdown_table(results, "Reference NLL (nats per token of the benchmarks' reference answers; lower is "
                                 "closer)", "reference_nll", lower_is_better=True, digits=3))
+    parts.append(markdown_table(results, "Held-out preference margin (nats per token: NLL of q0's own greedy answer − "
+                                "NLL of the reference answer; higher prefers the reference more)", "preference_margin",
+                                digits=3))
     parts.append(paired_tables(results))
     parts.append(markdown_table(results, f"Exact match (%, on references of at most {s['exact_match_max_words']} words)",
                                 "exact_match", "score"))
@@ -70,6 +73,7 @@ def render_markdown(results: dict) -> str:
 
 
 PAIRED = (("rouge_l", "ROUGE-L"), ("reference_nll", "reference NLL (negative: closer to the references)"),
+          ("preference_margin", "held-out preference margin (positive: the reference gained on q0's answer)"),
           ("judge", "judge score"))
 
 
@@ -88,7 +92,7 @@ def paired_tables(results: dict) -> str:
             cells = [(row["cells"].get(n, {}).get("paired") or {}).get(vs, {}).get(metric) for n in names]
             if not any(cells):
                 continue
-            digits = 3 if metric == "reference_nll" else 2
+            digits = 3 if metric in ("reference_nll", "preference_margin") else 2
             text = ["—" if c is None else f"{c['difference']:+.{digits}f}" + _interval(c["ci95"], digits, signed=True)
                     for c in cells]
             lines.append(f"| {row['model']} | {row['method']} | {vs} | " + " | ".join(text) + " |")
