@@ -152,6 +152,13 @@ def test_multi_turn_prompts_are_accepted(tmp_path):
     assert read_pairs(pairs)[0]["prompt"] == conversation
 
 
+def test_a_pair_truncation_flag_must_be_a_boolean(tmp_path):
+    assert read_pairs(write(tmp_path, json.dumps(GOOD_PAIR)))[0]["rejected_truncated"] is False  # older files: not cut
+    bad = write(tmp_path, json.dumps(GOOD_PAIR | {"rejected_truncated": "yes"}))
+    with pytest.raises(InputError, match=r"line 1, field 'rejected_truncated': expected true or false"):
+        read_pairs(bad)
+
+
 def test_a_corrupt_log_record_names_its_line(tmp_path):
     path = tmp_path / "cache.jsonl"
     path.write_text('{"key": "a"}\n{"key": \n{"key": "c"}\n')

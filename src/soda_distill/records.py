@@ -233,8 +233,11 @@ def read_pairs(path: Path) -> list[dict]:
         if rid is not None and rid in seen:
             raise InputError(path, lineno, "id", f"duplicate id {rid!r} (first on line {seen[rid]})")
         seen[rid] = lineno
-        pairs.append({key: obj[key] for key in ("prompt", "chosen", "rejected")}
-                     | {key: obj.get(key) is True for key in ("chosen_truncated", "rejected_truncated")})
+        flags = {key: obj.get(key, False) for key in ("chosen_truncated", "rejected_truncated")}  # absent: not cut
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise InputError(path, lineno, key, "expected true or false (whether the answer was cut at its token limit)")
+        pairs.append({key: obj[key] for key in ("prompt", "chosen", "rejected")} | flags)
     if not pairs:
         raise InputError(path, None, None, "no pairs (the pairs stage counts what it dropped in manifest.json)")
     return pairs
