@@ -19,10 +19,15 @@ def test_demo_pipeline_end_to_end(tmp_path):
     out = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "soda-distill"), "run", str(ROOT / "configs" / "demo.yaml"), "--out", str(out),
            "data.limit=6", "snapshot.max_new_tokens=24", "warmup.max_length=256", "pairs.max_length=256",
-           "distill.max_length=256", "warmup.batch_size=6", "distill.batch_size=3"]
+           "distill.max_length=256", "warmup.batch_size=6", "distill.batch_size=3", "check.limit=3", "check.max_new_tokens=16"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"distilled model: {out / 'distill'}" in done.stdout
+    # the before/after it ends with: Base and the distilled model on held-out prompts, a metric and an answer each
+    assert "Before/after on 3 held-out prompts" in done.stdout and "  distilled:  " in done.stdout
+    check = json.loads((out / "check.json").read_text())
+    assert check["count"] == 3 and check["reference_nll"]["Base"] > 0 and check["reference_nll"]["distilled"] > 0
+    assert check["reference_nll"]["change"]["prompts"] == 3 and check["example"]["Base"].strip()
 
     for name in ("config.yaml", "manifest.json", "teacher.jsonl", "snapshot.jsonl", "pairs.jsonl"):
         assert (out / name).exists(), name
@@ -48,3 +53,4 @@ def test_demo_pipeline_end_to_end(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True)  # everything finished: nothing is redone
     assert again.returncode == 0
     assert json.loads((out / "manifest.json").read_text())["stages"] == manifest["stages"]
+    assert json.loads((out / "check.json").read_text()) == check  # same models: read back, not measured again

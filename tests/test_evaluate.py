@@ -49,7 +49,7 @@ def test_results_table_from_two_runs_offline(tmp_path, tiny_model_dir, qa_file, 
             "evaluate.max_new_tokens=4", "evaluate.batch_size=4", "student.bf16=false"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert [(r["model"], r["method"]) for r in results["rows"]] == [("a", "Base"), ("a", "SeqKD (warmup)"), ("b", "Base"), ("b", "SODA")]
+    assert [(r["model"], r["method"]) for r in results["rows"]] == [("a", "Base"), ("a", "Warmup (q_w)"), ("b", "Base"), ("b", "SODA")]
     cell = results["rows"][3]["cells"]["qa"]
     assert cell["prompts"] == 4 and cell["rouge_l"] is not None and cell["judge"] is None and results["judge"] is None
     assert results["settings"] == {"preset": None, "prompt_format": "chat", "decoding": "greedy", "max_new_tokens": 4,
@@ -131,4 +131,9 @@ def test_held_out_preference_margin_against_q0s_own_answers(tmp_path, embedded_p
     assert soda["paired"]["vs Base"]["preference_margin"] == {"difference": 0.0, "ci95": [0.0, 0.0], "prompts": 3}
     rows = [json.loads(line) for line in (out / "responses" / "r_Base" / "qa.jsonl").read_text().splitlines()]
     assert all(r["q0_answer_nll"] > 0 and r["reference_nll"] > 0 for r in rows)
+    # the accuracy: the share of prompts whose reference is more likely per token than q0's greedy answer
+    ranked = [100.0 * (r["q0_answer_nll"] > r["reference_nll"]) for r in rows]
+    assert base["preference_accuracy"] == round(sum(ranked) / 3, 2) == soda["preference_accuracy"]
+    assert soda["paired"]["vs Base"]["preference_accuracy"]["difference"] == 0.0
     assert "Held-out preference margin" in (out / "results.md").read_text()
+    assert "Held-out preference accuracy" in (out / "results.md").read_text()

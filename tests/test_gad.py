@@ -189,8 +189,8 @@ def test_run_method_gad_reuses_the_shared_stages(run, qa, tiny_model_dir, capsys
         assert all((run.path / output).exists() for output in STAGES[stage].outputs), stage
     cfg = load_config(None, [f"evaluate.runs=[{run.path}]"])
     assert [(r.method, r.model) for r in table_rows(cfg)][1:] == [
-        ("SeqKD (warmup)", str(run.file("warmup"))), ("GAD", str(run.file("gad") / "generator"))]
-    assert list(run_models([run.path])) == ["Base", "SeqKD", "GAD"]
+        ("Warmup (q_w)", str(run.file("warmup"))), ("GAD", str(run.file("gad") / "generator"))]
+    assert list(run_models([run.path])) == ["Base", "Warmup", "GAD"]
 
 
 @pytest.mark.parametrize("override, message", [

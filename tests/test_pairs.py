@@ -93,3 +93,43 @@ def test_a_cut_answer_is_kept_open_or_dropped(tmp_path, tiny_model_dir):
         cut = by_text["Well, there are many colors, and the one I"]  # its text, and no end of turn after it
         assert cut["rejected_ids"][-len(suffix):] != suffix and cut["chosen_ids"][-len(suffix):] == suffix
         assert by_text["Banana.<|im_end|>\n"]["rejected_ids"][-len(suffix):] == suffix
+
+
+def test_rejected_sources_of_the_ablation(tmp_path, tiny_model_dir):
+    """Table 2's rejection sources: q0's own answer, q0's answer to another prompt, a degraded teacher answer."""
+    import pytest
+
+    from soda_distill.errors import SodaError
+
+    prompts = [f"Question {i}?" for i in range(6)]
+    teacher = [conv(f"q{i}", p, f"First point {i}. Second point {i}. Third point {i}, with more words.") for i, p in enumerate(prompts)]
+    student = [conv(f"q{i}", p, f"My own answer {i}.") for i, p in enumerate(prompts)]
+    pairs = {}
+    for source in ("q0", "other_q0", "degraded_teacher"):
+        run = RunDir(tmp_path / source)
+        for name, recs in (("teacher.jsonl", teacher), ("snapshot.jsonl", student)):
+            run.file(name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        cfg = load_config(None, [f"student.model={tiny_model_dir}", f"pairs.rejected_source={source}"])
+        pairs[source] = [json.loads(line) for line in run_pairs(cfg, run).read_text().splitlines()]
+        assert run.manifest()["stages"]["pairs"]["rejected_source"] == source
+        assert [p["chosen"][0]["content"] for p in pairs[source]] == [t["messages"][1]["content"] for t in teacher]
+    rejected = {s: [p["rejected"][0]["content"] for p in ps] for s, ps in pairs.items()}
+    assert rejected["q0"] == [f"My own answer {i}." for i in range(6)]
+    others = rejected["other_q0"]
+    assert sorted(others) == sorted(rejected["q0"]) and all(a != f"My own answer {i}." for i, a in enumerate(others))
+    for i, answer in enumerate(rejected["degraded_teacher"]):
+        full = teacher[i]["messages"][1]["content"].split()
+        assert len(answer.split()) == len(full) // 2 and set(answer.split()) <= set(full)
+    assert rejected["degraded_teacher"] != [" ".join(t["messages"][1]["content"].split()[:6]) for t in teacher]  # shuffled
+    # another model's answers, from a file (the paper's cross-student): matched by id, a missing one counted
+    run = RunDir(tmp_path / "file")
+    for name, recs in (("teacher.jsonl", teacher), ("snapshot.jsonl", student)):
+        run.file(name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    other = tmp_path / "other_model.jsonl"
+    other.write_text("".join(json.dumps(conv(f"q{i}", p, f"Another model says {i}.")) + "\n" for i, p in enumerate(prompts[:5])))
+    cfg = load_config(None, [f"student.model={tiny_model_dir}", f"pairs.rejected_source={other}"])
+    from_file = [json.loads(line) for line in run_pairs(cfg, run).read_text().splitlines()]
+    assert [p["rejected"][0]["content"] for p in from_file] == [f"Another model says {i}." for i in range(5)]
+    assert run.manifest()["stages"]["pairs"]["dropped"] == {"no_student_response": 1}
+    with pytest.raises(SodaError, match="pairs.rejected_source: expected one of"):
+        load_config(None, ["pairs.rejected_source=gpt4"])

@@ -30,11 +30,12 @@ def test_every_stage_function_exists():
 
 def test_method_chains():
     assert METHODS["base"].chain == []
-    assert METHODS["seqkd"].chain == ["teacher", "warmup"]
+    assert METHODS["warmup"].chain == ["teacher", "warmup"]
+    assert METHODS["seqkd"].chain == ["teacher", "seqkd"]
     assert METHODS["soda"].chain == ["teacher", "snapshot", "pairs", "warmup", "distill"] == expected_stages()
     assert METHODS["gad"].chain == ["teacher", "snapshot", "pairs", "warmup", "gad_warmup", "gad"]
-    assert chain(["distill", "gad"]) == list(STAGES)  # shared stages once
-    assert [m.column for m in METHODS.values()] == ["Base", "SeqKD (warmup)", "SODA", "GAD"]
+    assert chain(["distill", "gad", "seqkd"]) == list(STAGES)  # shared stages once
+    assert [m.column for m in METHODS.values()] == ["Base", "Warmup (q_w)", "SeqKD", "SODA", "GAD"]
     with pytest.raises(SodaError, match="unknown method 'sodaa'"):
         methods_named(["sodaa"])
 
@@ -53,7 +54,7 @@ def test_finished_needs_the_record_and_the_model(tmp_path):
     assert not run.finished("warmup")  # a model folder needs its config.json
     (run.path / "warmup" / "config.json").write_text("{}")
     assert run.finished("warmup")
-    assert [(m.name, p) for m, p in run.trained_models()] == [("seqkd", run.path / "warmup")]
+    assert [(m.name, p) for m, p in run.trained_models()] == [("warmup", run.path / "warmup")]
     assert not finished(run.path, {"warmup": {**record, "status": "started"}}, "warmup")
 
 

@@ -38,10 +38,11 @@ def _stage(wall_s, **extra):
 def make_run(path, model_dir):
     """A finished run directory with the tiny model standing in for every trained model, and made-up metrics."""
     save_config(load_config(None, [f"student.model={model_dir}", "student.bf16=false", f"out={path}"]), path / "config.yaml")
-    for folder in ("warmup", "distill", "gad/generator"):
+    for folder in ("warmup", "seqkd", "distill", "gad/generator"):
         shutil.copytree(model_dir, path / folder)
     (path / "gad/discriminator_warmup").mkdir()
     write_jsonl(path / "warmup/metrics.jsonl", _steps(6, loss=lambda s: 3 - 0.3 * s))
+    write_jsonl(path / "seqkd/metrics.jsonl", _steps(8, loss=lambda s: 3 - 0.3 * s, eval_loss=lambda s: 3 - 0.1 * s))
     write_jsonl(path / "distill/metrics.jsonl", _steps(
         10, loss=lambda s: 0.69 - 0.03 * s, rewards__margins=lambda s: 0.1 * s, rewards__accuracies=lambda s: min(1, s / 5),
         logps__chosen=lambda s: -100 + 2 * s, logps__rejected=lambda s: -150 - 3 * s))
@@ -57,7 +58,7 @@ def make_run(path, model_dir):
     stages = {
         "teacher": _stage(0.1, records=12), "snapshot": _stage(5.0, records=12),
         "pairs": _stage(0.2, kept=12, dropped={}, lengths={"chosen": {"mean": 3.5}, "rejected": {"mean": 14.0}}),
-        "warmup": _stage(20.0, steps=6), "distill": _stage(30.0, steps=10),
+        "warmup": _stage(20.0, steps=6), "seqkd": _stage(25.0, steps=8), "distill": _stage(30.0, steps=10),
         "gad_warmup": _stage(8.0, peak_gpu_mb=[900.0, 1200.0]), "gad": _stage(60.0, peak_gpu_mb=[2000.0]),
     }
     (path / "manifest.json").write_text(json.dumps({"stages": stages, "inputs": {},
@@ -80,10 +81,10 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
 
 def test_analyze_command_compares_the_runs_models(tiny_run):
     result = json.loads((tiny_run / "analysis/analysis.json").read_text())
-    assert list(result["models"]) == ["Base", "SeqKD", "SODA", "GAD"]
+    assert list(result["models"]) == ["Base", "Warmup", "SeqKD", "SODA", "GAD"]
     assert result["base"] == "Base" and result["num_prompts"] == 6 and result["binning"]["bins"] == 20
     assert result["source"]["prompts"].endswith("dolly_heldout.jsonl") and result["source"]["limit"] == 6
-    for name in ("SeqKD", "SODA", "GAD"):  # copies of the base model: the same structure at every layer
+    for name in ("Warmup", "SeqKD", "SODA", "GAD"):  # copies of the base model: the same structure at every layer
         assert result["models"][name]["cka"][1:] == pytest.approx([1, 1], abs=1e-9)
     for png in ("cka.png", "activation_stats.png"):
         assert (tiny_run / "analysis" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -131,8 +132,8 @@ def test_report_of_a_finished_run_renders_in_a_browser(tiny_run, tmp_path):
     assert "Every stage of the pipeline finished" in markdown and "whitespace-separated words" in markdown
     assert "| Model | Method | qa |" in markdown  # the evaluation's own table
     linked = re.findall(r"!\[[^\]]*\]\((images/[^)]+)\)", markdown)
-    # costs, pair lengths, 4 training stages, the evaluation chart, CKA and activation statistics
-    assert len(linked) == 9
+    # costs, pair lengths, 5 training stages, the evaluation chart, CKA and activation statistics
+    assert len(linked) == 10
     for name in linked:
         assert imread(out / name).size
     check_page(out / "report.html", tmp_path, images=len(linked))

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from soda_distill.stats import bootstrap_ci, length_summary, paired_difference
+from soda_distill.stats import bootstrap_ci, length_summary, paired_difference, seeded_paired_difference
 
 
 def test_paired_difference_of_a_constant_shift_is_exact():
@@ -45,3 +45,19 @@ def test_missing_values_are_left_out_pairwise():
 
 def test_length_summary():
     assert length_summary([3, 1, 2, 10]) == {"mean": 4.0, "median": 2.5, "p90": 10, "max": 10} and length_summary([]) == {}
+
+
+def test_across_seeds_the_interval_holds_the_seed_to_seed_spread():
+    rng = random.Random(3)
+    base = [rng.gauss(0, 1) for _ in range(80)]
+    # every seed gains 0.5 on the same prompts, but the seeds disagree by ±0.4: wider than one seed's interval
+    seeds = [[b + 0.5 + shift + rng.gauss(0, 0.1) for b in base] for shift in (-0.4, 0.0, 0.4)]
+    result = seeded_paired_difference(seeds, [base] * 3)
+    assert result["difference"] == pytest.approx(0.5, abs=0.05) and result["seeds"] == 3 and result["prompts"] == 80
+    assert result["per_seed"] == pytest.approx([0.1, 0.5, 0.9], abs=0.05)
+    lo, hi = result["ci95"]
+    one = paired_difference(seeds[1], base)["ci95"]
+    assert lo < 0.5 < hi and hi - lo > 5 * (one[1] - one[0])
+    # a prompt that one run lacks is left out of every run
+    gappy = seeded_paired_difference([[1.0, None, 3.0], [2.0, 2.0, 2.0]], [[0.0, 0.0, 0.0]] * 2)
+    assert gappy["prompts"] == 2 and gappy["per_seed"] == [2.0, 2.0]

@@ -117,3 +117,38 @@ def test_warmup_resumes_from_its_last_checkpoint(tmp_path, qa_file, tiny_model_d
     assert info["resumed_from_step"] == 4 and info["steps"] == 18
     steps = [m["step"] for m in read_metrics(run.file("warmup") / "metrics.jsonl") if "loss" in m]
     assert steps == list(range(1, 19))  # steps 5.. of the crashed attempt were replaced, not duplicated
+
+
+def test_seqkd_keeps_the_step_of_least_heldout_loss(tmp_path, tiny_model_dir):
+    """Training answers that are all one phrase: the held-out loss (on other answers) falls, then rises as the model
+    learns nothing but that phrase; SeqKD stops there and keeps the best step's model."""
+    from conftest import write_jsonl
+
+    from soda_distill.stages import seqkd
+
+    held = seqkd.heldout_indices(12, 0.25, 42)
+    teacher = write_jsonl(tmp_path / "t.jsonl", [
+        {"id": f"q{i}", "messages": [{"role": "user", "content": q},
+                                     {"role": "assistant", "content": a if i in held else "Yes indeed, " * 8}]}
+        for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))])
+    cfg = load_config(None, [f"teacher.file={teacher}", f"student.model={tiny_model_dir}", "seqkd.learning_rate=3e-2",
+                             "seqkd.batch_size=3", "seqkd.epochs=10", "seqkd.heldout=0.25", "seqkd.evals_per_epoch=1",
+                             "seqkd.patience=2", "seqkd.warmup_ratio=0", "seqkd.lr_scheduler=constant", "seqkd.max_length=128"])
+    run = RunDir(tmp_path / "run")
+    run_teacher(cfg, run)
+    out = seqkd.run_seqkd(cfg, run)
+    info = run.manifest()["stages"]["seqkd"]
+    curve = info["heldout_loss"]
+    best = min(curve, key=lambda m: m["loss"])
+    assert info["examples"] == 9 and info["heldout"] == 3 and info["eval_every_steps"] == 3
+    assert [m["step"] for m in curve] == list(range(3, 3 * len(curve) + 1, 3))
+    assert len(curve) < 10 and curve[-1]["loss"] > best["loss"]  # stopped early, once the held-out loss rose
+    assert info["best_step"] == best["step"] and info["best_eval_loss"] == pytest.approx(best["loss"], abs=1e-4)
+    assert not (out / "checkpoints").exists()
+    # the saved model is the best one: its held-out loss is the best measurement's, not the last one's
+    tokenizer = load_tokenizer(str(out))
+    _, heldout = seqkd.heldout_split(warmup.sft_dataset(run.output("teacher"), tokenizer)[0], 0.25, cfg.seqkd.seed)
+    trainer = warmup.build_sft_trainer(load_model(str(out)), tokenizer, heldout, cfg, tmp_path / "check",
+                                       tmp_path / "check.jsonl", section=cfg.seqkd, eval_dataset=heldout,
+                                       per_device_eval_batch_size=3)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(best["loss"], rel=0.01)

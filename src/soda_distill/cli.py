@@ -3,6 +3,8 @@
     soda-distill run CONFIG [--method M[,M...]] [--out DIR] [section.key=value ...]   (M: seqkd soda gad; default soda)
     soda-distill STAGE [CONFIG] --out DIR [section.key=value ...]   (STAGE: teacher snapshot pairs warmup distill
                                                                      gad_warmup gad; runs unfinished stages it needs)
+    soda-distill compare CONFIG --out DIR [section.key=value ...]   (train compare.methods per compare.seeds,
+                                                                   evaluate, report: your own Table 1)
     soda-distill evaluate [CONFIG] [RUNDIR ...] [--out EVALDIR] [section.key=value ...]
     soda-distill analyze RUNDIR [RUNDIR ...] [--out DIR] [section.key=value ...]
     soda-distill report RUNDIR [RUNDIR ...] [--out DIR]
@@ -99,6 +101,17 @@ def _report(rest: list[str], out: str | None) -> None:
     print(f"report: {html}, {html.with_suffix('.md')}")
 
 
+def _compare(rest: list[str], out: str | None) -> None:
+    from .compare import run_compare
+    from .evaluation.table import render_markdown
+
+    config_path, overrides = _split(rest)
+    if out is None:
+        raise SodaError("give --out DIR (a run directory per seed, the evaluation and the report go there)")
+    print(render_markdown(run_compare(load_config(config_path, overrides), out)))
+    print(f"results: {Path(out) / 'evaluation' / 'results.md'}; report: {Path(out) / 'report' / 'report.html'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     stages = "\n".join(f"  {s.name:<11} {s.does}" for s in STAGES.values())
     methods = "\n".join(f"  {m.name:<11} {m.label}: " + (" -> ".join(m.chain) if m.chain else "the untouched student")
@@ -106,13 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="soda-distill", description="Semi On-policy Distillation with Alignment",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=f"stages:\n{stages}\n\nmethods (--method):\n{methods}")
-    parser.add_argument("command", choices=["run", *STAGES, "evaluate", "analyze", "report"],
-                        help="train methods, run one stage, evaluate, analyze representations, or write a report")
+    parser.add_argument("command", choices=["run", *STAGES, "compare", "evaluate", "analyze", "report"],
+                        help="train methods, run one stage, compare methods end to end, evaluate, analyze "
+                             "representations, or write a report")
     parser.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")
     parser.add_argument("--method", action="append", metavar="M[,M...]",
                         help=f"for run: the methods to train ({', '.join(m for m in METHODS if METHODS[m].stage)}; "
                              f"default {','.join(DEFAULT_METHODS)}); stages they share run once")
     parser.add_argument("--out", help="run directory (default: config's `out`, else runs/<config name>); "
+                                      "for compare, where its runs, evaluation and report go; "
                                       "for evaluate, the results directory (default: RUNDIR/eval for one run); "
                                       "for analyze and report, where they write (default: RUNDIR/analysis, "
                                       "RUNDIR/report for one run)")
@@ -122,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             _evaluate(args.rest, args.out)
             return 0
-        if args.command in ("analyze", "report"):
-            (_analyze if args.command == "analyze" else _report)(args.rest, args.out)
+        if args.command in ("compare", "analyze", "report"):
+            {"compare": _compare, "analyze": _analyze, "report": _report}[args.command](args.rest, args.out)
             return 0
         methods = methods_named([m for arg in args.method or DEFAULT_METHODS for m in arg.split(",") if m])
         if args.method and args.command != "run":
@@ -145,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, model in models.items():
                 print(f"{'distilled' if name == 'soda' else METHODS[name].label} model: {model}")
             print(f"run summary:     {run.manifest_path}")
+            if "soda" in models and cfg.check.limit:
+                from .evaluation.check import before_after, render
+
+                print(render(before_after(cfg, run, models["soda"])))
         else:
             print(f"{args.command}: {run_stage(args.command, cfg, run)}")
     except SodaError as e:

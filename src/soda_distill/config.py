@@ -83,7 +83,11 @@ class SnapshotConfig:
     batch_size: int = operational(16)
 
 
-TRUNCATED = ("open", "drop")  # a cut answer: kept without a trained end of turn, or dropped (and counted)
+TRUNCATED = ("open", "drop")
+# Where a pair's rejected answer comes from (the paper's Table 2): q0's own answer to the prompt (SODA); q0's answer
+# to another prompt (generic negatives from the same model); the teacher's answer degraded (sentences shuffled, cut
+# to half its words: a weaker teacher without an API); or a JSONL of another model's answers by id (cross-student).
+REJECTED_SOURCES = ("q0", "other_q0", "degraded_teacher")  # a cut answer: kept without a trained end of turn, or dropped (and counted)
 
 
 def _check_truncated(section: str, key: str, value: str) -> None:
@@ -98,10 +102,15 @@ class PairsConfig:
     # and trains no end of turn after it, so DPO learns its text and not to stop there; "drop" drops the pair.
     truncated_chosen: str = added("open")
     truncated_rejected: str = added("open")
+    rejected_source: str = added("q0")  # one of REJECTED_SOURCES, or a JSONL of answers (`messages`, by id)
+    seed: int = added(0)  # the draws of other_q0 and degraded_teacher
 
     def __post_init__(self):
         for key in ("truncated_chosen", "truncated_rejected"):
             _check_truncated("pairs", key, getattr(self, key))
+        if self.rejected_source not in REJECTED_SOURCES and not self.rejected_source.endswith(".jsonl"):
+            raise SodaError(f"pairs.rejected_source: expected one of {REJECTED_SOURCES} or a .jsonl file of answers, "
+                            f"got {self.rejected_source!r}")
 
 
 @dataclass
@@ -136,6 +145,25 @@ class WarmupConfig(TrainingConfig):
     def __post_init__(self):
         super().__post_init__()
         _check_truncated("warmup", "truncated", self.truncated)
+
+
+@dataclass
+class SeqKDConfig(WarmupConfig):
+    """SeqKD, the baseline: SFT on the teacher's answers run to its best point, the step of least loss on teacher
+    answers held out from its training (`heldout`), evaluated `evals_per_epoch` times an epoch."""
+
+    section = "seqkd"
+    epochs: float = 3.0  # at most: it stops once `patience` evaluations in a row have not lowered the held-out loss
+    heldout: float = 0.1  # of the teacher answers (a seeded draw, at least one), never trained on
+    evals_per_epoch: int = 4
+    patience: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.heldout < 1:
+            raise SodaError(f"seqkd.heldout must be above 0 and below 1 (a fraction of the teacher answers), got {self.heldout}")
+        if self.evals_per_epoch < 1 or self.patience < 1:
+            raise SodaError("seqkd.evals_per_epoch and seqkd.patience must be at least 1")
 
 
 @dataclass
@@ -237,6 +265,7 @@ class EvaluateConfig:
     preset: str | None = None  # "paper": every setting the paper states (EVALUATE_PRESETS), under explicit ones
     runs: list[str] = field(default_factory=list)  # run directories; each gives Base and its finished methods (SeqKD, SODA, GAD)
     models: dict[str, str] = field(default_factory=dict)  # more rows, "Model/Method": a model or a .jsonl of responses
+    methods: list[str] | None = added(None)  # which methods of each run are rows (registry names); null: every finished one
     benchmarks: list[str] = field(default_factory=lambda: ["dolly", "selfinst", "vicuna"])  # names, builtin:NAME or paths
     lmsys: str | None = None  # JSONL of held-out LMSYS-style chat prompts; when set, the first column
     limit: int | None = None  # only the first N prompts of each benchmark
@@ -249,6 +278,28 @@ class EvaluateConfig:
     batch_size: int = operational(16)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
+class CheckConfig:
+    """The before/after `soda-distill run` ends with (evaluation/check.py): Base and the distilled model on a few
+    held-out prompts. `limit: 0` leaves it out."""
+
+    prompts: str = "builtin:dolly_heldout"  # chat prompts with reference answers, never trained on
+    limit: int = 20
+    max_new_tokens: int = 128  # of the one answer shown from each model
+
+
+@dataclass
+class CompareConfig:
+    """`soda-distill compare`: the methods to train and evaluate side by side, once per seed."""
+
+    methods: list[str] = field(default_factory=lambda: ["base", "seqkd", "soda", "gad"])
+    seeds: list[int] = field(default_factory=lambda: [42])  # each: q0's sampling and every training stage's seed
+
+    def __post_init__(self):
+        if not self.seeds or len(set(self.seeds)) < len(self.seeds):
+            raise SodaError(f"compare.seeds: give one or more distinct seeds, got {self.seeds}")
 
 
 @dataclass
@@ -270,10 +321,13 @@ class Config:
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    seqkd: SeqKDConfig = field(default_factory=SeqKDConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     gad: GadConfig = field(default_factory=GadConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
     out: str | None = None  # run directory; `--out` on the command line wins
 
 

@@ -20,6 +20,8 @@ def prepare(cfg: Config, out: str | Path) -> RunDir:
     """Resolve data paths, open the run directory and record the resolved config in it."""
     cfg.data = dataclasses.replace(cfg.data, prompts=resolve_data_path(cfg.data.prompts))
     cfg.teacher = dataclasses.replace(cfg.teacher, file=resolve_data_path(cfg.teacher.file))
+    if cfg.pairs.rejected_source.endswith(".jsonl"):  # another model's answers
+        cfg.pairs = dataclasses.replace(cfg.pairs, rejected_source=resolve_data_path(cfg.pairs.rejected_source))
     run = RunDir(out)
     cfg.out = str(run.path)
     save_config(cfg, run.file("config.yaml"))

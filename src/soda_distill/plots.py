@@ -86,8 +86,11 @@ class Curves:
 
 FRACTION = (-0.05, 1.05)
 TRAINING_CURVES = (
-    Curves("warmup", "SFT warmup (SeqKD)", (
+    Curves("warmup", "SFT warmup (q_w)", (
         Panel("SFT loss", "cross-entropy per assistant token", (("loss", "loss"),)),
+    )),
+    Curves("seqkd", "SeqKD: SFT to its least held-out loss", (
+        Panel("SFT loss", "cross-entropy per assistant token", (("loss", "training"), ("eval_loss", "held-out"))),
     )),
     Curves("distill", "DPO distillation (SODA)", (
         Panel("DPO loss", "loss", (("loss", "loss"),)),

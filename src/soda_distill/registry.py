@@ -39,6 +39,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           needs=("teacher", "snapshot"), outputs=("pairs.jsonl",)),
     Stage("warmup", "stages.warmup:run_warmup", "SFT of q0 on the teacher answers: q_w",
           needs=("teacher",), outputs=("warmup/",), model="warmup", metrics="warmup/metrics.jsonl"),
+    Stage("seqkd", "stages.seqkd:run_seqkd", "SeqKD: SFT on the teacher answers to its least held-out loss",
+          needs=("teacher",), outputs=("seqkd/",), model="seqkd", metrics="seqkd/metrics.jsonl"),
     Stage("distill", "stages.distill:run_distill", "DPO on the pairs from q_w, q_w the frozen reference",
           needs=("pairs", "warmup"), outputs=("distill/",), model="distill", metrics="distill/metrics.jsonl"),
     Stage("gad_warmup", "stages.gad:run_discriminator_warmup", "GAD's discriminator warmup: Bradley–Terry on the pairs",
@@ -69,7 +71,8 @@ class Method:
 
 METHODS: dict[str, Method] = {method.name: method for method in (
     Method("base", "Base", None),
-    Method("seqkd", "SeqKD", "warmup", detail="warmup"),
+    Method("warmup", "Warmup", "warmup", detail="q_w"),
+    Method("seqkd", "SeqKD", "seqkd"),
     Method("soda", "SODA", "distill"),
     Method("gad", "GAD", "gad"),
 )}

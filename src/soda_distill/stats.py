@@ -48,3 +48,24 @@ def paired_difference(x: list, y: list, resamples: int = RESAMPLES, seed: int = 
         return None
     diff = (a - b).tolist()
     return {"difference": round(float((a - b).mean()), 4), "ci95": bootstrap_ci(diff, resamples, seed), "prompts": len(diff)}
+
+
+def seeded_paired_difference(x_by_seed: list[list], y_by_seed: list[list], resamples: int = RESAMPLES,
+                             seed: int = 0) -> dict | None:
+    """mean(x − y) over several seeds' runs on the same prompts, with a two-level bootstrap 95% interval: the seeds
+    are resampled, and the prompts (the same draw for every seed), so the interval holds the seed-to-seed spread as
+    well as the prompts'. Each seed's own mean difference is listed. None when no prompt has a value in every run."""
+    import numpy as np
+
+    columns = _usable(*x_by_seed, *y_by_seed)
+    if not len(columns[0]):
+        return None
+    n = len(x_by_seed)
+    diff = np.stack(columns[:n]) - np.stack(columns[n:])  # seeds × prompts
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, diff.shape[1], (resamples, diff.shape[1]))
+    seeds = rng.integers(0, n, (resamples, n))
+    per_seed = diff[:, prompts].mean(axis=2)  # seeds × resamples: each seed's mean over each prompt draw
+    means = np.take_along_axis(per_seed.T, seeds, axis=1).mean(axis=1)
+    return {"difference": round(float(diff.mean()), 4), "ci95": [round(float(v), 4) for v in np.percentile(means, [2.5, 97.5])],
+            "prompts": diff.shape[1], "seeds": n, "per_seed": [round(float(d), 4) for d in diff.mean(axis=1)]}

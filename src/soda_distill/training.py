@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import OPTIMIZER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -138,6 +138,13 @@ class MasterWeightsAdamW(torch.optim.AdamW):
     def state_dict(self):
         return {**super().state_dict(), "master_weights": self.masters}
 
+    @torch.no_grad()
+    def load_masters(self, checkpoint: Path) -> None:
+        """The masters a checkpoint saved (its bf16 weights lack their low bits): for the trainer's best model."""
+        for master, saved in zip(self.masters, torch.load(checkpoint / OPTIMIZER_NAME, weights_only=True)["master_weights"],
+                                 strict=True):
+            master.copy_(saved)
+
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         if "master_weights" not in state_dict:
@@ -261,13 +268,17 @@ def last_checkpoint(folder: Path) -> str | None:
 
 
 def train_and_save(trainer, final_dir: Path) -> dict:
-    """Train (resuming from the newest whole checkpoint if there is one), save the final model (trained with fp32
-    masters: the masters, in fp32), drop the checkpoints."""
+    """Train (resuming from the newest whole checkpoint if there is one), save the final model — or the best one,
+    where the trainer keeps the best (`load_best_model_at_end`); trained with fp32 masters: the masters, in fp32 —
+    and drop the checkpoints."""
     checkpoints = Path(trainer.args.output_dir)
     last = last_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=last)
     masters = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
+    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
     if isinstance(masters, MasterWeightsAdamW):
+        if best:
+            masters.load_masters(Path(best))
         masters.copy_into(trainer.model)
     trainer.save_model(str(final_dir))
     # Trainer states first, so that a kill part-way leaves no checkpoint that looks whole with files missing (the
@@ -279,4 +290,5 @@ def train_and_save(trainer, final_dir: Path) -> dict:
         "steps": trainer.state.global_step,
         "train_loss": round(result.training_loss, 4),
         "resumed_from_step": int(Path(last).name.split("-")[-1]) if last else None,
+        **({"best_step": trainer.state.best_global_step, "best_eval_loss": round(trainer.state.best_metric, 4)} if best else {}),
     }

@@ -27,8 +27,10 @@ from ..manifest import RunDir
 from ..models import context_length, load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from ..plots import plot_results
 from ..records import AppendLog, atomic_write_jsonl, atomic_write_text, read_examples, resolve_data_path
-from ..registry import METHODS
-from ..stats import bootstrap_ci, paired_difference
+from ..registry import METHODS, methods_named
+
+BASELINES = ("base", "seqkd", "warmup")  # what each row is compared with, on the same prompts
+from ..stats import bootstrap_ci, paired_difference, seeded_paired_difference
 from .benchmarks import Benchmark, load_benchmarks, student_prompt
 from .judge import ORDERS, reference_answers, run_judge
 from .metrics import offline_metrics, rouge_l_per_prompt
@@ -53,15 +55,22 @@ class Row:
 
 
 def table_rows(cfg: Config) -> list[Row]:
-    """Base and the finished trained methods of each run in `evaluate.runs`, then `evaluate.models`."""
+    """Base and the finished trained methods of each run in `evaluate.runs` (those in `evaluate.methods`, when
+    set), then `evaluate.models`."""
     rows = []
-    for path in map(Path, cfg.evaluate.runs):
+    wanted = set(m.name for m in methods_named(cfg.evaluate.methods)) if cfg.evaluate.methods is not None else None
+    paths = list(map(Path, cfg.evaluate.runs))
+    names = [p.name for p in paths]
+    for path in paths:
         if not (path / "config.yaml").is_file():
             raise SodaError(f"{path}: not a run directory (no config.yaml)")
         student = load_config(path / "config.yaml").student
-        rows.append(Row(path.name, METHODS["base"].column, student.model, student.gguf_file, student.trust_remote_code))
+        group = path.name if names.count(path.name) == 1 else f"{path.parent.name}/{path.name}"  # compare's seed-42s
+        if wanted is None or "base" in wanted:
+            rows.append(Row(group, METHODS["base"].column, student.model, student.gguf_file, student.trust_remote_code))
         for method, model in RunDir(path).trained_models():
-            rows.append(Row(path.name, method.column, str(model), None, student.trust_remote_code))
+            if wanted is None or method.name in wanted:
+                rows.append(Row(group, method.column, str(model), None, student.trust_remote_code))
     for name, source in cfg.evaluate.models.items():
         group, _, method = name.rpartition("/") if "/" in name else (name, "", "")
         if source.endswith(".jsonl"):
@@ -200,13 +209,22 @@ def _margin(responses: list[dict]) -> list[float | None]:
             for r in responses]
 
 
+def _ranked(responses: list[dict]) -> list[float | None]:
+    """Per prompt, 100 where the model finds the reference answer more likely per token than q0's own greedy
+    answer, else 0: the held-out preference accuracy's terms."""
+    return [None if m is None else 100.0 * (m > 0) for m in _margin(responses)]
+
+
 def _nll(responses: list[dict]) -> dict:
     values = [r["reference_nll"] for r in responses if r["reference_nll"] is not None]
     margins = [m for m in _margin(responses) if m is not None]
+    ranked = [r for r in _ranked(responses) if r is not None]
     return {"reference_nll": round(statistics.fmean(values), 4) if values else None,
             "reference_nll_ci95": bootstrap_ci(values),
             "preference_margin": round(statistics.fmean(margins), 4) if margins else None,
-            "preference_margin_ci95": bootstrap_ci(margins)}
+            "preference_margin_ci95": bootstrap_ci(margins),
+            "preference_accuracy": round(statistics.fmean(ranked), 2) if ranked else None,
+            "preference_accuracy_ci95": bootstrap_ci(ranked)}
 
 
 def _per_prompt(label: str, bench: Benchmark, responses: dict, judged: dict) -> dict[str, list]:
@@ -221,13 +239,14 @@ def _per_prompt(label: str, bench: Benchmark, responses: dict, judged: dict) -> 
             judge[i] = statistics.fmean(shares) if shares else None
     return {"rouge_l": rouge_l_per_prompt([it.reference for it in bench.items], answers),
             "reference_nll": [r["reference_nll"] for r in answers],
-            "preference_margin": _margin(answers), "judge": judge}
+            "preference_margin": _margin(answers), "preference_accuracy": _ranked(answers), "judge": judge}
 
 
 def _paired(row: Row, rows: list[Row], bench: Benchmark, responses: dict, judged: dict) -> dict:
-    """This row against Base and SeqKD of its own group on the same prompts: mean differences (this − that) with
-    paired bootstrap 95% intervals. For NLL lower is better, so a negative difference is an improvement."""
-    baselines = [METHODS["base"].column, METHODS["seqkd"].column]
+    """This row against Base, SeqKD and the warmup q_w of its own group on the same prompts: mean differences
+    (this − that) with paired bootstrap 95% intervals. For NLL lower is better, so a negative difference is an
+    improvement."""
+    baselines = [METHODS[name].column for name in BASELINES]
     out = {}
     if row.method == METHODS["base"].column:
         return out
@@ -237,6 +256,33 @@ def _paired(row: Row, rows: list[Row], bench: Benchmark, responses: dict, judged
             continue
         mine, theirs = (_per_prompt(r.label, bench, responses, judged) for r in (row, other))
         out[f"vs {other.method}"] = {metric: paired_difference(mine[metric], theirs[metric]) for metric in mine}
+    return out
+
+
+def across_runs(rows: list[Row], benchmarks: list[Benchmark], responses: dict, judged: dict) -> list[dict]:
+    """Each method that several runs have (one per seed, say) against the baselines those runs have, on the same
+    prompts: the mean difference over runs and prompts with a two-level bootstrap interval (runs and prompts
+    resampled), and each run's own difference."""
+    groups = list(dict.fromkeys(r.group for r in rows))
+    by = {(r.group, r.method): r for r in rows}
+    out = []
+    for method in dict.fromkeys(r.method for r in rows):
+        runs = [g for g in groups if (g, method) in by]
+        if len(runs) < 2 or method == METHODS["base"].column:
+            continue
+        entry = {"method": method, "runs": runs, "cells": {}}
+        for b in benchmarks:
+            for baseline in (METHODS[name].column for name in BASELINES):
+                if baseline == method or not all((g, baseline) in by and (by[g, baseline].label, b.name) in responses
+                                                 and (by[g, method].label, b.name) in responses for g in runs):
+                    continue
+                mine = [_per_prompt(by[g, method].label, b, responses, judged) for g in runs]
+                theirs = [_per_prompt(by[g, baseline].label, b, responses, judged) for g in runs]
+                entry["cells"].setdefault(b.name, {})[f"vs {baseline}"] = {
+                    metric: seeded_paired_difference([m[metric] for m in mine], [t[metric] for t in theirs])
+                    for metric in mine[0]}
+        if entry["cells"]:
+            out.append(entry)
     return out
 
 
@@ -315,6 +361,7 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
                 }
                 for row in rows
             ],
+            "across_runs": across_runs(rows, benchmarks, responses, judged),
         }
         atomic_write_text(evaldir.file("results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(evaldir.file("results.md"), render_markdown(results))

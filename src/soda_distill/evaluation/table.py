@@ -62,7 +62,10 @@ def render_markdown(results: dict) -> str:
     parts.append(markdown_table(results, "Held-out preference margin (nats per token: NLL of q0's own greedy answer − "
                                 "NLL of the reference answer; higher prefers the reference more)", "preference_margin",
                                 digits=3))
+    parts.append(markdown_table(results, "Held-out preference accuracy (% of prompts on which the model finds the "
+                                "reference answer more likely per token than q0's own greedy answer)", "preference_accuracy"))
     parts.append(paired_tables(results))
+    parts.append(across_runs_tables(results))
     parts.append(markdown_table(results, f"Exact match (%, on references of at most {s['exact_match_max_words']} words)",
                                 "exact_match", "score"))
     parts.append(markdown_table(results, "Mean response length (words)", "length", "words", "mean", bold_best=False))
@@ -74,30 +77,56 @@ def render_markdown(results: dict) -> str:
 
 PAIRED = (("rouge_l", "ROUGE-L"), ("reference_nll", "reference NLL (negative: closer to the references)"),
           ("preference_margin", "held-out preference margin (positive: the reference gained on q0's answer)"),
+          ("preference_accuracy", "held-out preference accuracy, points of %"),
           ("judge", "judge score"))
 
 
+def _difference(c: dict | None, digits: int) -> str:
+    """A paired difference with its interval, and each run's own difference where there are several runs."""
+    if c is None:
+        return "—"
+    text = f"{c['difference']:+.{digits}f}" + _interval(c["ci95"], digits, signed=True)
+    return text + (" (" + ", ".join(f"{d:+.{digits}f}" for d in c["per_seed"]) + ")" if "per_seed" in c else "")
+
+
+def _difference_tables(heading: str, columns: list[str], names: list[str], rows: list[tuple[list[str], callable]]) -> str:
+    """One table per metric of PAIRED: a line per (its first cells, a function from (benchmark, metric) to the
+    difference), benchmarks as columns; lines and tables with nothing in them are left out."""
+    parts = [heading]
+    for metric, title in PAIRED:
+        digits = 3 if metric in ("reference_nll", "preference_margin") else 2
+        lines = []
+        for first, difference in rows:
+            cells = [difference(n, metric) for n in names]
+            if any(cells):
+                lines.append("| " + " | ".join([*first, *(_difference(c, digits) for c in cells)]) + " |")
+        if lines:
+            parts.append(f"**{title}**\n\n| " + " | ".join([*columns, *names]) + " |\n|" + " --- |" * len(columns)
+                         + " ---: |" * len(names) + "\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts) if len(parts) > 1 else ""
+
+
 def paired_tables(results: dict) -> str:
-    """Each row's difference to Base and to SeqKD of its own model, on the same prompts, with paired bootstrap 95%
+    """Each row's difference to Base, SeqKD and q_w of its own model, on the same prompts, with paired bootstrap 95%
     intervals: an interval that excludes 0 is a difference these prompts can tell apart."""
-    names = [b["name"] for b in results["benchmarks"]]
     comparisons = [(row, vs) for row in results["rows"] for vs in dict.fromkeys(
         k for c in row["cells"].values() for k in (c.get("paired") or {}))]
-    if not comparisons:
-        return ""
-    parts = ["### Paired differences (this row − the named one, same prompts; bootstrap 95% interval over prompts)\n"]
-    for metric, title in PAIRED:
-        lines = []
-        for row, vs in comparisons:
-            cells = [(row["cells"].get(n, {}).get("paired") or {}).get(vs, {}).get(metric) for n in names]
-            if not any(cells):
-                continue
-            digits = 3 if metric in ("reference_nll", "preference_margin") else 2
-            text = ["—" if c is None else f"{c['difference']:+.{digits}f}" + _interval(c["ci95"], digits, signed=True)
-                    for c in cells]
-            lines.append(f"| {row['model']} | {row['method']} | {vs} | " + " | ".join(text) + " |")
-        if lines:
-            parts.append(f"**{title}**\n\n| Model | Method | against | " + " | ".join(names) + " |\n"
-                         "| --- | --- | --- |" + " ---: |" * len(names) + "\n" + "\n".join(lines) + "\n")
-    return "\n".join(parts)
+    return _difference_tables(
+        "### Paired differences (this row − the named one, same prompts; bootstrap 95% interval over prompts)\n",
+        ["Model", "Method", "against"], [b["name"] for b in results["benchmarks"]],
+        [([row["model"], row["method"], vs],
+          lambda n, metric, row=row, vs=vs: ((row["cells"].get(n, {}).get("paired") or {}).get(vs) or {}).get(metric))
+         for row, vs in comparisons])
 
+
+def across_runs_tables(results: dict) -> str:
+    """Each method that several runs (seeds) have, against each baseline: the difference over all runs and prompts
+    with its two-level bootstrap interval (runs and prompts resampled), then each run's own difference."""
+    entries = results.get("across_runs") or []
+    return _difference_tables(
+        "### Across runs (this method − the named one over every run and prompt; 95% interval resampling runs and "
+        "prompts; each run's own difference in parentheses)\n",
+        ["Method", "against", "runs"], [b["name"] for b in results["benchmarks"]],
+        [([e["method"], vs, str(len(e["runs"]))],
+          lambda n, metric, e=e, vs=vs: ((e["cells"].get(n) or {}).get(vs) or {}).get(metric))
+         for e in entries for vs in dict.fromkeys(k for c in e["cells"].values() for k in c)])

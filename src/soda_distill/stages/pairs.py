@@ -5,29 +5,63 @@ answer identical to the teacher's, or prompt + the longer response over `pairs.m
 trains them (chat_tokens.py), the template's whole end of turn included. An answer cut at its token limit is kept
 open (flagged `chosen_truncated`/`rejected_truncated`, trained with no end of turn) or dropped, per side
 (`pairs.truncated_chosen`, `pairs.truncated_rejected`).
+
+The rejected answer is q0's own (SODA), or for the paper's Table 2 ablation another source (`pairs.rejected_source`):
+q0's answer to another prompt, the teacher's answer degraded, or another model's answers from a file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import random
+import re
 from collections import Counter
 from pathlib import Path
 
 from ..chat_tokens import chat_ids
-from ..config import Config, fingerprint
+from ..config import REJECTED_SOURCES, Config, fingerprint
 from ..manifest import RunDir, combine
 from ..models import load_tokenizer, resolve_model
-from ..records import atomic_write_jsonl, read_examples, sha256_file
+from ..records import Example, atomic_write_jsonl, read_examples, sha256_file
 from ..stats import length_summary
+
+
+def degraded(answer: str, rng: random.Random) -> str:
+    """A worse answer made from a good one: its sentences shuffled, then cut to the first half of its words."""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", answer.strip()) if s]
+    rng.shuffle(sentences)
+    words = " ".join(sentences).split()
+    return " ".join(words[: max(1, len(words) // 2)])
+
+
+def rejected_answers(teacher: list[Example], student: dict[str, Example], source: str, seed: int) -> dict[str, Example | None]:
+    """Each teacher example's rejected answer, by id, from `source` (config.REJECTED_SOURCES, or a file)."""
+    rng = random.Random(seed)
+    if source == "q0":
+        return {ex.id: student.get(ex.id) for ex in teacher}
+    if source not in REJECTED_SOURCES:
+        answers = {ex.id: ex for ex in read_examples(Path(source), want_response=True)}
+        return {ex.id: answers.get(ex.id) for ex in teacher}
+    if source == "degraded_teacher":
+        return {ex.id: dataclasses.replace(ex, response=degraded(ex.response, rng), truncated=False) for ex in teacher}
+    # other_q0: a seeded cycle through the prompts, so that no prompt gets its own answer
+    order = [ex.id for ex in teacher if ex.id in student]
+    rng.shuffle(order)
+    others = {i: student[order[(k + 1) % len(order)]] for k, i in enumerate(order)} if len(order) > 1 else {}
+    return {ex.id: others.get(ex.id) for ex in teacher}
 
 
 def run_pairs(cfg: Config, run: RunDir) -> Path:
     teacher_path, snapshot_path, out = run.output("teacher"), run.output("snapshot"), run.output("pairs")
-    fp = combine(fingerprint(cfg.pairs), sha256_file(teacher_path), sha256_file(snapshot_path))
+    source = cfg.pairs.rejected_source
+    fp = combine(fingerprint(cfg.pairs), sha256_file(teacher_path), sha256_file(snapshot_path),
+                 *([] if source in REJECTED_SOURCES else [sha256_file(Path(source))]))
     if run.done("pairs", fp):
         return out
     with run.stage("pairs", fp) as info:
         teacher = read_examples(teacher_path, want_response=True)
         student = {ex.id: ex for ex in read_examples(snapshot_path, want_response=True)}
+        rejected = rejected_answers(teacher, student, cfg.pairs.rejected_source, cfg.pairs.seed)
         tokenizer = load_tokenizer(resolve_model(cfg.student.model, cfg.student.gguf_file), cfg.student.trust_remote_code)
         policy = {"chosen": cfg.pairs.truncated_chosen, "rejected": cfg.pairs.truncated_rejected}
         dropped: Counter = Counter()
@@ -35,7 +69,7 @@ def run_pairs(cfg: Config, run: RunDir) -> Path:
         lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
         pairs = []
         for ex in teacher:
-            answers = {"chosen": ex, "rejected": student.get(ex.id)}
+            answers = {"chosen": ex, "rejected": rejected[ex.id]}
             if answers["rejected"] is None:
                 dropped["no_student_response"] += 1
                 continue
@@ -67,5 +101,5 @@ def run_pairs(cfg: Config, run: RunDir) -> Path:
             })
         atomic_write_jsonl(out, pairs)
         info.update(kept=len(pairs), dropped=dict(dropped), lengths={k: length_summary(v) for k, v in lengths.items()},
-                    truncated_kept_open=dict(kept_open), truncated_policy=policy)
+                    truncated_kept_open=dict(kept_open), truncated_policy=policy, rejected_source=cfg.pairs.rejected_source)
     return out

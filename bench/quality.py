@@ -1,0 +1,93 @@
+"""Does it distill? The small-scale replica of the paper's Table 1 on this machine: `soda-distill compare
+configs/quality.yaml` — the embedded SmolLM2-135M from the 400 shipped Dolly answers; Base, SeqKD, SODA and GAD on
+Dolly held-out, SelfInst and Vicuna, with paired bootstrap intervals (and across seeds, with several).
+
+    python bench/quality.py [--quick] [--minutes M] [--seeds 42,43,44] [--out DIR]
+
+The replica takes hours here, so it runs in pieces: each call works for at most --minutes (default 60) and is then
+stopped (every stage and the evaluation resume where they were), and the results say which parts are done:
+each seed's finished stages, and the evaluation's table once it is complete. --quick is the regression check, the
+whole comparison on 24 prompts, short answers and 10 prompts per benchmark, in about 20 minutes.
+Writes bench/results/quality[-quick].json (+ .md and .png once the evaluation is complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIG = ROOT / "configs" / "quality.yaml"
+QUICK = ["data.limit=24", "snapshot.max_new_tokens=96", "seqkd.epochs=2", "gad.max_new_tokens=64", "gad.epochs=0.67",
+         "evaluate.limit=10", "evaluate.max_new_tokens=96"]
+
+
+def progress(out: Path, seeds: list[int]) -> dict:
+    """What is done: each seed's finished stages, and how many answers the evaluation has generated."""
+    from soda_distill.manifest import RunDir
+    from soda_distill.registry import STAGES
+
+    runs = {}
+    for seed in seeds:
+        path = out / f"seed-{seed}"
+        run = RunDir(path) if path.exists() else None
+        runs[f"seed-{seed}"] = {name: {"done": run.finished(name),
+                                       **({"wall_s": run.manifest()["stages"][name]["wall_s"]} if run.finished(name) else {})}
+                                for name in STAGES} if run else "not started"
+    generations = out / "evaluation" / "generations.jsonl"
+    return {"runs": runs, "evaluation_answers": sum(1 for _ in generations.open()) if generations.exists() else 0,
+            "evaluation_complete": (out / "evaluation" / "results.json").exists()
+            and (out / "report" / "report.html").exists()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the regression check: ~20 minutes")
+    parser.add_argument("--minutes", type=float, default=60, help="stop after this long (it resumes next time)")
+    parser.add_argument("--seeds", default="42", help="comma-separated seeds (the aim: 42,43,44)")
+    parser.add_argument("--out", type=Path, help="where the runs are kept (default runs/quality[-quick])")
+    args = parser.parse_args()
+    name = "quality-quick" if args.quick else "quality"
+    out = args.out or ROOT / "runs" / name
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cmd = [str(Path(sys.executable).parent / "soda-distill"), "compare", str(CONFIG), "--out", str(out),
+           f"compare.seeds=[{','.join(map(str, seeds))}]", *(QUICK if args.quick else [])]
+    print("$", " ".join(cmd[1:]), flush=True)
+    start = time.monotonic()
+    process = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True)
+    try:
+        code = process.wait(timeout=args.minutes * 60)
+    except subprocess.TimeoutExpired:  # a piece's time is up: stop, and the next call resumes
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait()
+    record = {
+        "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "config": "configs/quality.yaml", "overrides": QUICK if args.quick else [],
+        "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
+        **progress(out, seeds),
+    }
+    results = out / "evaluation" / "results.json"
+    if record["evaluation_complete"] and code == 0:
+        evaluation = json.loads(results.read_text())
+        record["results"] = {k: evaluation[k] for k in ("settings", "benchmarks", "rows", "across_runs")}
+        RESULTS.mkdir(exist_ok=True)
+        for suffix in ("md", "png"):
+            shutil.copyfile(out / "evaluation" / f"results.{suffix}", RESULTS / f"{name}.{suffix}")
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: record[k] for k in ("this_piece", "evaluation_answers", "evaluation_complete")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

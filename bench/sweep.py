@@ -1,0 +1,170 @@
+"""Where does SODA's DPO step show on this student? A small sweep of the distill learning rate, β and epochs and of
+the warmup's length, on the demo's data (configs/demo.yaml), to choose the demo's and the package's defaults.
+
+    python bench/sweep.py [--quick] [--out DIR]      # resumable: run it again to continue
+
+Every point is a run directory under DIR (default runs/sweep) that shares the demo's teacher answers, snapshot,
+pairs and (unless the point changes it) warmup, as hard links: each is made once. After each point trains, one evaluation over all points so far scores
+every model on Dolly's held-out prompts: ROUGE-L, the per-token NLL of the human reference, and the preference
+margin (NLL of q0's greedy answer − NLL of the reference), each SODA model against its own warmup q_w with paired
+bootstrap 95% intervals. Beside them, how well DPO learned its own pairs: the mean reward accuracy and margin of
+the last quarter of its steps. Writes bench/results/sweep[-quick].json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = ("teacher", "snapshot", "pairs")  # and the warmup, for every point that leaves warmup.* as it is
+# One change at a time from the demo's settings of the time (distill lr 5e-6, β 0.1, 1 epoch; warmup 1 epoch).
+POINTS = {
+    "demo": [],
+    "lr5e-5": ["distill.learning_rate=5e-5"],
+    "lr2e-5": ["distill.learning_rate=2e-5"],
+    "lr1e-4": ["distill.learning_rate=1e-4"],
+    "lr5e-5_beta0.5": ["distill.learning_rate=5e-5", "distill.beta=0.5"],
+    "lr5e-5_beta0.02": ["distill.learning_rate=5e-5", "distill.beta=0.02"],
+    "lr5e-5_ep2": ["distill.learning_rate=5e-5", "distill.epochs=2"],
+    "lr5e-5_warmup2": ["distill.learning_rate=5e-5", "warmup.epochs=2"],
+    "lr5e-5_warmup0.5": ["distill.learning_rate=5e-5", "warmup.epochs=0.5"],
+}
+QUICK_POINTS = ("demo", "lr5e-5")
+EVALUATE = ["evaluate.benchmarks=[dolly]", "evaluate.limit=50", "evaluate.max_new_tokens=128"]
+QUICK = ["data.limit=16", "snapshot.max_new_tokens=64", "evaluate.limit=10", "evaluate.max_new_tokens=64"]
+
+
+def share(source: Path, target: Path, stages: tuple[str, ...]) -> None:
+    """Give `target` the finished `stages` of `source`: their outputs hard-linked, their manifest records copied."""
+    from soda_distill.registry import STAGES
+
+    manifest = json.loads((source / "manifest.json").read_text())
+    own = json.loads((target / "manifest.json").read_text()) if (target / "manifest.json").exists() else {"stages": {}, "inputs": {}}
+    for name in stages:
+        if name in own["stages"]:
+            continue
+        for output in STAGES[name].outputs:
+            src, dst = source / output.rstrip("/"), target / output.rstrip("/")
+            if src.is_dir():
+                shutil.copytree(src, dst, copy_function=os.link, dirs_exist_ok=True)
+            elif src.exists() and not dst.exists():
+                os.link(src, dst)
+        own["stages"][name] = manifest["stages"][name]
+    own["inputs"] = {**manifest.get("inputs", {}), **own.get("inputs", {})}
+    (target / "manifest.json").write_text(json.dumps(own, indent=2) + "\n")
+
+
+def learned(run: Path) -> dict:
+    """DPO's reward accuracy and margin on its own pairs, mean over the last quarter of its steps."""
+    from soda_distill.records import read_metrics
+
+    steps = [m for m in read_metrics(run / "distill" / "metrics.jsonl") if "rewards/accuracies" in m]
+    tail = steps[-max(1, len(steps) // 4):]
+    return {"steps": len(steps),
+            "reward_accuracy_last_quarter": round(statistics.fmean(m["rewards/accuracies"] for m in tail), 3),
+            "reward_margin_last_quarter": round(statistics.fmean(m["rewards/margins"] for m in tail), 3),
+            "chosen_logps_change": round(statistics.fmean(m["logps/chosen"] for m in tail) - steps[0]["logps/chosen"], 2),
+            "rejected_logps_change": round(statistics.fmean(m["logps/rejected"] for m in tail) - steps[0]["logps/rejected"], 2)}
+
+
+def summarize(results: dict, out: Path, points: dict) -> dict:
+    from soda_distill.registry import METHODS
+
+    soda, warmup = METHODS["soda"].column, METHODS["warmup"].column
+    bench = results["benchmarks"][0]["name"]
+    summary = {}
+    for row in results["rows"]:
+        if row["method"] != soda:
+            continue
+        c = row["cells"][bench]
+        versus = c["paired"][f"vs {warmup}"]
+        base = c["paired"]["vs Base"]
+        manifest = json.loads((out / row["model"] / "manifest.json").read_text())
+        summary[row["model"]] = {
+            "overrides": points[row["model"]],
+            "dpo": learned(out / row["model"]),
+            "distill_wall_s": manifest["stages"]["distill"]["wall_s"],
+            "warmup_wall_s": manifest["stages"]["warmup"]["wall_s"],
+            "rouge_l": c["rouge_l"], "reference_nll": c["reference_nll"], "preference_margin": c["preference_margin"],
+            **{f"{metric}_vs_warmup": versus[metric] for metric in ("rouge_l", "reference_nll", "preference_margin")},
+            **{f"{metric}_vs_base": base[metric] for metric in ("rouge_l", "reference_nll", "preference_margin")},
+        }
+    return summary
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    from soda_distill.plots import label_axes, panels, run_color, save_png
+
+    names = list(summary)
+    fig, axes = panels(4)
+    panels_spec = [("DPO reward accuracy on its pairs\n(last quarter of steps)", lambda s: (s["dpo"]["reward_accuracy_last_quarter"], None)),
+                   ("Δ ROUGE-L vs its warmup", lambda s: (s["rouge_l_vs_warmup"]["difference"], s["rouge_l_vs_warmup"]["ci95"])),
+                   ("Δ reference NLL vs its warmup\n(lower is better)", lambda s: (s["reference_nll_vs_warmup"]["difference"], s["reference_nll_vs_warmup"]["ci95"])),
+                   ("Δ preference margin vs its warmup", lambda s: (s["preference_margin_vs_warmup"]["difference"], s["preference_margin_vs_warmup"]["ci95"]))]
+    for ax, (heading, value) in zip(axes, panels_spec):
+        for i, name in enumerate(names):
+            v, ci = value(summary[name])
+            err = [[v - ci[0]], [ci[1] - v]] if ci else None
+            ax.barh(i, v, xerr=err, color=run_color(i), capsize=3)
+        ax.axvline(0.5 if "accuracy" in heading else 0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names), fontsize=7)
+        label_axes(ax, heading, "", "", grid="x")
+    fig.suptitle(title, fontsize=9)
+    save_png(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two points on 16 prompts: the regression check")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "sweep", help="where the runs are kept (resumable)")
+    parser.add_argument("--points", help="comma-separated subset of the points, in this order")
+    args = parser.parse_args()
+    from soda_distill.config import load_config
+    from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
+    from soda_distill.pipeline import prepare, run_methods, run_stage
+
+    base = ["student.model=embedded", *(QUICK if args.quick else [])]
+    names = args.points.split(",") if args.points else list(QUICK_POINTS if args.quick else POINTS)
+    points = {name: POINTS[name] for name in names}
+    demo = ROOT / "configs" / "demo.yaml"
+    shared_cfg = load_config(demo, base)
+    shared = prepare(shared_cfg, args.out / "_shared")
+    run_stage("pairs", shared_cfg, shared)
+    run_stage("warmup", shared_cfg, shared)
+    done = []
+    for name, overrides in points.items():
+        cfg = load_config(demo, [*base, *overrides])
+        target = args.out / name
+        target.mkdir(parents=True, exist_ok=True)
+        share(shared.path, target, SHARED + (() if any(o.startswith("warmup.") for o in overrides) else ("warmup",)))
+        run_methods(cfg, prepare(cfg, target), ["soda"])
+        done.append(str(target))
+        ev = load_config(demo, [*EVALUATE, *base, f"evaluate.runs=[{','.join(done)}]"])  # --quick's limits win
+        results = run_evaluate(ev, prepare_evaluation(ev, args.out / "_evaluation"))
+        summary = summarize(results, args.out, points)
+        record = {
+            "command": "python bench/sweep.py" + (" --quick" if args.quick else ""),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "config": "configs/demo.yaml", "shared_overrides": base, "evaluation": EVALUATE,
+            "points_planned": names, "points_done": list(summary),
+            "points": summary,
+        }
+        RESULTS.mkdir(exist_ok=True)
+        stem = "sweep-quick" if args.quick else "sweep"
+        (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+        plot(summary, RESULTS / f"{stem}.png", f"SODA's DPO on the demo's pairs: one change at a time "
+                                              f"({len(summary)}/{len(names)} points, Dolly held-out)")
+        print(json.dumps({name: summary[name]["dpo"] for name in summary}, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
