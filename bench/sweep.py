@@ -38,7 +38,7 @@ POINTS = {
     "lr5e-5_warmup0.5": ["distill.learning_rate=5e-5", "warmup.epochs=0.5"],
 }
 QUICK_POINTS = ("demo", "lr5e-5")
-EVALUATE = ["evaluate.benchmarks=[dolly]", "evaluate.limit=50", "evaluate.max_new_tokens=128"]
+EVALUATE = ["evaluate.benchmarks=[dolly]", "evaluate.limit=30", "evaluate.max_new_tokens=96"]
 QUICK = ["data.limit=16", "snapshot.max_new_tokens=64", "evaluate.limit=10", "evaluate.max_new_tokens=64"]
 
 

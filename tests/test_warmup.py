@@ -131,7 +131,9 @@ def test_seqkd_keeps_the_step_of_least_heldout_loss(tmp_path, tiny_model_dir):
         {"id": f"q{i}", "messages": [{"role": "user", "content": q},
                                      {"role": "assistant", "content": a if i in held else "Yes indeed, " * 8}]}
         for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))])
-    cfg = load_config(None, [f"teacher.file={teacher}", f"student.model={tiny_model_dir}", "seqkd.learning_rate=3e-2",
+    # bf16 on: the best step's fp32 masters are what is saved (train_and_save), not its bf16 weights
+    cfg = load_config(None, [f"teacher.file={teacher}", f"student.model={tiny_model_dir}", "student.bf16=true",
+                             "seqkd.learning_rate=3e-2",
                              "seqkd.batch_size=3", "seqkd.epochs=10", "seqkd.heldout=0.25", "seqkd.evals_per_epoch=1",
                              "seqkd.patience=2", "seqkd.warmup_ratio=0", "seqkd.lr_scheduler=constant", "seqkd.max_length=128"])
     run = RunDir(tmp_path / "run")
