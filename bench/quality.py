@@ -50,6 +50,12 @@ def progress(out: Path, seeds: list[int]) -> dict:
             and (out / "report" / "report.html").exists()}
 
 
+def machine() -> str:
+    from soda_distill.models import bf16_supported
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, " + ("bf16" if bf16_supported() else "no bf16 (fp32 training)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the regression check: ~20 minutes")
@@ -73,7 +79,7 @@ def main() -> None:
     record = {
         "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "config": "configs/quality.yaml", "overrides": QUICK if args.quick else [],
         "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
         **progress(out, seeds),

@@ -8,7 +8,7 @@ pairs and (unless the point changes it) warmup, as hard links: each is made once
 every model on Dolly's held-out prompts: ROUGE-L, the per-token NLL of the human reference, and the preference
 margin (NLL of q0's greedy answer − NLL of the reference), each SODA model against its own warmup q_w with paired
 bootstrap 95% intervals. Beside them, how well DPO learned its own pairs: the mean reward accuracy and margin of
-the last quarter of its steps. Writes bench/results/sweep[-quick].json and .png.
+the last quarter of its steps. Writes bench/results/sweep[-quick].json, .md and .png.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ POINTS = {
     "lr5e-5_warmup0.5": ["distill.learning_rate=5e-5", "warmup.epochs=0.5"],
 }
 QUICK_POINTS = ("demo", "lr5e-5")
+METRICS = ("rouge_l", "reference_nll", "preference_margin", "preference_accuracy")
 EVALUATE = ["evaluate.benchmarks=[dolly]", "evaluate.limit=30", "evaluate.max_new_tokens=96"]
 QUICK = ["data.limit=16", "snapshot.max_new_tokens=64", "evaluate.limit=10", "evaluate.max_new_tokens=64"]
 
@@ -70,9 +71,7 @@ def learned(run: Path) -> dict:
     tail = steps[-max(1, len(steps) // 4):]
     return {"steps": len(steps),
             "reward_accuracy_last_quarter": round(statistics.fmean(m["rewards/accuracies"] for m in tail), 3),
-            "reward_margin_last_quarter": round(statistics.fmean(m["rewards/margins"] for m in tail), 3),
-            "chosen_logps_change": round(statistics.fmean(m["logps/chosen"] for m in tail) - steps[0]["logps/chosen"], 2),
-            "rejected_logps_change": round(statistics.fmean(m["logps/rejected"] for m in tail) - steps[0]["logps/rejected"], 2)}
+            "reward_margin_last_quarter": round(statistics.fmean(m["rewards/margins"] for m in tail), 3)}
 
 
 def summarize(results: dict, out: Path, points: dict) -> dict:
@@ -93,11 +92,27 @@ def summarize(results: dict, out: Path, points: dict) -> dict:
             "dpo": learned(out / row["model"]),
             "distill_wall_s": manifest["stages"]["distill"]["wall_s"],
             "warmup_wall_s": manifest["stages"]["warmup"]["wall_s"],
-            "rouge_l": c["rouge_l"], "reference_nll": c["reference_nll"], "preference_margin": c["preference_margin"],
-            **{f"{metric}_vs_warmup": versus[metric] for metric in ("rouge_l", "reference_nll", "preference_margin")},
-            **{f"{metric}_vs_base": base[metric] for metric in ("rouge_l", "reference_nll", "preference_margin")},
+            **{metric: c.get(metric) for metric in METRICS},
+            **{f"{metric}_vs_warmup": versus.get(metric) for metric in METRICS},
+            **{f"{metric}_vs_base": base.get(metric) for metric in METRICS},
         }
     return summary
+
+
+def markdown(record: dict) -> str:
+    """The sweep as one Markdown table: each point's own-pair learning and its held-out change from its warmup."""
+    show = lambda d, digits: "—" if not d else f"{d['difference']:+.{digits}f} [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}]"
+    lines = [f"Sweep of SODA's DPO on {record['config']} ({record['date']}, {record['machine']}); held-out: "
+             f"{', '.join(record['evaluation'])}. Differences are SODA − its own warmup q_w on the same prompts, "
+             "paired bootstrap 95% intervals.", "",
+             "| point | DPO reward accuracy (last ¼) | DPO margin (last ¼) | Δ ROUGE-L | Δ reference NLL | Δ preference margin | Δ preference accuracy | distill s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, p in record["points"].items():
+        lines.append(f"| {name} | {p['dpo']['reward_accuracy_last_quarter']:.2f} | {p['dpo']['reward_margin_last_quarter']:.2f} | "
+                     f"{show(p['rouge_l_vs_warmup'], 2)} | {show(p['reference_nll_vs_warmup'], 3)} | "
+                     f"{show(p['preference_margin_vs_warmup'], 3)} | {show(p.get('preference_accuracy_vs_warmup'), 1)} | "
+                     f"{p['distill_wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
@@ -121,11 +136,19 @@ def plot(summary: dict, path: Path, title: str) -> None:
     save_png(fig, path)
 
 
+def machine() -> str:
+    from soda_distill.models import bf16_supported
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, " + ("bf16" if bf16_supported() else "no bf16 (fp32 training)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two points on 16 prompts: the regression check")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "sweep", help="where the runs are kept (resumable)")
     parser.add_argument("--points", help="comma-separated subset of the points, in this order")
+    parser.add_argument("--summarize", action="store_true",
+                        help="train nothing: evaluate and write up the points already trained under --out")
     args = parser.parse_args()
     from soda_distill.config import load_config
     from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
@@ -135,17 +158,21 @@ def main() -> None:
     names = args.points.split(",") if args.points else list(QUICK_POINTS if args.quick else POINTS)
     points = {name: POINTS[name] for name in names}
     demo = ROOT / "configs" / "demo.yaml"
-    shared_cfg = load_config(demo, base)
-    shared = prepare(shared_cfg, args.out / "_shared")
-    run_stage("pairs", shared_cfg, shared)
-    run_stage("warmup", shared_cfg, shared)
+    if not args.summarize:
+        shared_cfg = load_config(demo, base)
+        shared = prepare(shared_cfg, args.out / "_shared")
+        run_stage("pairs", shared_cfg, shared)
+        run_stage("warmup", shared_cfg, shared)
     done = []
     for name, overrides in points.items():
-        cfg = load_config(demo, [*base, *overrides])
         target = args.out / name
-        target.mkdir(parents=True, exist_ok=True)
-        share(shared.path, target, SHARED + (() if any(o.startswith("warmup.") for o in overrides) else ("warmup",)))
-        run_methods(cfg, prepare(cfg, target), ["soda"])
+        if not args.summarize:
+            cfg = load_config(demo, [*base, *overrides])
+            target.mkdir(parents=True, exist_ok=True)
+            share(shared.path, target, SHARED + (() if any(o.startswith("warmup.") for o in overrides) else ("warmup",)))
+            run_methods(cfg, prepare(cfg, target), ["soda"])
+        elif not (target / "distill" / "config.json").is_file():
+            continue
         done.append(str(target))
         ev = load_config(demo, [*EVALUATE, *base, f"evaluate.runs=[{','.join(done)}]"])  # --quick's limits win
         results = run_evaluate(ev, prepare_evaluation(ev, args.out / "_evaluation"))
@@ -153,7 +180,7 @@ def main() -> None:
         record = {
             "command": "python bench/sweep.py" + (" --quick" if args.quick else ""),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "machine": machine(),
             "config": "configs/demo.yaml", "shared_overrides": base, "evaluation": EVALUATE,
             "points_planned": names, "points_done": list(summary),
             "points": summary,
@@ -161,6 +188,7 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         stem = "sweep-quick" if args.quick else "sweep"
         (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (RESULTS / f"{stem}.md").write_text(markdown(record))
         plot(summary, RESULTS / f"{stem}.png", f"SODA's DPO on the demo's pairs: one change at a time "
                                               f"({len(summary)}/{len(names)} points, Dolly held-out)")
         print(json.dumps({name: summary[name]["dpo"] for name in summary}, indent=1), flush=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, fingerprint
+from ..errors import SodaError
 from ..generation import Sampling, generate_transformers
 from ..manifest import RunDir
 from ..models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
@@ -46,6 +47,8 @@ def before_after(cfg: Config, run: RunDir, distilled: Path) -> dict:
     if saved.exists() and json.loads(saved.read_text()).get("identity") == identity:
         return json.loads(saved.read_text())
     items = [it for it in load_benchmark(path, "check", "", cfg.check.limit).items if it.reference]
+    if not items:
+        raise SodaError(f"{path}: check.prompts has no prompt with a reference answer among its first {cfg.check.limit}")
     (base_nll, base_answer), (nll, answer) = (_measure(p, items, cfg) for p in (base, str(distilled)))
     result = {
         "identity": identity, "prompts": path, "count": len(items),
