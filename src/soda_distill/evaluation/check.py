@@ -24,9 +24,6 @@ from ..stats import paired_difference
 from .benchmarks import load_benchmark
 from .nll import reference_nll
 
-LABELS = ("Base", "distilled")
-
-
 def _measure(path: str, items, cfg: Config) -> tuple[list[float | None], str]:
     """The reference NLL of every item, and the greedy answer to the first, under the model at `path`."""
     tokenizer = load_tokenizer(path, cfg.student.trust_remote_code)
@@ -44,8 +41,8 @@ def before_after(cfg: Config, run: RunDir, distilled: Path) -> dict:
     identity = {"settings": fingerprint(cfg.check), "bf16": use_bf16(cfg.student.bf16),
                 "models": [model_digest(Path(base)) if Path(base).is_dir() else base, model_digest(distilled)]}
     saved = run.file("check.json")
-    if saved.exists() and json.loads(saved.read_text()).get("identity") == identity:
-        return json.loads(saved.read_text())
+    if saved.exists() and (earlier := json.loads(saved.read_text())).get("identity") == identity:
+        return earlier
     items = [it for it in load_benchmark(path, "check", "", cfg.check.limit).items if it.reference]
     if not items:
         raise SodaError(f"{path}: check.prompts has no prompt with a reference answer among its first {cfg.check.limit}")

@@ -28,14 +28,14 @@ from ..models import context_length, load_model, load_tokenizer, model_digest, r
 from ..plots import plot_results
 from ..records import AppendLog, atomic_write_jsonl, atomic_write_text, read_examples, resolve_data_path
 from ..registry import METHODS, methods_named
-
-BASELINES = ("base", "seqkd", "warmup")  # what each row is compared with, on the same prompts
 from ..stats import bootstrap_ci, paired_difference, seeded_paired_difference
 from .benchmarks import Benchmark, load_benchmarks, student_prompt
 from .judge import ORDERS, reference_answers, run_judge
 from .metrics import offline_metrics, rouge_l_per_prompt
 from .nll import reference_nll
 from .table import render_markdown
+
+BASELINES = ("base", "seqkd", "warmup")  # what each row is compared with, on the same prompts
 
 
 @dataclass
