@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import distributed
 from .config import load_config
 from .errors import SodaError
 from .registry import DEFAULT_METHODS, METHODS, STAGES, methods_named
@@ -108,7 +109,10 @@ def _compare(rest: list[str], out: str | None) -> None:
     config_path, overrides = _split(rest)
     if out is None:
         raise SodaError("give --out DIR (a run directory per seed, the evaluation and the report go there)")
-    print(render_markdown(run_compare(load_config(config_path, overrides), out)))
+    results = run_compare(load_config(config_path, overrides), out)
+    if not distributed.is_main():
+        return
+    print(render_markdown(results))
     print(f"results: {Path(out) / 'evaluation' / 'results.md'}; report: {Path(out) / 'report' / 'report.html'}")
 
 
@@ -134,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     try:
+        distributed.start()
+        if args.command in ("evaluate", "analyze", "report") and not distributed.is_main():
+            return 0  # launched as several processes, these run on the main one
         if args.command == "evaluate":
             _evaluate(args.rest, args.out)
             return 0
@@ -156,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         run = prepare(cfg, out)
         if args.command == "run":
             models = run_methods(cfg, run, [m.name for m in methods])
+            if not distributed.is_main():
+                return 0
             print(_summary(run))
             for name, model in models.items():
                 print(f"{'distilled' if name == 'soda' else METHODS[name].label} model: {model}")
@@ -165,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(render(before_after(cfg, run, models["soda"])))
         else:
-            print(f"{args.command}: {run_stage(args.command, cfg, run)}")
+            out = run_stage(args.command, cfg, run)
+            if distributed.is_main():
+                print(f"{args.command}: {out}")
     except SodaError as e:
         print(f"soda-distill: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 
 from .config import Config
+from .distributed import is_main
 from .registry import methods_named
 
 SEEDED = ("snapshot", "warmup", "seqkd", "distill", "gad")  # the config sections whose `seed` a compare seed sets
@@ -29,8 +30,9 @@ def seeded(cfg: Config, seed: int) -> Config:
     return cfg
 
 
-def run_compare(cfg: Config, out: str | Path) -> dict:
-    """Train, evaluate and report; returns the evaluation's results."""
+def run_compare(cfg: Config, out: str | Path) -> dict | None:
+    """Train, evaluate and report; returns the evaluation's results. Launched as several processes, every rank
+    trains and the main process alone evaluates (the others return None)."""
     from .evaluation.evaluate import prepare_evaluation, run_evaluate
     from .pipeline import prepare, run_methods
     from .report import write_report
@@ -43,6 +45,8 @@ def run_compare(cfg: Config, out: str | Path) -> dict:
         run = prepare(seed_cfg, out / f"seed-{seed}")
         run_methods(seed_cfg, run, [m.name for m in methods if m.stage])
         runs.append(str(run.path))
+    if not is_main():
+        return None
     cfg = copy.deepcopy(cfg)
     cfg.evaluate = dataclasses.replace(cfg.evaluate, runs=runs, methods=[m.name for m in methods])
     evaldir = prepare_evaluation(cfg, out / "evaluation")

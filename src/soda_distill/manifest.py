@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from .distributed import is_main, world_size
 from .errors import SodaError
 from .records import atomic_write_text, sha256_file
 from .registry import STAGES, finished, trained_models
@@ -47,8 +48,8 @@ def combine(*parts: str) -> str:
 
 
 class PeakMemory:
-    """Peak memory of this process within a span: resident set size on CPU (Linux's VmHWM, reset at the start),
-    peak allocated bytes on each GPU."""
+    """Peak memory of this process (launched as several: of the main one) within a span: resident set size on CPU
+    (Linux's VmHWM, reset at the start), peak allocated bytes on each GPU."""
 
     def __enter__(self):
         import torch
@@ -101,10 +102,13 @@ class RunDir:
         return json.loads(self.manifest_path.read_text())
 
     def _update(self, fn) -> None:
+        if not is_main():  # launched as several processes, the main one keeps the record
+            return
         m = self.manifest()
         m.setdefault("stages", {})
         m.setdefault("inputs", {})
-        m["soda_distill"] = {"versions": _versions(), "device": _device(), "platform": platform.platform()}
+        m["soda_distill"] = {"versions": _versions(), "device": _device(), "platform": platform.platform(),
+                             "processes": world_size()}
         fn(m)
         atomic_write_text(self.manifest_path, json.dumps(m, indent=2, sort_keys=False) + "\n")
 

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from .config import Config, save_config
+from .distributed import is_main, main_first, wait_for_everyone
 from .manifest import RunDir
 from .records import resolve_data_path
 from .registry import DEFAULT_METHODS, STAGES, chain, methods_named
@@ -24,14 +25,26 @@ def prepare(cfg: Config, out: str | Path) -> RunDir:
         cfg.pairs = dataclasses.replace(cfg.pairs, rejected_source=resolve_data_path(cfg.pairs.rejected_source))
     run = RunDir(out)
     cfg.out = str(run.path)
-    save_config(cfg, run.file("config.yaml"))
+    if is_main():
+        save_config(cfg, run.file("config.yaml"))
     return run
+
+
+def run_one(name: str, cfg: Config, run: RunDir) -> Path:
+    """A stage; launched as several processes, every rank trains its share of a training stage, and the main process
+    runs any other while the rest wait for it."""
+    if not STAGES[name].trains:
+        with main_first():
+            return STAGES[name].run(cfg, run)
+    out = STAGES[name].run(cfg, run)
+    wait_for_everyone()  # no rank reads the stage's model before the main process has saved it
+    return out
 
 
 def run_stage(name: str, cfg: Config, run: RunDir) -> Path:
     """One stage, after any stage it needs that has not finished."""
     for needed in chain([name]):
-        out = STAGES[needed].run(cfg, run)
+        out = run_one(needed, cfg, run)
     return out
 
 
@@ -39,7 +52,7 @@ def run_methods(cfg: Config, run: RunDir, methods: list[str] | tuple[str, ...] =
     """Every stage these methods need, in order, each once; returns each trained method's model."""
     chosen = methods_named(list(methods))
     for name in chain([m.stage for m in chosen if m.stage]):
-        STAGES[name].run(cfg, run)
+        run_one(name, cfg, run)
     return {m.name: run.output(m.stage) for m in chosen if m.stage}
 
 

@@ -24,6 +24,7 @@ class Stage:
     outputs: tuple[str, ...] = ()  # what a finished stage has left, relative to the run directory ("x/": a folder)
     model: str | None = None  # the model directory it yields (a Hugging Face model folder)
     metrics: str | None = None  # its per-step training metrics
+    trains: bool = False  # launched as several processes, every rank trains its share; else the main process runs it
 
     def run(self, cfg, run) -> Path:
         module, function = self.function.split(":")
@@ -38,16 +39,18 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("pairs", "stages.pairs:run_pairs", "preference pairs (x, chosen = y_t, rejected = y_s)",
           needs=("teacher", "snapshot"), outputs=("pairs.jsonl",)),
     Stage("warmup", "stages.warmup:run_warmup", "SFT of q0 on the teacher answers: q_w",
-          needs=("teacher",), outputs=("warmup/",), model="warmup", metrics="warmup/metrics.jsonl"),
+          needs=("teacher",), outputs=("warmup/",), model="warmup", metrics="warmup/metrics.jsonl", trains=True),
     Stage("seqkd", "stages.seqkd:run_seqkd", "SeqKD: SFT on the teacher answers to its least held-out loss",
-          needs=("teacher",), outputs=("seqkd/",), model="seqkd", metrics="seqkd/metrics.jsonl"),
+          needs=("teacher",), outputs=("seqkd/",), model="seqkd", metrics="seqkd/metrics.jsonl", trains=True),
     Stage("distill", "stages.distill:run_distill", "DPO on the pairs from q_w, q_w the frozen reference",
-          needs=("pairs", "warmup"), outputs=("distill/",), model="distill", metrics="distill/metrics.jsonl"),
+          needs=("pairs", "warmup"), outputs=("distill/",), model="distill", metrics="distill/metrics.jsonl",
+          trains=True),
     Stage("gad_warmup", "stages.gad:run_discriminator_warmup", "GAD's discriminator warmup: Bradley–Terry on the pairs",
-          needs=("pairs",), outputs=("gad/discriminator_warmup/",), metrics="gad/discriminator_warmup/metrics.jsonl"),
+          needs=("pairs",), outputs=("gad/discriminator_warmup/",), metrics="gad/discriminator_warmup/metrics.jsonl",
+          trains=True),
     Stage("gad", "stages.gad:run_adversarial", "GAD's adversarial phase: GRPO on the discriminator's scores",
           needs=("teacher", "warmup", "gad_warmup"), outputs=("gad/generator/", "gad/discriminator/"),
-          model="gad/generator", metrics="gad/metrics.jsonl"),
+          model="gad/generator", metrics="gad/metrics.jsonl", trains=True),
 )}
 
 

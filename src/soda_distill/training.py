@@ -16,6 +16,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import TrainingConfig
+from .distributed import is_main, world_size
 from .errors import SodaError
 from .lm_head import add_cpu_lm_head
 from .records import atomic_write_text, read_metrics
@@ -81,8 +82,9 @@ def bf16_weights(trainer):
 
 def adamw_for(model, bf16: bool) -> type[torch.optim.AdamW]:
     """The AdamW to train `model` with: on CPU in bf16, the model goes to bf16 weights with fp32 masters in the
-    optimizer (`MasterWeightsAdamW`); otherwise it keeps fp32 weights (under autocast where bf16 is on)."""
-    if not (bf16 and next(model.parameters()).device.type == "cpu"):
+    optimizer (`MasterWeightsAdamW`); otherwise it keeps fp32 weights (under autocast where bf16 is on). Not across
+    processes: the masters take each gradient as soon as it is computed, before DDP has averaged it."""
+    if not (bf16 and next(model.parameters()).device.type == "cpu") or world_size() > 1:
         return torch.optim.AdamW
     model.to(torch.bfloat16)
     return MasterWeightsAdamW
@@ -188,10 +190,14 @@ class MetricsLog(TrainerCallback):
         self.path = path
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
         kept = [m for m in read_metrics(self.path) if m.get("step", 0) <= state.global_step]
         atomic_write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **(logs or {})}) + "\n")
 
@@ -246,12 +252,13 @@ class LengthBuckets(Sampler):
 
 class ResumableOrder:
     """Mixin for a Trainer: its training order from EpochSeededSampler, so that a resumed run repeats it, and
-    length-grouped batches from LengthBuckets."""
+    length-grouped batches from LengthBuckets, a group per optimizer step across all processes (accelerate then
+    deals its micro-batches out to the ranks), so that N processes train on the batches one process accumulates."""
 
     def _get_train_sampler(self, *args, **kwargs):
         sampler = super()._get_train_sampler(*args, **kwargs)
-        if isinstance(sampler, LengthGroupedSampler):
-            sampler = LengthBuckets(sampler.lengths, sampler.batch_size)
+        if isinstance(sampler, LengthGroupedSampler):  # its batch: one optimizer step's of one process; ours: of all
+            sampler = LengthBuckets(sampler.lengths, sampler.batch_size * self.args.world_size)
         return EpochSeededSampler(sampler, self.args.seed)
 
 
@@ -267,12 +274,29 @@ def last_checkpoint(folder: Path) -> str | None:
     return steps[max(steps)] if steps else None
 
 
+LAUNCH = "launch.json"  # in a stage's checkpoints folder: how many processes wrote its checkpoints
+
+
+def same_launch(checkpoints: Path, resuming: bool) -> None:
+    """Refuse to resume checkpoints written by another number of processes (the steps of an epoch, the batches
+    each rank has seen and the optimizer's sharding all depend on it); record the number for a later resume."""
+    path = checkpoints / LAUNCH
+    written = json.loads(path.read_text())["processes"] if resuming and path.exists() else world_size()
+    if written != world_size():
+        raise SodaError(f"{checkpoints}: these checkpoints were written by {written} process(es), and this run has "
+                        f"{world_size()}; resume with {written} (torchrun --nproc_per_node {written}), or delete "
+                        f"{checkpoints} to start the stage again")
+    if is_main():
+        atomic_write_text(path, json.dumps({"processes": world_size()}) + "\n")
+
+
 def train_and_save(trainer, final_dir: Path) -> dict:
     """Train (resuming from the newest whole checkpoint if there is one), save the final model — or the best one,
     where the trainer keeps the best (`load_best_model_at_end`); trained with fp32 masters: the masters, in fp32 —
     and drop the checkpoints."""
     checkpoints = Path(trainer.args.output_dir)
     last = last_checkpoint(checkpoints)
+    same_launch(checkpoints, resuming=last is not None)
     result = trainer.train(resume_from_checkpoint=last)
     masters = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
     best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
@@ -281,11 +305,12 @@ def train_and_save(trainer, final_dir: Path) -> dict:
             masters.load_masters(Path(best))
         masters.copy_into(trainer.model)
     trainer.save_model(str(final_dir))
-    # Trainer states first, so that a kill part-way leaves no checkpoint that looks whole with files missing (the
-    # stage then trains again from the start, to the same result, instead of failing to resume).
-    for state in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINER_STATE_NAME}"):
-        state.unlink()
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if is_main():
+        # Trainer states first, so that a kill part-way leaves no checkpoint that looks whole with files missing (the
+        # stage then trains again from the start, to the same result, instead of failing to resume).
+        for state in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINER_STATE_NAME}"):
+            state.unlink()
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return {
         "steps": trainer.state.global_step,
         "train_loss": round(result.training_loss, 4),

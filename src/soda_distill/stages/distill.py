@@ -4,11 +4,14 @@ The pairs are tokenized here as TRL would (chat_tokens.py), except that an answe
 end of turn.
 
 The reference log-probabilities of every chosen and rejected response are computed once, before training,
-from q_w itself (TRL's `precompute_ref_log_probs`), so no second model is resident while training.
+from q_w itself (TRL's `precompute_ref_log_probs`), so no second model is resident while training; they are kept
+beside the tokenized pairs in the stage's checkpoints folder, so a resumed run does not compute them again.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..chat_tokens import chat_ids
 from ..config import Config, fingerprint
+from ..distributed import is_main, main_first
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, model_digest, use_bf16
 from ..records import read_metrics, read_pairs, sha256_file
@@ -38,6 +42,20 @@ def dpo_dataset(pairs_path: Path, tokenizer, max_length: int):
     kept = [r for r in rows if len(r["prompt_ids"]) < max_length]
     kept.sort(key=lambda r: r["length"], reverse=True)
     return Dataset.from_list(kept), len(rows) - len(kept)
+
+
+def on_disk(dataset, folder: Path):
+    """The data set saved in `folder` (kept there if it is already) and read back from it: TRL then caches the
+    reference log-probabilities beside it, where every rank reads them and a resumed run finds them."""
+    from datasets import load_from_disk
+
+    with main_first():
+        if is_main() and not (folder / "state.json").exists():
+            tmp = folder.with_name(f".{folder.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            dataset.save_to_disk(str(tmp))
+            os.replace(tmp, folder)
+        return load_from_disk(str(folder))
 
 
 class DistillDPOTrainer(ResumableOrder, DPOTrainer):
@@ -84,6 +102,7 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
         tokenizer = load_tokenizer(str(start), cfg.student.trust_remote_code)
         model = load_model(str(start), trust_remote_code=cfg.student.trust_remote_code)
         dataset, prompt_too_long = dpo_dataset(pairs_path, tokenizer, cfg.distill.max_length)
+        dataset = on_disk(dataset, out / "checkpoints" / "pairs")
         trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")
         info.update(pairs=len(dataset), dropped_prompt_too_long=prompt_too_long, **train_and_save(trainer, out))
         steps = [m for m in read_metrics(out / "metrics.jsonl") if "rewards/margins" in m]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
 from ..config import Config, GadConfig, TrainingConfig, fingerprint
+from ..distributed import is_main, world_size
 from ..errors import SodaError
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
@@ -67,10 +69,23 @@ def discriminator_scores(model, input_ids: torch.Tensor, attention_mask: torch.T
 
     transformers' own sequence-classification forward reads the last token that is not the pad token: one token
     early whenever the pad token is also the end-of-turn token a response ends with (SmolLM2, Llama 3 with pad = eos).
+    `model` may be wrapped (DDP): the scoring runs as the model's forward, through the wrapper, which then averages
+    the gradients across processes.
     """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    inner = getattr(model, "module", model)
+    if not hasattr(inner, "_soda_original_forward"):
+        inner._soda_original_forward = inner.forward
+        inner.forward = types.MethodType(_forward_or_score, inner)
+    return model(input_ids=input_ids, attention_mask=attention_mask, last_real_token=True)
+
+
+def _forward_or_score(self, *args, last_real_token: bool = False, **kwargs):
+    if not last_real_token:
+        return self._soda_original_forward(*args, **kwargs)
+    input_ids, attention_mask = kwargs["input_ids"], kwargs["attention_mask"]
+    hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     last = attention_mask.sum(dim=1) - 1
-    return model.score(hidden[torch.arange(hidden.size(0), device=hidden.device), last]).squeeze(-1).float()
+    return self.score(hidden[torch.arange(hidden.size(0), device=hidden.device), last]).squeeze(-1).float()
 
 
 def bradley_terry(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +192,16 @@ def gad_dataset(teacher_path: Path, tokenizer, g: GadConfig):
     return Dataset.from_list(rows), dropped
 
 
+def average_across_ranks(model) -> None:
+    """Launched as several processes, each rank's discriminator gradient averaged over all ranks' rollouts (as DDP
+    does for the generator), so that every rank's copy takes the same step."""
+    if world_size() > 1:
+        for p in model.parameters():
+            if p.grad is not None:  # a sum and a division: gloo has no average
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world_size()
+
+
 class Discriminator:
     """GRPO's reward function, which also trains the discriminator on the rollouts it has just scored.
 
@@ -219,6 +244,7 @@ class Discriminator:
                 rewards += student.detach().tolist()
                 loss_sum += losses.sum().item()
                 wins += int(won.sum())
+        average_across_ranks(self.model)
         if isinstance(self.optimizer, MasterWeightsAdamW):  # its gradients are on the fp32 masters
             self.optimizer.clip_grad_norm_(self.g.max_grad_norm)
         else:
@@ -231,6 +257,8 @@ class Discriminator:
         return rewards
 
     def save_state(self, path: Path) -> None:
+        if not is_main():
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}, tmp)
@@ -277,8 +305,9 @@ class GadTrainer(ResumableOrder, GRPOTrainer):
         result = super().train(*args, **kwargs)
         if isinstance(self.discriminator.optimizer, MasterWeightsAdamW):
             self.discriminator.optimizer.copy_into(self.discriminator.model)
-        self.discriminator.model.save_pretrained(self.discriminator_dir)  # before train_and_save drops the checkpoints
-        self.processing_class.save_pretrained(self.discriminator_dir)
+        if self.args.should_save:
+            self.discriminator.model.save_pretrained(self.discriminator_dir)  # before train_and_save drops the checkpoints
+            self.processing_class.save_pretrained(self.discriminator_dir)
         return result
 
 
@@ -314,6 +343,10 @@ def run_adversarial(cfg: Config, run: RunDir) -> Path:
             load_discriminator(str(discriminator_start), tokenizer, trust), cfg.gad, use_bf16(cfg.student.bf16)
         )
         dataset, dropped = gad_dataset(teacher_path, tokenizer, cfg.gad)
+        if len(dataset) < cfg.gad.prompts_per_step * world_size():
+            raise SodaError(f"{teacher_path}: {len(dataset)} prompts fit gad.max_length, fewer than one step takes "
+                            f"({cfg.gad.prompts_per_step} prompts a step × {world_size()} process(es)); lower "
+                            "gad.gradient_accumulation_steps or gad.batch_size")
         trainer = build_gad_trainer(generator, tokenizer, discriminator, dataset, cfg, out)
         info.update(prompts=len(dataset), dropped_long_prompts=dropped, **train_and_save(trainer, generator_dir))
         info["discriminator_updates"] = discriminator.updates

@@ -1,0 +1,64 @@
+"""Several processes (`torchrun`, `accelerate launch`): who trains, who writes, who waits.
+
+Every rank trains its share of a training stage (the trainers' own DDP, FSDP or DeepSpeed through accelerate); the
+other stages — the teacher, the snapshot, the pairs, evaluation — run on the main process while the others wait,
+and then find them finished. Only the main process writes the run directory: the manifest, config, metrics and
+models. Launched as one process, all of this is a no-op. The run directory must be on a file system every node sees.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+
+# A rank waits while the main process runs a whole stage (a snapshot or an evaluation can take hours on CPU);
+# torch's default of 30 minutes would end the run.
+WAIT = timedelta(hours=48)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start() -> None:
+    """Join the launcher's process group (gloo on CPU, NCCL on GPU) with a timeout long enough to wait out a stage;
+    the trainers then share it. Call before anything else does."""
+    if world_size() > 1:
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT)
+
+
+def is_main() -> bool:
+    if world_size() == 1:
+        return True
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def main_first(enabled: bool = True):
+    """The main process runs the block first, the others after it (where it is a stage: to find it finished)."""
+    if world_size() == 1 or not enabled:
+        return nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
+
+
+@contextmanager
+def on_main():
+    """The block runs on the main process alone (yielding True there); every rank leaves it together."""
+    try:
+        yield is_main()
+    finally:
+        wait_for_everyone()

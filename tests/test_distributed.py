@@ -1,0 +1,136 @@
+"""Launched as two processes: `torchrun --nproc_per_node 2` over gloo on this CPU, as a user launches several GPUs.
+
+Warmup and DPO on two ranks take the optimizer steps of one process accumulating the same global batch, to the same
+weights; the main process alone writes the run directory; a launch killed mid-stage resumes under the same launch,
+and a resume with another number of processes is refused in one line. GAD's two stages train on two ranks too.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soda_distill.training import last_checkpoint
+
+# Settings that make one step of two processes (batch 2 each) the step of one process accumulating two batches of 2.
+SMALL = ["student.bf16=false", "snapshot.max_new_tokens=12", "check.limit=0",
+         "warmup.batch_size=2", "warmup.epochs=3", "warmup.learning_rate=3e-3", "warmup.warmup_ratio=0",
+         "warmup.max_length=128", "distill.batch_size=2", "distill.epochs=3", "distill.learning_rate=2e-3",
+         "distill.warmup_ratio=0", "distill.max_length=128"]
+STEPS_PER_EPOCH = 3  # 12 examples, 2 per process per step, 2 processes
+
+
+def command(processes: int, out: Path, *settings: str, method: str = "soda") -> list[str]:
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+              if processes > 1 else [sys.executable])
+    return [*launch, "-m", "soda_distill", "run", "--method", method, "--out", str(out), *settings]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def launch(processes: int, out: Path, *settings: str, method: str = "soda") -> subprocess.CompletedProcess:
+    done = subprocess.run(command(processes, out, *settings, method=method), env=env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_model_dir):
+    from conftest import QA, write_jsonl
+
+    qa = write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", QA)
+    return [f"teacher.file={qa}", f"student.model={tiny_model_dir}", *SMALL]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, inputs) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    launch(2, out, *inputs)
+    return out
+
+
+def test_two_processes_train_the_steps_and_weights_of_one_accumulating(two_processes, inputs, tmp_path):
+    one = tmp_path / "one"
+    launch(1, one, *inputs, "warmup.gradient_accumulation_steps=2", "distill.gradient_accumulation_steps=2")
+    manifest = json.loads((two_processes / "manifest.json").read_text())
+    assert manifest["soda_distill"]["processes"] == 2
+    assert (two_processes / "pairs.jsonl").read_text() == (one / "pairs.jsonl").read_text()  # on the main process
+    for stage in ("warmup", "distill"):
+        assert manifest["stages"][stage]["steps"] == 3 * STEPS_PER_EPOCH
+        assert_same_weights(two_processes / stage, one / stage)
+        losses = [m["loss"] for m in map(json.loads, (two_processes / stage / "metrics.jsonl").open()) if "loss" in m]
+        assert len(losses) == 3 * STEPS_PER_EPOCH  # each step logged once, by the main process
+        assert sum(losses[-3:]) < sum(losses[:3])
+        assert not (two_processes / stage / "checkpoints").exists()
+    assert not list(two_processes.rglob("*.tmp"))  # no half-written file of a second writer
+
+
+def test_a_killed_launch_resumes_and_another_world_size_is_refused(two_processes, inputs, tmp_path):
+    out = tmp_path / "killed"
+    settings = [*inputs, "warmup.save_steps=2", "distill.save_steps=2"]
+    launcher = subprocess.Popen(command(2, out, *settings), env=env(), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not last_checkpoint(out / "warmup" / "checkpoints"):  # a whole one
+        assert launcher.poll() is None and time.time() < deadline, "the launch ended before its first checkpoint"
+        time.sleep(0.05)
+    # The launcher and both ranks (torchrun starts each in a session of its own), as a scheduler's kill would.
+    for process in [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]:
+        process.kill()
+    launcher.wait()
+
+    refused = subprocess.run(command(1, out, *settings), env=env(), capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2
+    assert "written by 2 process(es)" in refused.stderr and "Traceback" not in refused.stderr
+
+    launch(2, out, *settings)
+    warmup = json.loads((out / "manifest.json").read_text())["stages"]["warmup"]
+    assert warmup["resumed_from_step"] >= 2 and warmup["steps"] == 3 * STEPS_PER_EPOCH
+    for stage in ("warmup", "distill"):
+        assert_same_weights(out / stage, two_processes / stage)
+
+
+def test_gad_trains_on_two_processes(two_processes, inputs):
+    launch(2, two_processes, *inputs, "gad.max_new_tokens=12", "gad.num_generations=2", "gad.batch_size=2",
+           "gad.gradient_accumulation_steps=1", "gad.max_length=128", "gad.discriminator_batch_size=1",
+           "gad.discriminator_only_steps=1", "gad.epochs=1", method="gad")
+    stages = json.loads((two_processes / "manifest.json").read_text())["stages"]
+    per_epoch = 12 // (1 * 2)  # one prompt (two rollouts) per process a step
+    assert stages["gad_warmup"]["steps"] == per_epoch and stages["gad"]["steps"] == per_epoch
+    assert stages["gad"]["discriminator_updates"] == per_epoch
+    assert (two_processes / "gad" / "generator" / "model.safetensors").exists()
+    assert (two_processes / "gad" / "discriminator" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED")])
+def test_the_shipped_accelerate_configs_load(name, kind):
+    """What `accelerate launch --config_file` reads them with (they run on GPUs only: see the README)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.name == kind and config.mixed_precision == "bf16"
+    assert f"--config_file configs/accelerate/{name}.yaml -m soda_distill" in (
+        Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml").read_text()
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2
