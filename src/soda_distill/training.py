@@ -15,7 +15,7 @@ from transformers.trainer import OPTIMIZER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .config import TrainingConfig
+from .config import LoraSettings, TrainingConfig
 from .distributed import is_main, world_size
 from .errors import SodaError
 from .lm_head import add_cpu_lm_head
@@ -50,6 +50,23 @@ def trainer_arguments(section: TrainingConfig, output_dir: Path, bf16: bool) -> 
     )
 
 
+def peft_config(lora: LoraSettings | None, task_type: str = "CAUSAL_LM"):
+    """peft's LoraConfig from `student.lora` (None: full fine-tuning), for a trainer's `peft_config`."""
+    if lora is None:
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise SodaError("student.lora needs peft: pip install peft") from None
+    return LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules or "all-linear")
+
+
+def transformers_model(model):
+    """The transformers model inside a peft adapter model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def apply_cpu_settings(trainer):
     """This package's settings for an SFT or DPO trainer that trains on CPU: the LM head of `lm_head.py`, glibc
     giving freed memory back (`return_freed_memory`) and `bf16_weights`. Idempotent: TRL's DPO trainer needs it
@@ -57,7 +74,7 @@ def apply_cpu_settings(trainer):
     if trainer.model.device.type != "cpu":
         return trainer
     if not getattr(trainer, "use_weighting", False):  # WPO weights need log Σp², which only TRL's head returns
-        add_cpu_lm_head(trainer.model)
+        add_cpu_lm_head(transformers_model(trainer.model))
     return_freed_memory()
     return bf16_weights(trainer)
 
@@ -83,8 +100,10 @@ def bf16_weights(trainer):
 def adamw_for(model, bf16: bool) -> type[torch.optim.AdamW]:
     """The AdamW to train `model` with: on CPU in bf16, the model goes to bf16 weights with fp32 masters in the
     optimizer (`MasterWeightsAdamW`); otherwise it keeps fp32 weights (under autocast where bf16 is on). Not across
-    processes: the masters take each gradient as soon as it is computed, before DDP has averaged it."""
-    if not (bf16 and next(model.parameters()).device.type == "cpu") or world_size() > 1:
+    processes (the masters take each gradient as soon as it is computed, before DDP has averaged it), nor with LoRA
+    (the frozen weights, rounded to bf16, would be merged so)."""
+    if (not (bf16 and next(model.parameters()).device.type == "cpu") or world_size() > 1
+            or hasattr(model, "peft_config")):
         return torch.optim.AdamW
     model.to(torch.bfloat16)
     return MasterWeightsAdamW
@@ -290,6 +309,18 @@ def same_launch(checkpoints: Path, resuming: bool) -> None:
         atomic_write_text(path, json.dumps({"processes": world_size()}) + "\n")
 
 
+def save_final(trainer, final_dir: Path) -> None:
+    """The trained model in `final_dir`; with LoRA, the adapter in `final_dir/adapter` and the model with it merged
+    in `final_dir`, a plain transformers model that the next stage and the evaluation load as they load any."""
+    if not hasattr(trainer.model, "merge_and_unload"):
+        trainer.save_model(str(final_dir))
+        return
+    trainer.save_model(str(final_dir / "adapter"))
+    if trainer.args.should_save:
+        trainer.model.merge_and_unload().save_pretrained(final_dir)
+        trainer.processing_class.save_pretrained(final_dir)
+
+
 def train_and_save(trainer, final_dir: Path) -> dict:
     """Train (resuming from the newest whole checkpoint if there is one), save the final model — or the best one,
     where the trainer keeps the best (`load_best_model_at_end`); trained with fp32 masters: the masters, in fp32 —
@@ -304,7 +335,7 @@ def train_and_save(trainer, final_dir: Path) -> dict:
         if best:
             masters.load_masters(Path(best))
         masters.copy_into(trainer.model)
-    trainer.save_model(str(final_dir))
+    save_final(trainer, Path(final_dir))
     if is_main():
         # Trainer states first, so that a kill part-way leaves no checkpoint that looks whole with files missing (the
         # stage then trains again from the start, to the same result, instead of failing to resume).

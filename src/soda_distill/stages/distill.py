@@ -23,7 +23,8 @@ from ..distributed import is_main, main_first
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, model_digest, use_bf16
 from ..records import read_metrics, read_pairs, sha256_file
-from ..training import MetricsLog, ResumableOrder, apply_cpu_settings, train_and_save, trainer_arguments
+from ..training import (MetricsLog, ResumableOrder, apply_cpu_settings, peft_config, train_and_save,
+                        trainer_arguments)
 
 
 def dpo_dataset(pairs_path: Path, tokenizer, max_length: int):
@@ -85,9 +86,10 @@ def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
         precompute_ref_batch_size=d.precompute_batch_size,
         remove_unused_columns=False,  # keeps `length` for the length-grouped sampler; TRL's collator reads its own keys
     )
+    # With LoRA, a fresh adapter on q_w, and q_w itself (the adapter off) the reference: TRL's peft path.
     return DistillDPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=[MetricsLog(metrics_path)],
+        callbacks=[MetricsLog(metrics_path)], peft_config=peft_config(cfg.student.lora),
     )
 
 
@@ -95,7 +97,8 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
     """DPO from `start` (default: this run's warmup model q_w)."""
     start = start or run.output("warmup")
     pairs_path, out = run.output("pairs"), run.output("distill")
-    fp = combine(fingerprint(cfg.distill), sha256_file(pairs_path), model_digest(start))
+    fp = combine(fingerprint(cfg.distill), sha256_file(pairs_path), model_digest(start),
+                 *([fingerprint(cfg.student.lora)] if cfg.student.lora else []))
     if run.done("distill", fp):
         return out
     with run.stage("distill", fp) as info:

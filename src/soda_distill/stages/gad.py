@@ -150,7 +150,14 @@ def build_discriminator_trainer(model, tokenizer, dataset, cfg: Config, output_d
     ))
 
 
+def full_weights(cfg: Config) -> None:
+    if cfg.student.lora is not None:
+        raise SodaError("student.lora: GAD's generator and discriminator train full weights so far; run GAD without "
+                        "student.lora (SODA and SeqKD train adapters)")
+
+
 def run_discriminator_warmup(cfg: Config, run: RunDir) -> Path:
+    full_weights(cfg)
     pairs_path, out = run.output("pairs"), run.output("gad_warmup")
     fp = combine(fingerprint(cfg.gad), fingerprint(cfg.student), sha256_file(pairs_path))
     if run.done("gad_warmup", fp):
@@ -330,6 +337,7 @@ def build_gad_trainer(generator, tokenizer, discriminator: Discriminator, datase
 
 def run_adversarial(cfg: Config, run: RunDir) -> Path:
     """GRPO from this run's warmup model q_w against the warmed-up discriminator; both networks are saved."""
+    full_weights(cfg)
     teacher_path, start, discriminator_start = run.output("teacher"), run.output("warmup"), run.output("gad_warmup")
     generator_dir, out = run.output("gad"), run.file("gad")
     fp = combine(fingerprint(cfg.gad), sha256_file(teacher_path), model_digest(start), model_digest(discriminator_start))

@@ -17,7 +17,8 @@ from ..config import Config, WarmupConfig, fingerprint
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, resolve_model, use_bf16
 from ..records import read_examples, sha256_file
-from ..training import MetricsLog, ResumableOrder, apply_cpu_settings, train_and_save, trainer_arguments
+from ..training import (MetricsLog, ResumableOrder, apply_cpu_settings, peft_config, train_and_save,
+                        trainer_arguments)
 
 
 def sft_dataset(teacher_path: Path, tokenizer, truncated: str = "open"):
@@ -55,7 +56,7 @@ def build_sft_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
     })
     return apply_cpu_settings(ResumableSFTTrainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
-        callbacks=[MetricsLog(metrics_path), *callbacks],
+        callbacks=[MetricsLog(metrics_path), *callbacks], peft_config=peft_config(cfg.student.lora),
     ))
 
 

@@ -1,0 +1,76 @@
+"""student.lora: warmup and DPO train peft adapters. Each stage saves its adapter and the model with it merged; DPO
+trains a fresh adapter on q_w, whose reference is q_w itself (the adapter off)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from soda_distill.config import load_config
+from soda_distill.errors import SodaError
+from soda_distill.manifest import RunDir
+from soda_distill.pipeline import run_methods
+from soda_distill.records import read_metrics
+from soda_distill.stages import warmup
+from soda_distill.models import load_model, load_tokenizer
+
+R = 4
+
+
+def lora_config(qa_file, tiny_model_dir, *extra):
+    return load_config(None, [
+        f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", f"student.lora.r={R}", "student.lora.alpha=8",
+        "student.lora.dropout=0", "snapshot.max_new_tokens=12", "snapshot.temperature=1.0",
+        "warmup.learning_rate=1e-2", "warmup.batch_size=4", "warmup.epochs=6", "warmup.warmup_ratio=0",
+        "warmup.max_length=128", "distill.learning_rate=1e-2", "distill.batch_size=4", "distill.epochs=6",
+        "distill.warmup_ratio=0", "distill.max_length=128", *extra])
+
+
+def test_lora_stages_train_adapters_merge_them_and_dpo_starts_at_its_reference(tmp_path, qa_file, tiny_model_dir):
+    cfg = lora_config(qa_file, tiny_model_dir)
+    run = RunDir(tmp_path / "run")
+    run_methods(cfg, run, ["soda"])
+    base = load_file(tiny_model_dir / "model.safetensors")
+    q_w = load_file(run.output("warmup") / "model.safetensors")
+    for stage, start in (("warmup", base), ("distill", q_w)):
+        merged = load_file(run.output(stage) / "model.safetensors")
+        delta = merged["model.layers.0.self_attn.q_proj.weight"] - start["model.layers.0.self_attn.q_proj.weight"]
+        assert 0 < torch.linalg.matrix_rank(delta.double(), atol=1e-6) <= R  # a low-rank update, merged in
+        assert torch.equal(merged["model.embed_tokens.weight"], start["model.embed_tokens.weight"])  # not a target
+        assert (run.output(stage) / "adapter" / "adapter_model.safetensors").exists()
+    # The adapter loads as transformers loads any adapter (on its base: q0 for the warmup, q_w for DPO) and gives
+    # the merged model's logits.
+    ids = torch.tensor([[1, 42, 7, 99, 3]])
+    with torch.no_grad():
+        adapter = AutoModelForCausalLM.from_pretrained(run.output("distill") / "adapter")(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(run.output("distill"))(ids).logits
+    torch.testing.assert_close(adapter, merged, atol=1e-4, rtol=1e-4)
+
+    losses = [m["loss"] for m in read_metrics(run.output("warmup") / "metrics.jsonl") if "loss" in m]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3  # nats: a random tiny model, adapters of rank 4
+    steps = [m for m in read_metrics(run.output("distill") / "metrics.jsonl") if "rewards/margins" in m]
+    # The reference is q_w, where the fresh adapter starts: no margin at the first step (q0 as the reference would
+    # give one at once), then the margin grows.
+    assert steps[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert steps[-1]["rewards/margins"] > 0.1
+
+
+def test_lora_trains_through_the_cpu_head(tmp_path, qa_file, tiny_model_dir):
+    cfg = lora_config(qa_file, tiny_model_dir)
+    run = RunDir(tmp_path / "run")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    from soda_distill.stages.teacher import run_teacher
+
+    trainer = warmup.build_sft_trainer(load_model(str(tiny_model_dir)), tokenizer,
+                                       warmup.sft_dataset(run_teacher(cfg, run), tokenizer)[0], cfg,
+                                       run.file("warmup"), run.file("warmup") / "metrics.jsonl")
+    assert trainer.model.get_base_model()._soda_cpu_lm_head
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_gad_refuses_lora_in_one_line(tmp_path, qa_file, tiny_model_dir):
+    from soda_distill.stages.gad import run_discriminator_warmup
+
+    with pytest.raises(SodaError, match="student.lora: GAD"):
+        run_discriminator_warmup(lora_config(qa_file, tiny_model_dir), RunDir(tmp_path / "run"))
