@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+STUDENT = os.environ.get("SODA_BENCH_STUDENT", "embedded")  # --student sets it for the measurements' processes
 
 
 def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -47,17 +48,22 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def matmul(dtype_name: str, quick: bool) -> dict:
+    """The attainable matrix-product rate: the ceiling the training measurements are a fraction of."""
     import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, dtype_name)
-    n = 1024 if quick else 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    n = (1024 if quick else 2048) * (4 if device == "cuda" else 1)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     reps, start = 10, time.perf_counter()
     for _ in range(reps):
         a @ b
-    return {"gflops": round(2 * n**3 * reps / (time.perf_counter() - start) / 1e9, 1)}
+    sync()
+    return {"gflops": round(2 * n**3 * reps / (time.perf_counter() - start) / 1e9, 1), "device": device}
 
 
 class StepTimer:
@@ -108,7 +114,7 @@ def train(stage: str, variant: str, quick: bool) -> dict:
     n_steps = 3 if quick else 10  # the first step is not timed
     batch = 8 if stage == "sft" else 4
     rows = synthetic_pairs(batch * n_steps)
-    path = resolve_model("embedded")
+    path = resolve_model(STUDENT)
     tokenizer, model = load_tokenizer(path), load_model(path)
     n_params = sum(p.numel() for p in model.parameters())
     with PeakMemory() as peak, tempfile.TemporaryDirectory() as out:
@@ -154,7 +160,7 @@ def profile_sft_step(quick: bool) -> dict:
             if state.global_step == 2:
                 prof.stop()
 
-    path = resolve_model("embedded")
+    path = resolve_model(STUDENT)
     tokenizer, model = load_tokenizer(path), load_model(path)
     batch = 4 if quick else 8
     with tempfile.TemporaryDirectory() as out:
@@ -210,7 +216,7 @@ def generation(batched: bool, quick: bool) -> dict:
     n = (48 if quick else 96) if batched else (8 if quick else 16)
     prompts, sampling, snapshot = snapshot_workload(quick, n)
     batch_size = snapshot.batch_size if batched else 1
-    path = resolve_model("embedded")
+    path = resolve_model(STUDENT)
     tokenizer = load_tokenizer(path)
     model = load_model(path, torch.bfloat16 if bf16_supported() else torch.float32)
     produced = []
@@ -230,7 +236,7 @@ def generation_vllm(quick: bool) -> dict:
     n = 48 if quick else 96
     prompts, sampling, snapshot = snapshot_workload(quick, n)
     start = time.perf_counter()
-    llm = vllm_engine(resolve_model("embedded"), bf16_supported(), snapshot.seed)
+    llm = vllm_engine(resolve_model(STUDENT), bf16_supported(), snapshot.seed)
     started = time.perf_counter()
     tokens = sum(g.num_tokens for g in generate_vllm(llm, prompts, sampling))
     end = time.perf_counter()
@@ -276,9 +282,15 @@ def plot(results: dict, path: Path) -> None:
     axes[3].invert_yaxis()
     axes[3].set_xlabel("share of one soda SFT step (self CPU time)")
     axes[3].set_title(f"where the time goes (LM head: {results['sft_profile']['lm_head_share']:.0%})")
-    fig.suptitle(f"soda-distill throughput, embedded SmolLM2-135M, {platform.machine()} {os.cpu_count()} cores")
+    fig.suptitle(f"soda-distill throughput, {'SmolLM2-135M' if STUDENT == 'embedded' else Path(STUDENT).name}, "
+                 f"{platform.machine()} {os.cpu_count()} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def peak(result: dict) -> float:
+    """A measurement's peak memory: of the GPU where it trained on one, else the process's resident set."""
+    return max(result["peak_gpu_mb"]) if result.get("peak_gpu_mb") else result["peak_rss_mb"]
 
 
 def main() -> None:
@@ -286,8 +298,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and prompts (≈ 10 minutes here)")
     parser.add_argument("--vllm-python", metavar="PYTHON",
                         help="also measure the vLLM backend, with this interpreter (an environment with vllm and soda-distill)")
+    parser.add_argument("--student", help="a model folder to measure instead of the embedded student (same shapes: "
+                                          "a GPU machine without the embedded package)")
     parser.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)  # one measurement, in a child
     args = parser.parse_args()
+    if args.student:
+        os.environ["SODA_BENCH_STUDENT"] = args.student
     if args.measure:
         print(json.dumps(MEASUREMENTS[args.measure](args.quick)))
         return
@@ -302,11 +318,13 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(name, results[name], flush=True)
+    import torch
+
     limit = results["matmul_bf16"]["gflops"]
     ratios = {
         "sft_speedup": round(results["sft_soda"]["tokens_per_s"] / results["sft_stock"]["tokens_per_s"], 2),
         "dpo_speedup": round(results["dpo_soda"]["tokens_per_s"] / results["dpo_stock"]["tokens_per_s"], 2),
-        "dpo_peak_memory_ratio": round(results["dpo_soda"]["peak_rss_mb"] / results["dpo_stock"]["peak_rss_mb"], 2),
+        "dpo_peak_memory_ratio": round(peak(results["dpo_soda"]) / peak(results["dpo_stock"]), 2),
         "sft_fraction_of_bf16_matmul": round(results["sft_soda"]["model_gflops"] / limit, 2),
         "dpo_fraction_of_bf16_matmul": round(results["dpo_soda"]["model_gflops"] / limit, 2),
         "generation_batched_speedup": round(results["generate_batched"]["tokens_per_s"] / results["generate_one_at_a_time"]["tokens_per_s"], 2),
@@ -315,9 +333,11 @@ def main() -> None:
         ratios["generation_vllm_over_batched"] = round(results["generate_vllm"]["tokens_per_s"] / results["generate_batched"]["tokens_per_s"], 2)
     record = {
         "command": "python bench/throughput.py" + (" --quick" if args.quick else "")
-                   + (f" --vllm-python {args.vllm_python}" if args.vllm_python else ""),
+                   + (f" --vllm-python {args.vllm_python}" if args.vllm_python else "")
+                   + (f" --student {args.student}" if args.student else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}"
+                   + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
         "ratios": ratios,
         "results": results,
     }

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU check: on one GPU with no internet, in ≤ 8 minutes (one H200): the demo (SODA and GAD), the throughput
+# bench (model FLOP/s against the GPU's bf16 matrix-product rate) and a one-GPU FSDP smoke test; JSON to $OUT
+# (default bench/results/gpu/). Prepare here first: bash bench/gpu_wheels.sh (→ .whl/, carried to the machine).
+#   device run:  bash bench/gpu.sh          with carry [".whl"]
+#   on a CPU, the same steps at toy size, to check the script:  bash bench/gpu.sh --smoke
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ -d .whl ] && ! $PYTHON -c "import trl, transformers; from packaging.version import Version as V; assert V(transformers.__version__) >= V('5.24')" 2>/dev/null; then
+  $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
+exec $PYTHON bench/gpu.py --out "${OUT:-bench/results/gpu}" "$@"
