@@ -1,4 +1,5 @@
 import shutil
+import sys
 
 import pytest
 import torch
@@ -210,3 +211,21 @@ def test_cli_refuses_bad_settings_without_touching_the_run(tmp_path, capsys):
     assert main(["gad", "--out", str(tmp_path / "run"), "gad.num_generations=3"]) == 2
     assert "multiple of gad.num_generations" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_vllm_rollouts_are_trls_settings_and_refused_in_one_line_without_vllm(monkeypatch, tmp_path):
+    import importlib.util
+    import types
+
+    from trl import GRPOConfig
+
+    with pytest.raises(SodaError, match="gad.vllm: 'fast' is not a mode"):
+        load_config(None, ["gad.vllm=fast"])
+    g = load_config(None, ["gad.vllm=server", "gad.vllm_server_base_url=http://127.0.0.1:8001"]).gad
+    assert gad.vllm_arguments(load_config(None, []).gad) == {}
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(SodaError, match="needs vLLM installed"):
+            gad.vllm_arguments(g)
+        monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # installed, as far as the check sees
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, **gad.vllm_arguments(g))  # TRL takes them as they are
+    assert (args.use_vllm, args.vllm_mode, args.vllm_server_base_url) == (True, "server", "http://127.0.0.1:8001")

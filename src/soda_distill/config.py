@@ -213,9 +213,16 @@ class GadConfig(TrainingConfig):
     discriminator_warmup_epochs: float = 1.0  # Bradley–Terry on pairs.jsonl (teacher vs. q0) before the adversarial phase
     discriminator_only_steps: int = 10  # first adversarial steps in which only the discriminator learns
     discriminator_batch_size: int = 8  # (teacher, student) pairs per discriminator forward/backward
+    # Rollouts through vLLM (TRL's integration; vllm installed): "colocate" (in each training process) or "server"
+    # (`trl vllm-serve` running beside the trainers); null: transformers' generate.
+    vllm: str | None = added(None)
+    vllm_server_base_url: str | None = added(None)  # server mode; null: TRL's default, http://localhost:8000
+    vllm_gpu_memory_utilization: float = added(0.3)  # colocate mode: the share of GPU memory vLLM may take
 
     def __post_init__(self):
         super().__post_init__()
+        if self.vllm not in (None, "colocate", "server"):
+            raise SodaError(f"gad.vllm: {self.vllm!r} is not a mode (colocate, server, or null for transformers)")
         rollouts = self.batch_size * self.gradient_accumulation_steps
         if self.num_generations < 2:
             raise SodaError("gad.num_generations must be at least 2: GRPO normalizes each reward within its prompt's group")
