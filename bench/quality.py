@@ -70,12 +70,19 @@ def main() -> None:
            f"compare.seeds=[{','.join(map(str, seeds))}]", *(QUICK if args.quick else [])]
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.monotonic()
-    process = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True)
+    # SIGINT as Python expects it: a shell starting this in the background (`cmd &`) leaves it ignored, and then the
+    # stop at the end of a piece would not reach the command.
+    process = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         code = process.wait(timeout=args.minutes * 60)
     except subprocess.TimeoutExpired:  # a piece's time is up: stop, and the next call resumes
         os.killpg(process.pid, signal.SIGINT)
-        code = process.wait()
+        try:
+            code = process.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # every stage resumes after a kill too
+            os.killpg(process.pid, signal.SIGKILL)
+            code = process.wait()
     record = {
         "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
