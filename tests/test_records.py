@@ -185,3 +185,13 @@ def test_append_log_drops_a_torn_last_line(tmp_path):
     assert set(reopened.records) == {"a", "b"}
     reopened.append([{"key": "c", "v": 3}])
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_a_byte_order_mark_opening_a_file_is_skipped(tmp_path):
+    """Spreadsheets and Windows tools write one; JSONL records and YAML configs read as without it."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n" + json.dumps(GOOD | {"id": "b"}) + "\n").encode())
+    assert [ex.response for ex in read_examples(path, want_response=True)] == ["hello", "hello"]
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"\xef\xbb\xbfstudent:\n  model: some/model\n")
+    assert load_config(config).student.model == "some/model"

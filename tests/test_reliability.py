@@ -120,3 +120,31 @@ def test_judge_through_a_faulty_endpoint(tmp_path, chat_server):
         assert totals["unparseable"] == sum(summary["unparseable"].values())
     finally:
         proxy.close()
+
+
+def test_a_second_process_on_one_run_directory_is_refused_until_the_first_is_gone(tmp_path, qa_file):
+    """Two real processes: one holds the directory (as a run in progress does), the command in another is refused in
+    one line naming it and the holder's PID and writes nothing; once the holder is killed the command runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from soda_distill.manifest import RunDir; "
+                               f"RunDir({str(run)!r}).lock(); print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    command = [sys.executable, "-m", "soda_distill", "teacher", "--out", str(run), f"teacher.file={qa_file}"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr == (f"soda-distill: error: {run}: in use by another process (PID {holder.pid}); wait for it "
+                              "to finish, or stop it and run again (it resumes)\n")
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no config, no manifest, no records
+    os.kill(holder.pid, signal.SIGKILL)  # a kill leaves the lock file, and no lock
+    holder.wait()
+    time.sleep(0.1)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "teacher.jsonl").exists() and (run / ".lock").read_text().strip() != str(holder.pid)

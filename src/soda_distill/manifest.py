@@ -6,8 +6,10 @@ so a kill at any point leaves either a finished stage or one that resumes.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -40,6 +42,9 @@ def _device() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+_HELD: dict[Path, object] = {}  # the open lock file of each directory this process holds
 
 
 def combine(*parts: str) -> str:
@@ -82,11 +87,36 @@ class PeakMemory:
         return False
 
 
+LOCK = ".lock"  # in a run or evaluation directory: the PID of the process working in it
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.path / "manifest.json"
+
+    def lock(self) -> RunDir:
+        """Hold the directory for this process until it exits: a second process working in it would pay for
+        requests twice and interleave its records. An flock, so a process killed holding it holds it no more.
+        Launched as several processes, the main one holds it for all."""
+        if not is_main() or self.path in _HELD:
+            return self
+        f = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise SodaError(f"{self.path}: in use by another process (PID {holder}); wait for it to finish, or stop "
+                            "it and run again (it resumes)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD[self.path] = f
+        return self
 
     def file(self, name: str) -> Path:
         return self.path / name

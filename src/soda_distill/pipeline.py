@@ -23,7 +23,7 @@ def prepare(cfg: Config, out: str | Path) -> RunDir:
     cfg.teacher = dataclasses.replace(cfg.teacher, file=resolve_data_path(cfg.teacher.file))
     if cfg.pairs.rejected_source.endswith(".jsonl"):  # another model's answers
         cfg.pairs = dataclasses.replace(cfg.pairs, rejected_source=resolve_data_path(cfg.pairs.rejected_source))
-    run = RunDir(out)
+    run = RunDir(out).lock()
     cfg.out = str(run.path)
     if is_main():
         save_config(cfg, run.file("config.yaml"))

@@ -35,7 +35,7 @@ def read_text_file(path: Path, what: str, max_bytes: int) -> str:
     if len(data) > max_bytes:
         raise InputError(path, None, None, f"the {what} is over {max_bytes >> 10} KiB, the most it may be")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark, as spreadsheets and Windows tools write, is skipped
     except UnicodeDecodeError as e:
         raise InputError(path, data.count(b"\n", 0, e.start) + 1, None, f"not UTF-8 (byte {e.start})") from None
 
@@ -79,7 +79,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             if len(raw) - raw.endswith(b"\n") > MAX_LINE_BYTES:
                 raise InputError(path, lineno, None, f"line longer than {MAX_LINE_BYTES >> 20} MiB, the most one record may have")
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark opening the file is skipped
             except UnicodeDecodeError as e:
                 raise InputError(path, lineno, None, f"not UTF-8 (byte {e.start})") from None
             if not text.strip():

@@ -289,7 +289,7 @@ def across_runs(rows: list[Row], benchmarks: list[Benchmark], responses: dict, j
 def prepare_evaluation(cfg: Config, out: str | Path) -> RunDir:
     """Open the evaluation directory and record the resolved config in it (run directories made absolute)."""
     cfg.evaluate = dataclasses.replace(cfg.evaluate, runs=list(dict.fromkeys(str(Path(r).resolve()) for r in cfg.evaluate.runs)))
-    evaldir = RunDir(out)
+    evaldir = RunDir(out).lock()
     save_config(cfg, evaldir.file("config.yaml"))
     return evaldir
 
