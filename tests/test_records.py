@@ -148,6 +148,8 @@ def test_multi_turn_prompts_are_accepted(tmp_path):
     path = write(tmp_path, json.dumps({"messages": conversation + turns(("assistant", "Red."))}))
     [ex] = read_examples(path, want_response=True)
     assert ex.prompt == conversation and ex.response == "Red."
+    [as_prompt] = read_examples(path)  # as data.prompts reads it: what the teacher is sent ends with the user's turn
+    assert as_prompt.prompt == conversation
     pairs = write(tmp_path, json.dumps(GOOD_PAIR | {"prompt": conversation}))
     assert read_pairs(pairs)[0]["prompt"] == conversation
 
