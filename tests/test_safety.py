@@ -10,12 +10,14 @@ from soda_distill.errors import SodaError
 from soda_distill.models import load_model
 
 KEY = "sk-planted-secret-4242"
+URL_TOKEN = "planted-url-token-77"  # credentials in an endpoint's URL
 
 
 def test_planted_key_absent_from_a_full_run_and_its_evaluation(tmp_path, prompts_file, qa_file, tiny_model_dir,
                                                               chat_server, monkeypatch, capfd):
     monkeypatch.setenv("SODA_TEST_KEY", KEY)
-    endpoint = [f"base_url={chat_server['url']}/v1", f"model={chat_server['model']}", "api_key_env=SODA_TEST_KEY", "max_tokens=8"]
+    url = chat_server["url"].replace("http://", f"http://user:{URL_TOKEN}@") + "/v1"
+    endpoint = [f"base_url={url}", f"model={chat_server['model']}", "api_key_env=SODA_TEST_KEY", "max_tokens=8"]
     run, evaluation = tmp_path / "run", tmp_path / "eval"
     assert main(["run", "--out", str(run), f"data.prompts={prompts_file}", f"student.model={tiny_model_dir}",
                  *[f"teacher.{e}" for e in endpoint], "snapshot.max_new_tokens=8",
@@ -26,9 +28,9 @@ def test_planted_key_absent_from_a_full_run_and_its_evaluation(tmp_path, prompts
     written = [p for p in [*run.rglob("*"), *evaluation.rglob("*")] if p.is_file()]
     assert len(written) > 20
     for path in written:
-        assert KEY.encode() not in path.read_bytes(), path
+        assert KEY.encode() not in path.read_bytes() and URL_TOKEN.encode() not in path.read_bytes(), path
     printed = capfd.readouterr()
-    assert KEY not in printed.out and KEY not in printed.err
+    assert KEY not in printed.out + printed.err and URL_TOKEN not in printed.out + printed.err
 
 
 def test_weights_load_only_from_safetensors(tmp_path, tiny_model_dir):
@@ -62,3 +64,18 @@ def test_model_code_never_runs_unless_asked(tmp_path, tiny_model_dir):
         load_model(str(folder))
     assert not marker.exists()
     assert not Path(folder / "__pycache__").exists()
+
+
+def test_credentials_in_a_url_are_redacted_and_a_resume_from_the_saved_config_keeps_its_fingerprints(tmp_path):
+    from soda_distill.config import fingerprint, load_config, redact_url, save_config
+    from soda_distill.endpoint import request_key
+
+    assert redact_url("https://ann:s3cr3t@api.example.com:8443/v1?key=s3cr3t&x=1") == "https://***@api.example.com:8443/v1?key=***&x=***"
+    assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    cfg = load_config(None, ["teacher.base_url=https://ann:s3cr3t@api.example.com/v1", "teacher.model=m"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "s3cr3t" not in (tmp_path / "config.yaml").read_text()
+    saved = load_config(tmp_path / "config.yaml")
+    assert fingerprint(saved.teacher) == fingerprint(cfg.teacher)
+    body = {"model": "m", "messages": []}  # the answers cached with the credentials are found without them
+    assert request_key(saved.teacher.base_url, body) == request_key(cfg.teacher.base_url, body)

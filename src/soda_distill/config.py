@@ -461,12 +461,36 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def redact_url(url: str) -> str:
+    """A URL as it may be shown or written: credentials in it (`https://user:token@host/...`) and the values of its
+    query string (`?key=...`) replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.scheme or not (parts.username or parts.password or parts.query):
+        return url
+    host = parts.hostname or ""
+    netloc = ("***@" if parts.username or parts.password else "") + host + (f":{parts.port}" if parts.port else "")
+    query = "&".join(f"{item.partition('=')[0]}=***" for item in parts.query.split("&") if item)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _redacted(value):
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return redact_url(value) if isinstance(value, str) and "://" in value else value
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The resolved config, every URL in it without its credentials (`redact_url`)."""
+    atomic_write_text(path, yaml.safe_dump(_redacted(to_dict(cfg)), sort_keys=False))
 
 
 def fingerprint(section) -> str:
-    """Hash of a section's fields that change results (not the operational ones, nor added ones at their default)."""
-    kept = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if not f.metadata.get("operational")
-            and not (f.metadata.get("added") and getattr(section, f.name) == f.default)}
+    """Hash of a section's fields that change results (not the operational ones, nor added ones at their default);
+    URLs as config.yaml keeps them, so that a run resumed from it has the same fingerprints."""
+    kept = {f.name: _redacted(getattr(section, f.name)) for f in dataclasses.fields(section)
+            if not f.metadata.get("operational") and not (f.metadata.get("added") and getattr(section, f.name) == f.default)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]

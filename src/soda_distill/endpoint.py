@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import EndpointConfig
+from .config import EndpointConfig, redact_url
 from .errors import SodaError
 from .records import AppendLog, atomic_write_jsonl
 
@@ -35,7 +35,8 @@ class RequestFailed(Exception):
 
 
 def request_key(base_url: str, body: dict) -> str:
-    return hashlib.sha256(json.dumps({"base_url": base_url, **body}, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    """The cache key of a request: the same whatever credentials the URL carries (they do not change the answer)."""
+    return hashlib.sha256(json.dumps({"base_url": redact_url(base_url), **body}, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _retry_after(error) -> float | None:
@@ -85,7 +86,7 @@ def ask(client, body: dict, section: EndpointConfig, name: str) -> dict:
                 }
         except openai.APIStatusError as e:
             if e.status_code in FATAL_STATUS:
-                raise SodaError(f"{name} endpoint {section.base_url} answered {e.status_code}: {e.message}") from None
+                raise SodaError(f"{name} endpoint {redact_url(section.base_url)} answered {e.status_code}: {e.message}") from None
             if e.status_code not in RETRYABLE_STATUS:
                 raise RequestFailed(f"HTTP {e.status_code}: {e.message}") from None
             reason, wait = f"HTTP {e.status_code}", _retry_after(e)

@@ -23,7 +23,7 @@ import statistics
 from importlib import resources
 from pathlib import Path
 
-from ..config import EvaluateConfig, JudgeConfig, ScoredEndpointConfig
+from ..config import EvaluateConfig, JudgeConfig, ScoredEndpointConfig, redact_url
 from ..endpoint import ask, collect, request_key, sum_usage
 from ..errors import SodaError
 from ..records import AppendLog, read_text_file
@@ -159,7 +159,7 @@ def reference_answers(ev: EvaluateConfig, evaldir: Path, benchmarks: list[Benchm
     cache = AppendLog(evaldir / "reference_cache.jsonl", "key")
     new = collect(r, "evaluate.reference", jobs, cache, evaldir / "reference_failed.jsonl", "prompts got no reference answer", RERUN)
     answers = {name: [cache.records[k]["content"] for k in ks] for name, ks in keys.items()}
-    return answers, {"source": f"{r.model} at {r.base_url}", **_spend([cache.records[k] for k in jobs], r, new)}
+    return answers, {"source": f"{r.model} at {redact_url(r.base_url)}", **_spend([cache.records[k] for k in jobs], r, new)}
 
 
 def run_judge(
