@@ -135,9 +135,15 @@ def main(argv: list[str] | None = None) -> int:
                                       "for evaluate, the results directory (default: RUNDIR/eval for one run); "
                                       "for analyze and report, where they write (default: RUNDIR/analysis, "
                                       "RUNDIR/report for one run)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the requests an endpoint stage would send and their cost at most, and stop there")
     args = parser.parse_intermixed_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     try:
+        if args.dry_run:
+            from . import endpoint
+
+            endpoint.DRY_RUN = True
         distributed.start()
         if args.command in ("evaluate", "analyze", "report") and not distributed.is_main():
             return 0  # launched as several processes, these run on the main one
@@ -178,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             if distributed.is_main():
                 print(f"{args.command}: {out}")
     except SodaError as e:
+        from .endpoint import DryRun
+
+        if isinstance(e, DryRun):
+            print(f"soda-distill: {e}", file=sys.stderr)
+            return 0
         print(f"soda-distill: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

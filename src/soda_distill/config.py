@@ -72,6 +72,15 @@ class EndpointConfig:
     backoff_initial_s: float = operational(1.0)
     backoff_max_s: float = operational(60.0)
     timeout_s: float = operational(120.0)
+    # Spend: prices (USD per million tokens) for the estimate printed before sending and for max_cost_usd; limits
+    # that stop a collection cleanly (what is answered stays cached; run again with a higher limit to go on); and
+    # the provider's rate limits, kept to before any 429.
+    price_input_per_1m: float | None = operational(None)
+    price_output_per_1m: float | None = operational(None)
+    max_cost_usd: float | None = operational(None)  # over every answer this directory has cached for the stage
+    max_total_tokens: int | None = operational(None)  # prompt + completion tokens, likewise
+    requests_per_minute: int | None = operational(None)
+    tokens_per_minute: int | None = operational(None)  # counted as the prompt's estimate + max_tokens
 
 
 @dataclass

@@ -13,9 +13,10 @@ import hashlib
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -110,6 +111,89 @@ def sum_usage(answers) -> dict:
     }
 
 
+def cost_usd(usage: dict, section: EndpointConfig) -> float | None:
+    """What `usage` costs at the section's prices; None where they are not set."""
+    if section.price_input_per_1m is None or section.price_output_per_1m is None:
+        return None
+    return round((usage["prompt_tokens"] * section.price_input_per_1m
+                  + usage["completion_tokens"] * section.price_output_per_1m) / 1e6, 4)
+
+
+def estimated_usage(body: dict) -> dict:
+    """A request's tokens before it is sent: its text at ~4 characters a token, and at most max_tokens back."""
+    text = sum(len(str(m.get("content", ""))) + 16 for m in body.get("messages", []))
+    return {"prompt_tokens": text // 4 + 1, "completion_tokens": int(body.get("max_tokens") or 0)}
+
+
+class DryRun(SodaError):
+    """`--dry-run`: the estimate is printed, nothing is sent."""
+
+
+DRY_RUN = False  # set by the command line's --dry-run
+
+
+class Spend:
+    """A collection's spending against the section's limits: what its cached answers cost, plus the most that the
+    requests in flight can still add, so that a limit is never passed."""
+
+    def __init__(self, section: EndpointConfig, answered: list[dict]):
+        self.section, self.usage = section, sum_usage(answered)
+        self.in_flight: dict = {}
+        if section.max_cost_usd is not None and cost_usd(self.usage, section) is None:
+            raise SodaError("max_cost_usd needs this endpoint's prices (price_input_per_1m, price_output_per_1m)")
+
+    def _total(self, extra: list[dict]) -> dict:
+        return {k: self.usage[k] + sum(u[k] for u in extra) for k in self.usage}
+
+    def limit_reached(self, body: dict) -> str | None:
+        """Why `body` may not be sent, or None."""
+        s, worst = self.section, self._total([*self.in_flight.values(), estimated_usage(body)])
+        if s.max_total_tokens is not None and sum(worst.values()) > s.max_total_tokens:
+            return f"max_total_tokens = {s.max_total_tokens}"
+        if s.max_cost_usd is not None and cost_usd(worst, s) > s.max_cost_usd:
+            return f"max_cost_usd = {s.max_cost_usd}"
+        return None
+
+    def answered(self, answer: dict) -> None:
+        for k, v in (answer.get("usage") or {}).items():
+            self.usage[k] += v
+
+    def describe(self) -> str:
+        cost = cost_usd(self.usage, self.section)
+        return f"{sum(self.usage.values())} tokens" + (f", {cost:.4f} USD" if cost is not None else "")
+
+
+class RateLimit:
+    """Requests and tokens per minute, as a provider states its limits: a request waits until the last minute's
+    sends leave room for it."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, section: EndpointConfig):
+        self.rpm, self.tpm, self.sent = section.requests_per_minute, section.tokens_per_minute, []
+
+    def wait(self, tokens: int) -> None:
+        while self.rpm or self.tpm:
+            now = time.monotonic()
+            self.sent = [(t, n) for t, n in self.sent if now - t < self.WINDOW_S]
+            if (not self.rpm or len(self.sent) < self.rpm) and (
+                    not self.tpm or not self.sent or sum(n for _, n in self.sent) + tokens <= self.tpm):
+                break
+            time.sleep(max(0.01, self.WINDOW_S - (now - self.sent[0][0])))
+        self.sent.append((time.monotonic(), tokens))
+
+
+def announce(section: EndpointConfig, name: str, todo: list[dict], cached: int) -> None:
+    """Before sending: how many requests, and what they may cost at most."""
+    usage = {k: sum(estimated_usage(b)[k] for b in todo) for k in ("prompt_tokens", "completion_tokens")}
+    cost = cost_usd(usage, section)
+    print(f"{name}: {len(todo)} requests to send to {section.model} at {redact_url(section.base_url or '')} "
+          f"({cached} answered before); at most ~{usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
+          f"completion tokens" + (f", ≤ {cost:.4f} USD" if cost is not None else " (no prices set)"), file=sys.stderr)
+    if DRY_RUN:
+        raise DryRun(f"{name}: dry run, nothing sent")
+
+
 def collect(
     section: EndpointConfig,
     name: str,
@@ -122,27 +206,56 @@ def collect(
 ) -> int:
     """Answer every job (request key → (id, request body)) not yet in `cache`, `section.concurrency` at a time,
     appending `{"key", "id", **answer}` as each answer arrives. `call(client, body)` makes one answer (default: `ask`).
-    Requests that fail after their retries are listed in `failed_path` and reported in one error ("N of M {what}
-    after retries ...") once the others are done. Returns how many requests were made."""
+    Prints the requests to make and their cost at most first (`--dry-run` stops there); keeps to the section's spend
+    and rate limits. Requests that fail after their retries are listed in `failed_path` and reported in one error
+    ("N of M {what} after retries ...") once the others are done; a spend limit reached is an error too, once the
+    requests in flight are in. Returns how many requests were made."""
     call = call or (lambda client, body: ask(client, body, section, name))
     todo = [(key, rid, body) for key, (rid, body) in jobs.items() if key not in cache]
-    failures = []
+    failures, stopped, sent = [], None, 0
     if todo:
+        announce(section, name, [body for _, _, body in todo], len(jobs) - len(todo))
+        spend = Spend(section, [cache.records[k] for k in jobs if k in cache])
+        rate = RateLimit(section)
         client = make_client(section, name)
+        queue = iter(todo)
         with ThreadPoolExecutor(max_workers=section.concurrency) as pool, tqdm(
             total=len(jobs), initial=len(jobs) - len(todo), desc=name, unit="request"
         ) as bar:
-            futures = {pool.submit(call, client, body): (key, rid) for key, rid, body in todo}
+            futures: dict = {}
+
+            def send_next() -> bool:
+                nonlocal stopped, sent
+                item = next(queue, None) if stopped is None else None
+                if item is None:
+                    return False
+                key, rid, body = item
+                stopped = spend.limit_reached(body)
+                if stopped:
+                    return False
+                rate.wait(sum(estimated_usage(body).values()))
+                future = pool.submit(call, client, body)
+                futures[future], spend.in_flight[future] = (key, rid), estimated_usage(body)
+                sent += 1
+                return True
+
             try:
-                for fut in as_completed(futures):
-                    key, rid = futures[fut]
-                    try:
-                        answer = fut.result()
-                    except RequestFailed as e:
-                        failures.append({"id": rid, "reason": str(e)})
-                        continue
-                    cache.append([{"key": key, "id": rid, **answer}])  # only this thread writes
-                    bar.update(1)
+                while len(futures) < section.concurrency and send_next():
+                    pass
+                while futures:
+                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        key, rid = futures.pop(fut)
+                        spend.in_flight.pop(fut)
+                        try:
+                            answer = fut.result()
+                        except RequestFailed as e:
+                            failures.append({"id": rid, "reason": str(e)})
+                        else:
+                            cache.append([{"key": key, "id": rid, **answer}])  # only this thread writes
+                            spend.answered(answer)
+                            bar.update(1)
+                        send_next()
             except BaseException:
                 for f in futures:
                     f.cancel()
@@ -154,5 +267,9 @@ def collect(
             f"(first: {failures[0]['reason']}; all in {failed_path}); the {len(jobs) - len(failures)} answered are cached — "
             f"{rerun} to retry only the failed ones"
         )
+    if stopped:
+        answered = sum(k in cache for k in jobs)
+        raise SodaError(f"{name}: stopped at its spend limit ({name}.{stopped}; spent {spend.describe()}): "
+                        f"{answered} of {len(jobs)} answered and cached — raise the limit and {rerun} to go on")
     failed_path.unlink(missing_ok=True)
-    return len(todo)
+    return sent

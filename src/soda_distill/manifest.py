@@ -172,8 +172,13 @@ class RunDir:
         """Time a stage and track its peak memory; the body fills `info` (counts etc.), recorded on success."""
         info: dict = {}
         start = time.perf_counter()
-        with PeakMemory() as peak:
-            yield info
+        try:
+            with PeakMemory() as peak:
+                yield info
+        except SodaError as e:  # why it stopped (a spend limit, failed requests, bad input), beside the records
+            self._update(lambda m: m.setdefault("stopped", {}).__setitem__(
+                name, {"reason": str(e), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+            raise
         record = {
             "status": "done",
             "fingerprint": fingerprint,
@@ -182,4 +187,7 @@ class RunDir:
             **peak.result,
             **info,
         }
-        self._update(lambda m: m["stages"].__setitem__(name, record))
+        def finish(m):
+            m["stages"][name] = record
+            m.get("stopped", {}).pop(name, None)
+        self._update(finish)

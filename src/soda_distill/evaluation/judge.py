@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..config import EvaluateConfig, JudgeConfig, ScoredEndpointConfig, redact_url
-from ..endpoint import ask, collect, request_key, sum_usage
+from ..endpoint import ask, collect, cost_usd, request_key, sum_usage
 from ..errors import SodaError
 from ..records import AppendLog, read_text_file
 from .benchmarks import Benchmark, Item
@@ -130,14 +130,6 @@ def judge_once(client, body: dict, section: JudgeConfig) -> dict:
             continue
         return {"scores": list(scores), "reply": answers[-1]["content"], "attempts": len(answers), "usage": sum_usage(answers)}
     return {"scores": None, "error": error, "reply": answers[-1]["content"], "attempts": len(answers), "usage": sum_usage(answers)}
-
-
-def cost_usd(usage: dict, section: ScoredEndpointConfig) -> float | None:
-    if section.price_input_per_1m is None or section.price_output_per_1m is None:
-        return None
-    return round(
-        (usage["prompt_tokens"] * section.price_input_per_1m + usage["completion_tokens"] * section.price_output_per_1m) / 1e6, 4
-    )
 
 
 def _spend(answers: list[dict], section: ScoredEndpointConfig, new_requests: int) -> dict:

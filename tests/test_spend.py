@@ -1,0 +1,85 @@
+"""Spend before and while sending to a paid endpoint: the estimate printed first (`--dry-run` stops there), spend
+limits that stop a collection cleanly and resumably, and the provider's rate limits kept to. Against a loopback
+responder (responder.py) that answers at once with a fixed usage of 15 tokens."""
+
+import json
+import time
+
+import pytest
+from responder import USAGE, Responder
+
+from soda_distill import endpoint
+from soda_distill.cli import main
+from soda_distill.config import load_config
+from soda_distill.records import read_jsonl
+
+
+@pytest.fixture
+def responder():
+    r = Responder()
+    yield r
+    r.close()
+
+
+def teacher_args(run, prompts_file, responder, *extra):
+    return ["teacher", "--out", str(run), f"data.prompts={prompts_file}", f"teacher.base_url={responder.url}",
+            "teacher.model=m", "teacher.api_key_env=null", "teacher.max_tokens=5", "teacher.price_input_per_1m=2.0",
+            "teacher.price_output_per_1m=8.0", *extra]
+
+
+def test_a_dry_run_prints_the_requests_and_their_cost_and_sends_nothing(tmp_path, prompts_file, responder, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setattr(endpoint, "DRY_RUN", False)  # main sets it; undone after the test
+    assert main([*teacher_args(tmp_path / "run", prompts_file, responder), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "teacher: 12 requests to send to m at" in err and "(0 answered before)" in err
+    bodies = [{"messages": [{"role": "user", "content": q}], "max_tokens": 5}
+              for q in (json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines())]
+    worst = {k: sum(endpoint.estimated_usage(b)[k] for b in bodies) for k in ("prompt_tokens", "completion_tokens")}
+    assert f"≤ {(worst['prompt_tokens'] * 2 + worst['completion_tokens'] * 8) / 1e6:.4f} USD" in err
+    assert "dry run, nothing sent" in err and responder.times == []
+    assert not (tmp_path / "run" / "teacher_cache.jsonl").exists()
+
+
+def test_a_spend_limit_stops_cleanly_and_a_higher_one_goes_on(tmp_path, prompts_file, responder, capsys):
+    run = tmp_path / "run"
+    limit = 5 * sum(USAGE[k] for k in ("prompt_tokens", "completion_tokens"))  # room for a few requests
+    assert main(teacher_args(run, prompts_file, responder, f"teacher.max_total_tokens={limit}")) == 2
+    err = capsys.readouterr().err
+    cached = [obj for _, obj in read_jsonl(run / "teacher_cache.jsonl")]
+    assert 0 < len(cached) < 12 and len(responder.asked) == len(cached)  # nothing sent that was not kept
+    assert sum(a["usage"]["prompt_tokens"] + a["usage"]["completion_tokens"] for a in cached) <= limit
+    assert f"stopped at its spend limit (teacher.max_total_tokens = {limit}" in err
+    assert f"{len(cached)} of 12 answered and cached" in err and "Traceback" not in err
+    stopped = json.loads((run / "manifest.json").read_text())["stopped"]["teacher"]
+    assert "max_total_tokens" in stopped["reason"]
+    # its config.yaml keeps the limit: raise it (or lift it) to go on
+    assert main(teacher_args(run, prompts_file, responder, "teacher.max_total_tokens=null", "teacher.max_cost_usd=1.0")) == 0
+    assert len(responder.asked) == 12 and len(set(responder.asked)) == 12  # the rest, each once
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "teacher" not in manifest.get("stopped", {}) and manifest["stages"]["teacher"]["status"] == "done"
+
+
+def test_a_cost_limit_needs_prices(tmp_path, prompts_file, responder, capsys):
+    args = teacher_args(tmp_path / "run", prompts_file, responder, "teacher.max_cost_usd=0.01",
+                        "teacher.price_input_per_1m=null")
+    assert main(args) == 2
+    assert "max_cost_usd needs this endpoint's prices" in capsys.readouterr().err and responder.times == []
+
+
+def test_requests_per_minute_are_kept_to_before_any_429(tmp_path, prompts_file, responder, monkeypatch):
+    monkeypatch.setattr(endpoint.RateLimit, "WINDOW_S", 0.5)  # a "minute" of half a second
+    start = time.monotonic()
+    assert main(teacher_args(tmp_path / "run", prompts_file, responder, "teacher.requests_per_minute=4",
+                             "teacher.concurrency=8")) == 0
+    times = responder.times
+    assert len(times) == 12 and time.monotonic() - start >= 1.0  # 12 requests at 4 a window: three windows
+    assert all(sum(t <= u < t + 0.45 for u in times) <= 4 for t in times)
+
+
+def test_spend_limits_are_operational_keys():
+    """They change what is sent, not what an answer is: a stage finished without them stays finished."""
+    from soda_distill.config import fingerprint
+
+    assert fingerprint(load_config(None, ["teacher.max_cost_usd=3", "teacher.requests_per_minute=60"]).teacher) == \
+        fingerprint(load_config(None, []).teacher)
