@@ -1,7 +1,11 @@
 """Faults on the way to a real endpoint: every prompt ends answered or listed as failed, none lost or duplicated,
 and nothing answered is asked again."""
 
+import errno
 import json
+import os
+
+import pytest
 
 from conftest import write_jsonl
 from faults import FAULTS, FaultProxy
@@ -148,3 +152,31 @@ def test_a_second_process_on_one_run_directory_is_refused_until_the_first_is_gon
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run / "teacher.jsonl").exists() and (run / ".lock").read_text().strip() != str(holder.pid)
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
+def test_a_full_disk_or_read_only_directory_is_one_line_and_leaves_earlier_artifacts(tmp_path, qa_file, tiny_model_dir,
+                                                                                    monkeypatch, capsys, error):
+    """The teacher stage finished; the snapshot's first write fails as on a full disk (or a read-only directory):
+    one line naming the file, the finished stage's files untouched, and the run goes on once writes succeed."""
+    from soda_distill import records
+    from soda_distill.cli import main
+
+    run = tmp_path / "run"
+    args = ["snapshot", "--out", str(run), f"teacher.file={qa_file}", f"student.model={tiny_model_dir}",
+            "snapshot.max_new_tokens=4"]
+    assert main(["teacher", *args[1:]]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    real = records.os.fsync
+
+    def failing(fd):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(records.os, "fsync", failing)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"soda-distill: error: cannot write {run}/") and os.strerror(error) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name in before} == before
+    monkeypatch.setattr(records.os, "fsync", real)
+    assert main(args) == 0 and (run / "snapshot.jsonl").exists()

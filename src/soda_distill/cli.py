@@ -18,6 +18,7 @@ Commands import what they use when they run: `report` needs no torch, `evaluate`
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -27,6 +28,10 @@ from . import distributed
 from .config import load_config
 from .errors import SodaError
 from .registry import DEFAULT_METHODS, METHODS, STAGES, methods_named
+
+
+# A full disk, a quota, a read-only or forbidden directory: the run stops in one line and resumes once it is fixed.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _split(rest: list[str]) -> tuple[str | None, list[str]]:
@@ -190,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"soda-distill: {e}", file=sys.stderr)
             return 0
         print(f"soda-distill: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        print(f"soda-distill: error: cannot write {e.filename or 'a file'}: {e.strerror}; everything written before is "
+              "intact: free space (or make the directory writable) and run the same command again to resume",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("soda-distill: interrupted; run the same command again to resume", file=sys.stderr)

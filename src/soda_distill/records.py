@@ -52,8 +52,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:  # a failed write names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -124,10 +126,13 @@ class AppendLog:
 
     def append(self, records: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a torn last line is cut off when the log is opened again
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         for r in records:
             self.records[r[self.key_field]] = r
 
