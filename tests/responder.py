@@ -1,6 +1,6 @@
 """A tiny OpenAI-compatible chat endpoint on loopback, answering at once: for measuring and limiting *our* client,
 where a real model server would be the bottleneck. Every answer reports the same usage; requests are counted and
-timed."""
+timed. Used by tests/test_spend.py and bench/collect.py (`python tests/responder.py PORT` serves alone)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import json
 import threading
 import time
 
-from conftest import send_json
 
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 
 
 class Responder:
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.lock, self.times, self.asked = threading.Lock(), [], []
         responder = self
 
@@ -30,12 +29,17 @@ class Responder:
                 answer = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "usage": USAGE,
                           "choices": [{"index": 0, "finish_reason": "stop",
                                        "message": {"role": "assistant", "content": "ok: " + body["messages"][-1]["content"]}}]}
-                send_json(self, 200, json.dumps(answer).encode())
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -43,3 +47,11 @@ class Responder:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+if __name__ == "__main__":  # serve on the given port until killed (bench/collect.py runs it as its own process)
+    import sys
+
+    r = Responder(int(sys.argv[1]))
+    print(r.url, flush=True)
+    threading.Event().wait()

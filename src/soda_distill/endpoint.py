@@ -244,6 +244,7 @@ def collect(
                     pass
                 while futures:
                     done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    answered = []
                     for fut in done:
                         key, rid = futures.pop(fut)
                         spend.in_flight.pop(fut)
@@ -252,14 +253,18 @@ def collect(
                         except RequestFailed as e:
                             failures.append({"id": rid, "reason": str(e)})
                         else:
-                            cache.append([{"key": key, "id": rid, **answer}])  # only this thread writes
+                            answered.append({"key": key, "id": rid, **answer})
                             spend.answered(answer)
-                            bar.update(1)
+                    cache.append(answered)  # only this thread writes; one write for all that came in together
+                    bar.update(len(answered))
+                    for _ in done:
                         send_next()
             except BaseException:
                 for f in futures:
                     f.cancel()
                 raise
+            finally:
+                cache.sync()
     if failures:
         atomic_write_jsonl(failed_path, failures)
         raise SodaError(
