@@ -15,7 +15,7 @@ USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 
 class Responder:
     def __init__(self, port: int = 0):
-        self.lock, self.times, self.asked = threading.Lock(), [], []
+        self.lock, self.times, self.asked, self.headers = threading.Lock(), [], [], []
         responder = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -26,6 +26,7 @@ class Responder:
                 with responder.lock:
                     responder.times.append(time.monotonic())
                     responder.asked.append(body["messages"][-1]["content"])
+                    responder.headers.append({k.lower(): v for k, v in self.headers.items()})
                 answer = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "usage": USAGE,
                           "choices": [{"index": 0, "finish_reason": "stop",
                                        "message": {"role": "assistant", "content": "ok: " + body["messages"][-1]["content"]}}]}

@@ -79,3 +79,26 @@ def test_credentials_in_a_url_are_redacted_and_a_resume_from_the_saved_config_ke
     assert fingerprint(saved.teacher) == fingerprint(cfg.teacher)
     body = {"model": "m", "messages": []}  # the answers cached with the credentials are found without them
     assert request_key(saved.teacher.base_url, body) == request_key(cfg.teacher.base_url, body)
+
+
+def test_request_headers_come_from_the_environment_and_are_written_nowhere(tmp_path, prompts_file, monkeypatch, capsys):
+    from responder import Responder
+
+    secret = "gateway-secret-5151"
+    responder = Responder()
+    run = tmp_path / "run"
+    args = ["teacher", "--out", str(run), f"data.prompts={prompts_file}", f"teacher.base_url={responder.url}",
+            "teacher.model=m", "teacher.api_key_env=null", "teacher.headers_env={X-Gateway-Token: SODA_GATEWAY}"]
+    try:
+        assert main(args) == 2  # the variable is not set yet: one line naming it
+        assert "SODA_GATEWAY (teacher.headers_env.X-Gateway-Token) is not set" in capsys.readouterr().err
+        monkeypatch.setenv("SODA_GATEWAY", secret)
+        assert main(args) == 0
+    finally:
+        responder.close()
+    assert len(responder.headers) == 12
+    assert all(h.get("x-gateway-token") == secret for h in responder.headers)
+    for path in (p for p in run.rglob("*") if p.is_file()):
+        assert secret.encode() not in path.read_bytes(), path
+    printed = capsys.readouterr()
+    assert secret not in printed.out + printed.err

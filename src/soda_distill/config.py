@@ -65,6 +65,9 @@ class EndpointConfig:
     base_url: str | None = None  # any OpenAI-compatible endpoint, e.g. https://api.openai.com/v1
     model: str | None = None
     api_key_env: str | None = "OPENAI_API_KEY"  # the *name* of the variable holding the key; null for no key
+    # Extra request headers, each value read from the environment variable named here (a gateway's token, an
+    # organization id): {X-Gateway-Token: GATEWAY_TOKEN}. Like the key, the values are written nowhere.
+    headers_env: dict[str, str] | None = operational(None)
     temperature: float = 0.0
     max_tokens: int = 1024
     concurrency: int = operational(8)

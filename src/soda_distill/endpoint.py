@@ -61,7 +61,13 @@ def make_client(section: EndpointConfig, name: str):
             raise SodaError(f"environment variable {section.api_key_env} ({name}.api_key_env) is not set")
     else:
         key = "unused"  # local servers take no key, but the client requires a string
-    return openai.OpenAI(base_url=section.base_url, api_key=key, max_retries=0, timeout=section.timeout_s)
+    headers = {}
+    for header, variable in (section.headers_env or {}).items():
+        if not os.environ.get(variable):
+            raise SodaError(f"environment variable {variable} ({name}.headers_env.{header}) is not set")
+        headers[header] = os.environ[variable]
+    return openai.OpenAI(base_url=section.base_url, api_key=key, max_retries=0, timeout=section.timeout_s,
+                         default_headers=headers or None)
 
 
 def ask(client, body: dict, section: EndpointConfig, name: str) -> dict:
