@@ -7,7 +7,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from soda_distill.config import load_config
-from soda_distill.errors import SodaError
 from soda_distill.manifest import RunDir
 from soda_distill.pipeline import run_methods
 from soda_distill.records import read_metrics
@@ -69,8 +68,21 @@ def test_lora_trains_through_the_cpu_head(tmp_path, qa_file, tiny_model_dir):
     assert trainable and all("lora_" in n for n in trainable)
 
 
-def test_gad_refuses_lora_in_one_line(tmp_path, qa_file, tiny_model_dir):
-    from soda_distill.stages.gad import run_discriminator_warmup
-
-    with pytest.raises(SodaError, match="student.lora: GAD"):
-        run_discriminator_warmup(lora_config(qa_file, tiny_model_dir), RunDir(tmp_path / "run"))
+def test_gad_trains_adapters_on_its_generator_and_discriminator(tmp_path, qa_file, tiny_model_dir):
+    cfg = lora_config(qa_file, tiny_model_dir, "warmup.epochs=1", "gad.max_new_tokens=8", "gad.num_generations=2",
+                      "gad.batch_size=4", "gad.gradient_accumulation_steps=1", "gad.max_length=128",
+                      "gad.discriminator_batch_size=2", "gad.discriminator_only_steps=1", "gad.epochs=1",
+                      "gad.learning_rate=1e-2", "gad.discriminator_learning_rate=1e-2", "gad.gradient_checkpointing=false")
+    run = RunDir(tmp_path / "run")
+    run_methods(cfg, run, ["gad"])
+    q_w = load_file(run.output("warmup") / "model.safetensors")
+    generator = load_file(run.output("gad") / "model.safetensors")
+    delta = generator["model.layers.0.mlp.up_proj.weight"] - q_w["model.layers.0.mlp.up_proj.weight"]
+    assert 0 < torch.linalg.matrix_rank(delta.double(), atol=1e-6) <= R  # GRPO trained an adapter on q_w
+    warm = load_file(run.output("gad_warmup") / "model.safetensors")
+    final = load_file(run.file("gad") / "discriminator" / "model.safetensors")
+    for name in ("model.layers.0.self_attn.v_proj.weight", "score.weight"):  # an adapter, and the head trained whole
+        assert not torch.equal(warm[name], final[name]), name
+    for folder in (run.output("gad"), run.output("gad_warmup"), run.file("gad") / "discriminator"):
+        assert (folder / "adapter" / "adapter_model.safetensors").exists()
+    assert run.manifest()["stages"]["gad"]["discriminator_updates"] == 6

@@ -310,15 +310,20 @@ def same_launch(checkpoints: Path, resuming: bool) -> None:
 
 
 def save_final(trainer, final_dir: Path) -> None:
-    """The trained model in `final_dir`; with LoRA, the adapter in `final_dir/adapter` and the model with it merged
-    in `final_dir`, a plain transformers model that the next stage and the evaluation load as they load any."""
+    """The trained model in `final_dir` (with LoRA, as `save_merged` saves it)."""
     if not hasattr(trainer.model, "merge_and_unload"):
         trainer.save_model(str(final_dir))
-        return
-    trainer.save_model(str(final_dir / "adapter"))
-    if trainer.args.should_save:
-        trainer.model.merge_and_unload().save_pretrained(final_dir)
-        trainer.processing_class.save_pretrained(final_dir)
+    elif trainer.args.should_save:
+        save_merged(trainer.model, trainer.processing_class, final_dir)
+
+
+def save_merged(model, tokenizer, folder: Path) -> None:
+    """A model trained with LoRA: its adapter in `folder/adapter`, and the model with the adapter merged in `folder`,
+    a plain transformers model that the next stage and the evaluation load as they load any."""
+    model.save_pretrained(folder / "adapter")
+    tokenizer.save_pretrained(folder / "adapter")
+    model.merge_and_unload().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def train_and_save(trainer, final_dir: Path) -> dict:

@@ -25,14 +25,14 @@ from transformers import set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
-from ..config import Config, GadConfig, TrainingConfig, fingerprint
+from ..config import Config, GadConfig, LoraSettings, TrainingConfig, fingerprint
 from ..distributed import is_main, world_size
 from ..errors import SodaError
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from ..records import read_examples, read_metrics, read_pairs, sha256_file
-from ..training import (MasterWeightsAdamW, MetricsLog, ResumableOrder, adamw_for, bf16_weights, train_and_save,
-                        trainer_arguments)
+from ..training import (MasterWeightsAdamW, MetricsLog, ResumableOrder, adamw_for, bf16_weights, peft_config,
+                        save_merged, train_and_save, trainer_arguments, transformers_model)
 
 DISCRIMINATOR_STATE = "discriminator.pt"  # inside each generator checkpoint: weights, optimizer, update count
 
@@ -83,9 +83,10 @@ def _forward_or_score(self, *args, last_real_token: bool = False, **kwargs):
     if not last_real_token:
         return self._soda_original_forward(*args, **kwargs)
     input_ids, attention_mask = kwargs["input_ids"], kwargs["attention_mask"]
-    hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    model = transformers_model(self)  # with LoRA, the adapted layers are inside it
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     last = attention_mask.sum(dim=1) - 1
-    return self.score(hidden[torch.arange(hidden.size(0), device=hidden.device), last]).squeeze(-1).float()
+    return model.score(hidden[torch.arange(hidden.size(0), device=hidden.device), last]).squeeze(-1).float()
 
 
 def bradley_terry(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,18 +147,12 @@ def build_discriminator_trainer(model, tokenizer, dataset, cfg: Config, output_d
         remove_unused_columns=False,  # keeps `length` for the length-grouped sampler; the collator ignores it
     )
     return bf16_weights(BradleyTerryTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[MetricsLog(metrics_path)]
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[MetricsLog(metrics_path)],
+        peft_config=peft_config(cfg.student.lora, "SEQ_CLS"),  # with LoRA: an adapter, and the new head trained whole
     ))
 
 
-def full_weights(cfg: Config) -> None:
-    if cfg.student.lora is not None:
-        raise SodaError("student.lora: GAD's generator and discriminator train full weights so far; run GAD without "
-                        "student.lora (SODA and SeqKD train adapters)")
-
-
 def run_discriminator_warmup(cfg: Config, run: RunDir) -> Path:
-    full_weights(cfg)
     pairs_path, out = run.output("pairs"), run.output("gad_warmup")
     fp = combine(fingerprint(cfg.gad), fingerprint(cfg.student), sha256_file(pairs_path))
     if run.done("gad_warmup", fp):
@@ -217,10 +212,15 @@ class Discriminator:
     its prompt's teacher response and the loss averaged over all of them.
     """
 
-    def __init__(self, model, g: GadConfig, bf16: bool):
+    def __init__(self, model, g: GadConfig, bf16: bool, lora: LoraSettings | None = None):
+        if lora is not None:  # a fresh adapter (and head) on the warmed-up discriminator
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config(lora, "SEQ_CLS"))
         self.model, self.g, self.bf16 = model, g, bf16
         adamw = adamw_for(model, bf16)
-        self.optimizer = adamw(model.parameters(), lr=g.discriminator_learning_rate, weight_decay=g.weight_decay)
+        self.optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=g.discriminator_learning_rate,
+                               weight_decay=g.weight_decay)
         self.updates = 0
         if g.gradient_checkpointing:
             model.activation_checkpointing_enable()
@@ -312,9 +312,12 @@ class GadTrainer(ResumableOrder, GRPOTrainer):
         result = super().train(*args, **kwargs)
         if isinstance(self.discriminator.optimizer, MasterWeightsAdamW):
             self.discriminator.optimizer.copy_into(self.discriminator.model)
-        if self.args.should_save:
-            self.discriminator.model.save_pretrained(self.discriminator_dir)  # before train_and_save drops the checkpoints
-            self.processing_class.save_pretrained(self.discriminator_dir)
+        if self.args.should_save:  # before train_and_save drops the checkpoints
+            if hasattr(self.discriminator.model, "merge_and_unload"):
+                save_merged(self.discriminator.model, self.processing_class, self.discriminator_dir)
+            else:
+                self.discriminator.model.save_pretrained(self.discriminator_dir)
+                self.processing_class.save_pretrained(self.discriminator_dir)
         return result
 
 
@@ -344,13 +347,12 @@ def build_gad_trainer(generator, tokenizer, discriminator: Discriminator, datase
     return bf16_weights(GadTrainer(
         model=generator, args=args, train_dataset=dataset, processing_class=tokenizer,
         callbacks=[MetricsLog(output_dir / "metrics.jsonl")], discriminator=discriminator,
-        discriminator_dir=output_dir / "discriminator",
+        discriminator_dir=output_dir / "discriminator", peft_config=peft_config(cfg.student.lora),
     ))
 
 
 def run_adversarial(cfg: Config, run: RunDir) -> Path:
     """GRPO from this run's warmup model q_w against the warmed-up discriminator; both networks are saved."""
-    full_weights(cfg)
     teacher_path, start, discriminator_start = run.output("teacher"), run.output("warmup"), run.output("gad_warmup")
     generator_dir, out = run.output("gad"), run.file("gad")
     fp = combine(fingerprint(cfg.gad), sha256_file(teacher_path), model_digest(start), model_digest(discriminator_start))
@@ -361,7 +363,8 @@ def run_adversarial(cfg: Config, run: RunDir) -> Path:
         tokenizer = load_tokenizer(str(start), trust)
         generator = load_model(str(start), trust_remote_code=trust)
         discriminator = Discriminator(
-            load_discriminator(str(discriminator_start), tokenizer, trust), cfg.gad, use_bf16(cfg.student.bf16)
+            load_discriminator(str(discriminator_start), tokenizer, trust), cfg.gad, use_bf16(cfg.student.bf16),
+            cfg.student.lora,
         )
         dataset, dropped = gad_dataset(teacher_path, tokenizer, cfg.gad)
         if len(dataset) < cfg.gad.prompts_per_step * world_size():
