@@ -8,10 +8,11 @@ a method again resumes it.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from .config import Config, save_config
-from .distributed import is_main, main_first, wait_for_everyone
+from .distributed import is_main, main_first, wait_for_everyone, world_size
 from .manifest import RunDir
 from .records import resolve_data_path
 from .registry import DEFAULT_METHODS, STAGES, chain, methods_named
@@ -34,6 +35,8 @@ def run_one(name: str, cfg: Config, run: RunDir) -> Path:
     """A stage; launched as several processes, every rank trains its share of a training stage, and the main process
     runs any other while the rest wait for it."""
     if not STAGES[name].trains:
+        if world_size() > 1 and is_main() and not run.finished(name):
+            print(f"{name}: runs on the main process; the other {world_size() - 1} wait for it", file=sys.stderr)
         with main_first():
             return STAGES[name].run(cfg, run)
     out = STAGES[name].run(cfg, run)
