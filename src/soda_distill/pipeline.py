@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import Config, save_config
 from .distributed import is_main, main_first, wait_for_everyone, world_size
 from .manifest import RunDir
+from .model_card import write_model_card
 from .records import resolve_data_path
 from .registry import DEFAULT_METHODS, STAGES, chain, methods_named
 
@@ -40,6 +41,8 @@ def run_one(name: str, cfg: Config, run: RunDir) -> Path:
         with main_first():
             return STAGES[name].run(cfg, run)
     out = STAGES[name].run(cfg, run)
+    if is_main():
+        write_model_card(cfg, run, name)
     wait_for_everyone()  # no rank reads the stage's model before the main process has saved it
     return out
 
