@@ -9,7 +9,7 @@ models. Launched as one process, all of this is a no-op. The run directory must 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import timedelta
 
 # A rank waits while the main process runs a whole stage (a snapshot or an evaluation can take hours on CPU);
@@ -46,19 +46,11 @@ def wait_for_everyone() -> None:
         PartialState().wait_for_everyone()
 
 
-def main_first(enabled: bool = True):
+def main_first():
     """The main process runs the block first, the others after it (where it is a stage: to find it finished)."""
-    if world_size() == 1 or not enabled:
+    if world_size() == 1:
         return nullcontext()
     from accelerate import PartialState
 
     return PartialState().main_process_first()
 
-
-@contextmanager
-def on_main():
-    """The block runs on the main process alone (yielding True there); every rank leaves it together."""
-    try:
-        yield is_main()
-    finally:
-        wait_for_everyone()

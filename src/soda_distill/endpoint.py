@@ -151,9 +151,9 @@ class Spend:
     def _total(self, extra: list[dict]) -> dict:
         return {k: self.usage[k] + sum(u[k] for u in extra) for k in self.usage}
 
-    def limit_reached(self, body: dict) -> str | None:
-        """Why `body` may not be sent, or None."""
-        s, worst = self.section, self._total([*self.in_flight.values(), estimated_usage(body)])
+    def limit_reached(self, estimate: dict) -> str | None:
+        """Why a request of this `estimated_usage` may not be sent, or None."""
+        s, worst = self.section, self._total([*self.in_flight.values(), estimate])
         if s.max_total_tokens is not None and sum(worst.values()) > s.max_total_tokens:
             return f"max_total_tokens = {s.max_total_tokens}"
         if s.max_cost_usd is not None and cost_usd(worst, s) > s.max_cost_usd:
@@ -179,7 +179,9 @@ class RateLimit:
         self.rpm, self.tpm, self.sent = section.requests_per_minute, section.tokens_per_minute, []
 
     def wait(self, tokens: int) -> None:
-        while self.rpm or self.tpm:
+        if not (self.rpm or self.tpm):
+            return
+        while True:
             now = time.monotonic()
             self.sent = [(t, n) for t, n in self.sent if now - t < self.WINDOW_S]
             if (not self.rpm or len(self.sent) < self.rpm) and (
@@ -236,12 +238,13 @@ def collect(
                 if item is None:
                     return False
                 key, rid, body = item
-                stopped = spend.limit_reached(body)
+                estimate = estimated_usage(body)
+                stopped = spend.limit_reached(estimate)
                 if stopped:
                     return False
-                rate.wait(sum(estimated_usage(body).values()))
+                rate.wait(sum(estimate.values()))
                 future = pool.submit(call, client, body)
-                futures[future], spend.in_flight[future] = (key, rid), estimated_usage(body)
+                futures[future], spend.in_flight[future] = (key, rid), estimate
                 sent += 1
                 return True
 

@@ -187,7 +187,9 @@ class RunDir:
             **peak.result,
             **info,
         }
+
         def finish(m):
             m["stages"][name] = record
-            m.get("stopped", {}).pop(name, None)
+            m.get("stopped", {}).pop(name, None)  # a stop before this run of it no longer holds
+
         self._update(finish)

@@ -26,15 +26,14 @@ def write_model_card(cfg: Config, run, stage: str) -> Path | None:
     """The card of the model `stage` yields in `run`; None where the stage yields no model or has not finished."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    folder = STAGES[stage].model
-    record = run.manifest()["stages"].get(stage)
+    folder, stages = STAGES[stage].model, run.manifest()["stages"]
+    record = stages.get(stage)
     if folder is None or not record or record.get("status") != "done":
         return None
     folder = run.path / folder
     method = next((m for m in METHODS.values() if m.stage == stage), None)
     label = method.column if method else stage
     base = EMBEDDED_ID if cfg.student.model == "embedded" else cfg.student.model
-    stages = run.manifest()["stages"]
     counts = {name: stages[name].get("records", stages[name].get("kept")) for name in ("teacher", "pairs") if name in stages}
     on_hub = not Path(base).expanduser().exists()  # a local folder is no Hub id: the card's metadata leaves it out
     data = ModelCardData(base_model=base if on_hub else None, library_name="transformers", pipeline_tag="text-generation",

@@ -310,19 +310,22 @@ def same_launch(checkpoints: Path, resuming: bool) -> None:
 
 
 def save_final(trainer, final_dir: Path) -> None:
-    """The trained model in `final_dir` (with LoRA, as `save_merged` saves it)."""
+    """The trained model in `final_dir`: the trainer saves it (gathering sharded weights), or with LoRA,
+    `save_model_folder` does."""
     if not hasattr(trainer.model, "merge_and_unload"):
         trainer.save_model(str(final_dir))
     elif trainer.args.should_save:
-        save_merged(trainer.model, trainer.processing_class, final_dir)
+        save_model_folder(trainer.model, trainer.processing_class, final_dir)
 
 
-def save_merged(model, tokenizer, folder: Path) -> None:
-    """A model trained with LoRA: its adapter in `folder/adapter`, and the model with the adapter merged in `folder`,
-    a plain transformers model that the next stage and the evaluation load as they load any."""
-    model.save_pretrained(folder / "adapter")
-    tokenizer.save_pretrained(folder / "adapter")
-    model.merge_and_unload().save_pretrained(folder)
+def save_model_folder(model, tokenizer, folder: Path) -> None:
+    """A model and its tokenizer in `folder`; trained with LoRA, its adapter in `folder/adapter` and the model with the
+    adapter merged in `folder`, a plain transformers model that the next stage and the evaluation load as any."""
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(folder / "adapter")
+        tokenizer.save_pretrained(folder / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 

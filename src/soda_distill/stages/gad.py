@@ -32,7 +32,7 @@ from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from ..records import read_examples, read_metrics, read_pairs, sha256_file
 from ..training import (MasterWeightsAdamW, MetricsLog, ResumableOrder, adamw_for, bf16_weights, peft_config,
-                        save_merged, train_and_save, trainer_arguments, transformers_model)
+                        save_model_folder, train_and_save, trainer_arguments, transformers_model)
 
 DISCRIMINATOR_STATE = "discriminator.pt"  # inside each generator checkpoint: weights, optimizer, update count
 
@@ -313,11 +313,7 @@ class GadTrainer(ResumableOrder, GRPOTrainer):
         if isinstance(self.discriminator.optimizer, MasterWeightsAdamW):
             self.discriminator.optimizer.copy_into(self.discriminator.model)
         if self.args.should_save:  # before train_and_save drops the checkpoints
-            if hasattr(self.discriminator.model, "merge_and_unload"):
-                save_merged(self.discriminator.model, self.processing_class, self.discriminator_dir)
-            else:
-                self.discriminator.model.save_pretrained(self.discriminator_dir)
-                self.processing_class.save_pretrained(self.discriminator_dir)
+            save_model_folder(self.discriminator.model, self.processing_class, self.discriminator_dir)
         return result
 
 
