@@ -133,7 +133,7 @@ def test_warmup_ratio_is_a_fraction_of_the_steps(section):
     from transformers import TrainingArguments
 
     cfg = load_config(None, [f"{section}.warmup_ratio=0.5"])
-    args = TrainingArguments(**{k: v for k, v in trainer_arguments(getattr(cfg, section), "/tmp/x", False).items()
+    args = TrainingArguments(**{k: v for k, v in trainer_arguments(getattr(cfg, section), "/tmp/x", cfg).items()
                                 if k not in ("max_length", "activation_checkpointing")})
     assert args.get_warmup_steps(10) == 5
     with pytest.raises(SodaError, match=f"{section}.warmup_ratio must be at least 0 and below 1"):

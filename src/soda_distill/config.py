@@ -161,6 +161,26 @@ class TrainingConfig:
 
 
 @dataclass
+class TrackersConfig:
+    """Experiment trackers (`training.report_to`) for every training stage, as transformers names them: tensorboard,
+    wandb, trackio, mlflow, ... (each installed separately). Runs are named RUNDIR/STAGE; TensorBoard writes to
+    RUNDIR/tensorboard/, soda's own stage figures and evaluation tables beside the trainers' curves."""
+
+    report_to: list[str] = field(default_factory=list, metadata={"operational": True})  # []: none
+    project: str = operational("soda-distill")  # the project name where the tracker has one (trackio, wandb)
+
+    def __post_init__(self):
+        if not self.report_to:
+            return
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        unknown = [name for name in self.report_to if name not in INTEGRATION_TO_CALLBACK]
+        if unknown:
+            raise SodaError(f"training.report_to: {unknown[0]!r} is not a tracker transformers knows "
+                            f"(known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
+
+
+@dataclass
 class WarmupConfig(TrainingConfig):
     section = "warmup"
     learning_rate: float = 5e-6  # GAD's SeqKD learning rate
@@ -351,6 +371,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    training: TrackersConfig = field(default_factory=TrackersConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     seqkd: SeqKDConfig = field(default_factory=SeqKDConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

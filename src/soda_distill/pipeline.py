@@ -17,6 +17,7 @@ from .manifest import RunDir
 from .model_card import write_model_card
 from .records import resolve_data_path
 from .registry import DEFAULT_METHODS, STAGES, chain, methods_named
+from .tracking import log_scalars, scalars
 
 
 def prepare(cfg: Config, out: str | Path) -> RunDir:
@@ -34,16 +35,22 @@ def prepare(cfg: Config, out: str | Path) -> RunDir:
 
 def run_one(name: str, cfg: Config, run: RunDir) -> Path:
     """A stage; launched as several processes, every rank trains its share of a training stage, and the main process
-    runs any other while the rest wait for it."""
+    runs any other while the rest wait for it. A stage that ran (not one found finished) logs its manifest figures to
+    the trackers."""
+    finished_before = run.manifest()["stages"].get(name, {}).get("finished")
     if not STAGES[name].trains:
         if world_size() > 1 and is_main() and not run.finished(name):
             print(f"{name}: runs on the main process; the other {world_size() - 1} wait for it", file=sys.stderr)
         with main_first():
-            return STAGES[name].run(cfg, run)
-    out = STAGES[name].run(cfg, run)
-    if is_main():
-        write_model_card(cfg, run, name)
-    wait_for_everyone()  # no rank reads the stage's model before the main process has saved it
+            out = STAGES[name].run(cfg, run)
+    else:
+        out = STAGES[name].run(cfg, run)
+        if is_main():
+            write_model_card(cfg, run, name)
+        wait_for_everyone()  # no rank reads the stage's model before the main process has saved it
+    record = run.manifest()["stages"].get(name, {})
+    if is_main() and record.get("finished") != finished_before:
+        log_scalars(cfg, run.path / name, scalars(record))
     return out
 
 

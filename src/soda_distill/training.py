@@ -15,15 +15,18 @@ from transformers.trainer import OPTIMIZER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .config import LoraSettings, TrainingConfig
+from .config import Config, LoraSettings, TrainingConfig
 from .distributed import is_main, world_size
 from .errors import SodaError
 from .lm_head import add_cpu_lm_head
+from .models import use_bf16
 from .records import atomic_write_text, read_metrics
+from .tracking import tracker_arguments
 
 
-def trainer_arguments(section: TrainingConfig, output_dir: Path, bf16: bool) -> dict:
-    """Keyword arguments common to TRL's SFTConfig and DPOConfig, from a training section of our config."""
+def trainer_arguments(section: TrainingConfig, output_dir: Path, cfg: Config) -> dict:
+    """Keyword arguments common to TRL's trainer configs, from a training section of our config (`output_dir`: the
+    stage's checkpoints folder)."""
     return dict(
         output_dir=str(output_dir),
         num_train_epochs=section.epochs,
@@ -37,12 +40,12 @@ def trainer_arguments(section: TrainingConfig, output_dir: Path, bf16: bool) -> 
         max_grad_norm=section.max_grad_norm,
         seed=section.seed,
         activation_checkpointing=section.gradient_checkpointing,
-        bf16=bf16,  # autocast to bf16 around fp32 master weights
+        bf16=use_bf16(cfg.student.bf16),  # autocast to bf16 around fp32 master weights
         save_strategy="steps",
         save_steps=section.save_steps,
         save_total_limit=1,
         logging_steps=section.logging_steps,
-        report_to="none",
+        **tracker_arguments(cfg, Path(output_dir).parent),
         dataloader_num_workers=0,
         # Batches of similar lengths: with random batches over half of every batch was padding.
         train_sampling_strategy="group_by_length",

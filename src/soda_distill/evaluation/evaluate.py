@@ -29,6 +29,7 @@ from ..plots import plot_results
 from ..records import AppendLog, atomic_write_jsonl, atomic_write_text, read_examples, resolve_data_path
 from ..registry import METHODS, methods_named
 from ..stats import bootstrap_ci, paired_difference, seeded_paired_difference
+from ..tracking import evaluation_scalars, log_scalars
 from .benchmarks import Benchmark, load_benchmarks, student_prompt
 from .judge import ORDERS, reference_answers, run_judge
 from .metrics import offline_metrics, rouge_l_per_prompt
@@ -366,6 +367,7 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
         atomic_write_text(evaldir.file("results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(evaldir.file("results.md"), render_markdown(results))
         plot_results(results, evaldir.file("results.png"))
+        log_scalars(cfg, evaldir.path / "evaluate", evaluation_scalars(results))
         info.update(rows=len(rows), benchmarks=len(benchmarks), generated=generated,
                     judge_requests=judge_totals["requests_this_run"] if judge_totals else 0)
     return results

@@ -21,7 +21,7 @@ from ..chat_tokens import chat_ids
 from ..config import Config, fingerprint
 from ..distributed import is_main, main_first
 from ..manifest import RunDir, combine
-from ..models import load_model, load_tokenizer, model_digest, use_bf16
+from ..models import load_model, load_tokenizer, model_digest
 from ..records import read_metrics, read_pairs, sha256_file
 from ..training import (MetricsLog, ResumableOrder, apply_cpu_settings, peft_config, train_and_save,
                         trainer_arguments)
@@ -78,7 +78,7 @@ class DistillDPOTrainer(ResumableOrder, DPOTrainer):
 def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path):
     d = cfg.distill
     args = DPOConfig(
-        **trainer_arguments(d, output_dir / "checkpoints", use_bf16(cfg.student.bf16)),
+        **trainer_arguments(d, output_dir / "checkpoints", cfg),
         beta=d.beta,
         loss_type=[d.loss_type],
         use_weighting=d.use_weighting,

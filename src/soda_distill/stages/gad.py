@@ -143,7 +143,7 @@ def build_discriminator_trainer(model, tokenizer, dataset, cfg: Config, output_d
         "batch_size": g.discriminator_batch_size, "gradient_accumulation_steps": g.prompts_per_step // g.discriminator_batch_size,
     })
     args = RewardConfig(
-        **trainer_arguments(section, output_dir / "checkpoints", use_bf16(cfg.student.bf16)),
+        **trainer_arguments(section, output_dir / "checkpoints", cfg),
         remove_unused_columns=False,  # keeps `length` for the length-grouped sampler; the collator ignores it
     )
     return bf16_weights(BradleyTerryTrainer(
@@ -332,7 +332,7 @@ def vllm_arguments(g: GadConfig) -> dict:
 
 def build_gad_trainer(generator, tokenizer, discriminator: Discriminator, dataset, cfg: Config, output_dir: Path):
     g = cfg.gad
-    common = trainer_arguments(g, output_dir / "checkpoints", use_bf16(cfg.student.bf16))
+    common = trainer_arguments(g, output_dir / "checkpoints", cfg)
     for key in ("max_length", "train_sampling_strategy"):  # GRPO bounds lengths with max_completion_length, samples groups itself
         del common[key]
     args = GRPOConfig(

@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 from ..chat_tokens import chat_ids
 from ..config import Config, WarmupConfig, fingerprint
 from ..manifest import RunDir, combine
-from ..models import load_model, load_tokenizer, resolve_model, use_bf16
+from ..models import load_model, load_tokenizer, resolve_model
 from ..records import read_examples, sha256_file
 from ..training import (MetricsLog, ResumableOrder, apply_cpu_settings, peft_config, train_and_save,
                         trainer_arguments)
@@ -49,7 +49,7 @@ def build_sft_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
     """TRL's SFTTrainer on `dataset` with the settings of `section` (default: cfg.warmup); `arguments` add to or
     replace SFTConfig's."""
     args = SFTConfig(**{
-        **trainer_arguments(section or cfg.warmup, output_dir / "checkpoints", use_bf16(cfg.student.bf16)),
+        **trainer_arguments(section or cfg.warmup, output_dir / "checkpoints", cfg),
         "completion_only_loss": True,
         "packing": False,
         **arguments,

@@ -1,0 +1,66 @@
+"""Experiment trackers (`training.report_to`): TRL's trainers report their per-step metrics through transformers'
+integrations, under the run name RUNDIR/STAGE; the figures soda computes itself (each stage's manifest entry:
+snapshot throughput, pair counts, timings, peak memory; the evaluation's table) go to TensorBoard beside them.
+
+    tensorboard --logdir RUNDIR/tensorboard
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import Config
+from .errors import SodaError
+
+
+def tensorboard_dir(stage_dir: Path) -> Path:
+    return stage_dir.parent / "tensorboard" / stage_dir.name
+
+
+def tracker_arguments(cfg: Config, stage_dir: Path) -> dict:
+    """TrainingArguments' tracker settings for the trainer of the stage that writes `stage_dir`."""
+    report_to = cfg.training.report_to
+    if not report_to:
+        return {"report_to": "none"}
+    from transformers.integrations import get_available_reporting_integrations
+
+    missing = [name for name in report_to if name not in get_available_reporting_integrations()]
+    if missing:
+        raise SodaError(f"training.report_to: {missing[0]} is not installed (pip install {missing[0]})")
+    if "tensorboard" in report_to:  # transformers' documented way to place its TensorBoard logs
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir(stage_dir))
+    return {"report_to": list(report_to), "run_name": f"{stage_dir.parent.name}/{stage_dir.name}",
+            "project": cfg.training.project}
+
+
+def scalars(record: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a (nested) record, keyed by their path: `a/b` for record["a"]["b"]."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def log_scalars(cfg: Config, stage_dir: Path, values: dict[str, float]) -> None:
+    """soda's own figures of a stage, to TensorBoard where it is one of the trackers (step 0: they are totals)."""
+    if "tensorboard" not in cfg.training.report_to or not values:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tensorboard_dir(stage_dir))) as writer:
+        for tag, value in values.items():
+            writer.add_scalar(tag, value, 0)
+
+
+def evaluation_scalars(results: dict) -> dict[str, float]:
+    """The evaluation table as `MODEL/METHOD/BENCHMARK/...` scalars: every figure of its cells, paired differences
+    included (their intervals, being lists, stay in results.json)."""
+    out = {}
+    for row in results["rows"]:
+        for bench, cell in row["cells"].items():
+            out.update(scalars(cell, f"{row['model']}/{row['method']}/{bench}/"))
+    return out

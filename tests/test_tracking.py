@@ -1,0 +1,51 @@
+"""Experiment trackers: with `training.report_to: [tensorboard]` the trainers' curves and soda's own figures land in
+TensorBoard event files that TensorBoard's reader loads; a tracker that is unknown or not installed is one clear line."""
+
+import importlib.util
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from soda_distill.config import load_config
+from soda_distill.errors import SodaError
+from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
+from soda_distill.pipeline import prepare, run_stage
+from soda_distill.tracking import tracker_arguments
+
+
+def scalars(folder):
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_the_training_curves_and_the_stage_figures(tmp_path, qa_file, tiny_model_dir):
+    cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=8",
+                             "warmup.max_length=128", "warmup.epochs=2", "warmup.batch_size=4", "warmup.learning_rate=1e-3",
+                             "training.report_to=[tensorboard]"])
+    run = prepare(cfg, tmp_path / "run")
+    for stage in ("pairs", "warmup"):  # teacher, snapshot, pairs; warmup
+        run_stage(stage, cfg, run)
+    curves = scalars(run.path / "tensorboard" / "warmup")
+    assert len(curves["train/loss"]) == 6 and curves["train/loss"][-1] < curves["train/loss"][0]  # 12 answers, 2 epochs
+    snapshot = scalars(run.path / "tensorboard" / "snapshot")
+    assert snapshot["records"] == [12.0] and snapshot["wall_s"][0] > 0
+    assert scalars(run.path / "tensorboard" / "pairs")["kept"] == [run.manifest()["stages"]["pairs"]["kept"]]
+
+    cfg.evaluate.runs, cfg.evaluate.benchmarks, cfg.evaluate.limit, cfg.evaluate.max_new_tokens = [str(run.path)], ["dolly"], 2, 8
+    evaldir = prepare_evaluation(cfg, tmp_path / "eval")
+    results = run_evaluate(cfg, evaldir)
+    table = scalars(evaldir.path / "tensorboard" / "evaluate")
+    base = results["rows"][0]["cells"]["Dolly"]
+    assert table["run/Base/Dolly/rouge_l"] == [pytest.approx(base["rouge_l"])]
+    assert table["run/Warmup (q_w)/Dolly/paired/vs Base/reference_nll/difference"] == \
+        [pytest.approx(results["rows"][1]["cells"]["Dolly"]["paired"]["vs Base"]["reference_nll"]["difference"])]
+
+
+def test_a_tracker_unknown_or_not_installed_is_one_line(tmp_path):
+    with pytest.raises(SodaError, match="training.report_to: 'tensorbord' is not a tracker transformers knows"):
+        load_config(None, ["training.report_to=[tensorbord]"])
+    if importlib.util.find_spec("clearml") is None:
+        cfg = load_config(None, ["training.report_to=[clearml]"])
+        with pytest.raises(SodaError, match=r"training.report_to: clearml is not installed \(pip install clearml\)"):
+            tracker_arguments(cfg, tmp_path / "warmup")
