@@ -54,8 +54,17 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str | None = None  # JSONL of prompts (`messages` or `prompt`); needed when the teacher is an API
+    prompts: str | None = None  # prompts (`messages` or `prompt`): JSONL, JSON, CSV, Parquet, a saved data set, `hub:NAME`
     limit: int | None = None  # use only the first N records
+    columns: dict[str, str] = field(default_factory=dict)  # the file's columns for ours, for data.prompts and teacher.file: {prompt: instruction}
+
+    def __post_init__(self):
+        for ours in self.columns:
+            if ours not in COLUMNS:
+                raise SodaError(f"data.columns: {ours!r} is not a field to map (those are: {', '.join(COLUMNS)})")
+
+
+COLUMNS = ("prompt", "response", "messages", "id")  # what data.columns may map a file's columns to
 
 
 @dataclass

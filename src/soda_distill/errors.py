@@ -11,8 +11,13 @@ class InputError(SodaError):
     def __init__(self, path, line: int | None, field: str | None, message: str):
         where = str(path)
         if line is not None:
-            where += f", line {line}"
+            where += f", {position(line)}"
         if field is not None:
             where += f", field '{field}'"
         super().__init__(f"{where}: {message}")
-        self.path, self.line, self.field = str(path), line, field
+        self.path, self.line, self.field, self.message = str(path), line, field, message
+
+
+def position(line: int) -> str:
+    """`line 3`, or `row 3` for a record of a file that has rows (records.Row)."""
+    return f"{getattr(line, 'unit', 'line')} {line}"

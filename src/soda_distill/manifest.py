@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .distributed import is_main, world_size
 from .errors import SodaError
-from .records import atomic_write_text, sha256_file
+from .records import atomic_write_text, source_digest
 from .registry import STAGES, finished, trained_models
 
 PACKAGES = ("soda-distill", "torch", "transformers", "trl", "accelerate", "datasets", "openai", "vllm")
@@ -143,7 +143,7 @@ class RunDir:
         atomic_write_text(self.manifest_path, json.dumps(m, indent=2, sort_keys=False) + "\n")
 
     def record_input(self, path: Path) -> str:
-        digest = sha256_file(path)
+        digest = source_digest(path)
         self._update(lambda m: m["inputs"].__setitem__(str(path), digest))
         return digest
 

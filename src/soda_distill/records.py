@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import InputError, SodaError
+from .errors import InputError, SodaError, position
 
 ROLES = ("system", "user", "assistant")
 # One record's line at most: a longer one is refused after reading this much, never read whole into memory.
@@ -66,6 +66,72 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_jsonl(path: Path, records) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+HUB = "hub:"  # `hub:ORG/NAME` or `hub:ORG/NAME:SPLIT`, a data set on the Hugging Face Hub (online only)
+DATASET_FORMATS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}  # other local files are read as JSONL
+
+
+class Row(int):
+    """A record's position in a file that has rows rather than lines (Parquet, a saved data set, the Hub)."""
+
+    unit = "row"
+
+
+def _dataset(path: str):
+    """A file or data set that `datasets` reads (every value of a CSV a string, as the file has it)."""
+    import datasets
+
+    if path.startswith(HUB):
+        name, _, split = path[len(HUB):].partition(":")
+        return datasets.load_dataset(name, split=split or "train")
+    if Path(path).is_dir():
+        loaded = datasets.load_from_disk(path)
+        return loaded[next(iter(loaded))] if isinstance(loaded, datasets.DatasetDict) else loaded  # its first split
+    kind = DATASET_FORMATS[Path(path).suffix.lower()]
+    options = {}
+    if kind == "csv":
+        import csv
+
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+        options = {"features": datasets.Features({c: datasets.Value("string") for c in header}), "keep_default_na": False}
+    return datasets.load_dataset(kind, data_files=path, split="train", **options)
+
+
+def read_rows(path: Path | str, columns: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield (line or row number, object) for each record of a JSONL file, or of any file `datasets` reads locally
+    (JSON, CSV, Parquet, a `save_to_disk` folder) or a `hub:` data set; `columns` renames the file's columns to
+    this package's names ({prompt: instruction, response: output}). A bad record names file, line and field."""
+    path = str(path)
+    if path.startswith(HUB) or Path(path).is_dir() or Path(path).suffix.lower() in DATASET_FORMATS:
+        try:
+            dataset = _dataset(path)
+        except Exception as e:  # datasets' own message says what it could not read
+            raise InputError(path, None, None, f"cannot be read as a data set ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        first = 2 if path.lower().endswith(".csv") else 1  # a CSV's first line is its header
+        # a column a record lacks comes back as None from a data set's common schema: it is left out, as in JSONL
+        rows = ((Row(i) if first == 1 else i, {k: v for k, v in obj.items() if v is not None})
+                for i, obj in enumerate(dataset, first))
+    else:
+        rows = read_jsonl(Path(path))
+    for lineno, obj in rows:
+        for ours, theirs in (columns or {}).items():
+            if theirs not in obj:
+                raise InputError(path, lineno, theirs, f"missing (data.columns maps it to '{ours}')")
+            obj[ours] = obj.pop(theirs)
+        yield lineno, obj
+
+
+def source_digest(path: Path | str) -> str:
+    """A digest of an input: a file's bytes; a data set folder's or the Hub's records as read."""
+    path = str(path)
+    if not path.startswith(HUB) and Path(path).is_file():
+        return sha256_file(Path(path))
+    h = hashlib.sha256()
+    for _, obj in read_rows(path):
+        h.update(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
+    return h.hexdigest()
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -217,16 +283,25 @@ def parse_example(path, lineno: int, obj: dict, want_response: bool) -> Example:
     return Example(id=str(rid), prompt=prompt, response=response, truncated=obj.get("finish_reason") == "length")
 
 
-def read_examples(path: Path, want_response: bool = False, limit: int | None = None) -> list[Example]:
+def read_examples(path: Path, want_response: bool = False, limit: int | None = None,
+                  columns: dict[str, str] | None = None) -> list[Example]:
+    """Prompts (and responses) from any file `read_rows` reads; `columns` as it takes them."""
     examples: list[Example] = []
     seen: dict[str, int] = {}
-    for lineno, obj in read_jsonl(path):
-        ex = parse_example(path, lineno, obj, want_response)
+    columns = columns or {}
+    for lineno, obj in read_rows(path, columns):
+        try:
+            ex = parse_example(path, lineno, obj, want_response)
+        except InputError as e:  # the field as the file names it
+            field = (e.field or "").split("[")[0].split(".")[0]
+            if field not in columns:
+                raise
+            raise InputError(path, lineno, columns[field] + e.field[len(field):], e.message) from None
         if ex.id in seen:
             if "id" in obj:
-                raise InputError(path, lineno, "id", f"duplicate id {ex.id!r} (first on line {seen[ex.id]})")
+                raise InputError(path, lineno, "id", f"duplicate id {ex.id!r} (first on {position(seen[ex.id])})")
             raise InputError(path, lineno, "messages" if "messages" in obj else "prompt",
-                             f"the same prompt as line {seen[ex.id]} (a record without an 'id' is known by its prompt)")
+                             f"the same prompt as {position(seen[ex.id])} (a record without an 'id' is known by its prompt)")
         seen[ex.id] = lineno
         examples.append(ex)
         if limit is not None and len(examples) >= limit:
@@ -281,6 +356,8 @@ def resolve_data_path(value: str | None) -> str | None:
     """`builtin:NAME` → a data file shipped with the package; other paths → absolute."""
     if value is None:
         return None
+    if value.startswith(HUB):
+        return value
     if value.startswith(BUILTIN):
         name = value[len(BUILTIN):]
         shipped = resources.files("soda_distill") / "data"

@@ -6,17 +6,19 @@ collection resumes without asking again for anything already answered.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..config import Config, fingerprint
 from ..endpoint import collect, request_key, sum_usage
 from ..errors import SodaError
 from ..manifest import RunDir, combine
-from ..records import AppendLog, Example, atomic_write_jsonl, read_examples, sha256_file
+from ..records import AppendLog, Example, atomic_write_jsonl, read_examples, source_digest
 
 
 def _source_fingerprint(cfg: Config, path: Path) -> str:
-    return combine(fingerprint(cfg.teacher), sha256_file(path), str(cfg.data.limit))
+    return combine(fingerprint(cfg.teacher), source_digest(path), str(cfg.data.limit),
+                   *([json.dumps(cfg.data.columns, sort_keys=True)] if cfg.data.columns else []))
 
 
 def request_body(cfg: Config, ex: Example) -> dict:
@@ -56,11 +58,11 @@ def run_teacher(cfg: Config, run: RunDir) -> Path:
     run.record_input(source)
     with run.stage("teacher", fp) as info:
         if cfg.teacher.file:
-            examples = read_examples(source, want_response=True, limit=cfg.data.limit)
+            examples = read_examples(source, want_response=True, limit=cfg.data.limit, columns=cfg.data.columns)
             records = [{"id": ex.id, "messages": ex.prompt + [{"role": "assistant", "content": ex.response}]} for ex in examples]
             info["source"] = "file"
         else:
-            examples = read_examples(source, limit=cfg.data.limit)
+            examples = read_examples(source, limit=cfg.data.limit, columns=cfg.data.columns)
             records = _collect(cfg, run, examples, info)
             info["source"] = "api"
         atomic_write_jsonl(out, records)
