@@ -8,6 +8,7 @@
     soda-distill evaluate [CONFIG] [RUNDIR ...] [--out EVALDIR] [section.key=value ...]
     soda-distill analyze RUNDIR [RUNDIR ...] [--out DIR] [section.key=value ...]
     soda-distill report RUNDIR [RUNDIR ...] [--out DIR]
+    soda-distill push RUNDIR --repo ORG/NAME [--method M] [--private] [--with-pairs] [--to-dir DIR]
 
 Without CONFIG, a stage starts from DIR/config.yaml (the resolved config an earlier command wrote there), or
 from the defaults when there is none; key=value overrides apply on top. `soda-distill gad` is GAD's final stage,
@@ -121,6 +122,18 @@ def _compare(rest: list[str], out: str | None) -> None:
     print(f"results: {Path(out) / 'evaluation' / 'results.md'}; report: {Path(out) / 'report' / 'report.html'}")
 
 
+def _push(args) -> None:
+    from .push import push
+
+    if len(args.rest) != 1 or not (args.repo or args.to_dir):
+        raise SodaError("push takes one RUNDIR and --repo ORG/NAME (or --to-dir DIR)")
+    methods = [m for arg in args.method or [] for m in arg.split(",") if m]
+    if len(methods) > 1:
+        raise SodaError("push takes one --method")
+    for made in push(args.rest[0], args.repo, methods[0] if methods else None, args.private, args.with_pairs, args.to_dir):
+        print(f"pushed: {made}" if args.to_dir is None else f"staged: {made}")
+
+
 def main(argv: list[str] | None = None) -> int:
     stages = "\n".join(f"  {s.name:<11} {s.does}" for s in STAGES.values())
     methods = "\n".join(f"  {m.name:<11} {m.label}: " + (" -> ".join(m.chain) if m.chain else "the untouched student")
@@ -128,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="soda-distill", description="Semi On-policy Distillation with Alignment",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=f"stages:\n{stages}\n\nmethods (--method):\n{methods}")
-    parser.add_argument("command", choices=["run", *STAGES, "compare", "evaluate", "analyze", "report"],
+    parser.add_argument("command", choices=["run", *STAGES, "compare", "evaluate", "analyze", "report", "push"],
                         help="train methods, run one stage, compare methods end to end, evaluate, analyze "
-                             "representations, or write a report")
+                             "representations, write a report, or push a model to the Hub")
     parser.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")
     parser.add_argument("--method", action="append", metavar="M[,M...]",
                         help=f"for run: the methods to train ({', '.join(m for m in METHODS if METHODS[m].stage)}; "
@@ -140,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
                                       "for evaluate, the results directory (default: RUNDIR/eval for one run); "
                                       "for analyze and report, where they write (default: RUNDIR/analysis, "
                                       "RUNDIR/report for one run)")
+    parser.add_argument("--repo", help="for push: the Hub repository, ORG/NAME (the pairs go to ORG/NAME-pairs)")
+    parser.add_argument("--private", action="store_true", help="for push: make the repositories private")
+    parser.add_argument("--with-pairs", action="store_true", help="for push: the preference pairs too, as a data set")
+    parser.add_argument("--to-dir", help="for push: write what would be uploaded to this folder instead")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the requests an endpoint stage would send and their cost at most, and stop there")
     args = parser.parse_intermixed_args(argv)
@@ -150,17 +167,20 @@ def main(argv: list[str] | None = None) -> int:
 
             endpoint.DRY_RUN = True
         distributed.start()
-        if args.command in ("evaluate", "analyze", "report") and not distributed.is_main():
+        if args.command in ("evaluate", "analyze", "report", "push") and not distributed.is_main():
             return 0  # launched as several processes, these run on the main one
         if args.command == "evaluate":
             _evaluate(args.rest, args.out)
+            return 0
+        if args.command == "push":
+            _push(args)
             return 0
         if args.command in ("compare", "analyze", "report"):
             {"compare": _compare, "analyze": _analyze, "report": _report}[args.command](args.rest, args.out)
             return 0
         methods = methods_named([m for arg in args.method or DEFAULT_METHODS for m in arg.split(",") if m])
         if args.method and args.command != "run":
-            raise SodaError("--method is for `soda-distill run`")
+            raise SodaError("--method is for `soda-distill run` and `push`")
         config_path, overrides = _split(args.rest)
         if config_path is None:
             if not args.out:
