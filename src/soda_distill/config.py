@@ -71,6 +71,8 @@ COLUMNS = ("prompt", "response", "messages", "id")  # what data.columns may map 
 class EndpointConfig:
     """An OpenAI-compatible chat endpoint, and how patiently to call it."""
 
+    section: typing.ClassVar[str] = "endpoint"  # its name in the config, for error messages
+
     base_url: str | None = None  # any OpenAI-compatible endpoint, e.g. https://api.openai.com/v1
     model: str | None = None
     api_key_env: str | None = "OPENAI_API_KEY"  # the *name* of the variable holding the key; null for no key
@@ -93,10 +95,19 @@ class EndpointConfig:
     max_total_tokens: int | None = operational(None)  # prompt + completion tokens, likewise
     requests_per_minute: int | None = operational(None)
     tokens_per_minute: int | None = operational(None)  # counted as the prompt's estimate + max_tokens
+    # "batch": the OpenAI Batch API (batch.py; half the price, answers within batch_window), "sync": one request at a time
+    mode: str = operational("sync")
+    batch_window: str = operational("24h")  # the Batch API's completion_window
+    batch_poll_s: float = operational(30.0)  # how often a submitted batch's status is asked
+
+    def __post_init__(self):
+        if self.mode not in ("sync", "batch"):
+            raise SodaError(f"{self.section}.mode: {self.mode!r} is not one (sync, or batch for the OpenAI Batch API)")
 
 
 @dataclass
 class TeacherConfig(EndpointConfig):
+    section = "teacher"
     file: str | None = None  # JSONL of existing teacher responses (`messages` ending in an assistant turn)
     system_prompt: str | None = None
     temperature: float = 0.7
@@ -296,6 +307,7 @@ class ReferenceConfig(ScoredEndpointConfig):
     """The reference model the judge compares against (GPT-4o in the paper); greedy. No base_url: the benchmark's
     own reference answers instead."""
 
+    section = "evaluate.reference"
     max_tokens: int = 1536
 
 
@@ -303,6 +315,7 @@ class ReferenceConfig(ScoredEndpointConfig):
 class JudgeConfig(ScoredEndpointConfig):
     """The LLM judge (GPT-4o in the paper); no base_url: no judge, offline metrics only."""
 
+    section = "evaluate.judge"
     max_tokens: int = 512
     # "fastchat": FastChat's pairwise review prompt, the paper's lineage (GAD, MiniLLM); "soda": this package's own
     # stricter wording; or a text file with {question}, {answer_1}, {answer_2}

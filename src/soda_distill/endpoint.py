@@ -211,9 +211,11 @@ def collect(
     what: str,
     rerun: str,
     call: Callable | None = None,
+    record: Callable | None = None,
 ) -> int:
     """Answer every job (request key → (id, request body)) not yet in `cache`, `section.concurrency` at a time,
-    appending `{"key", "id", **answer}` as each answer arrives. `call(client, body)` makes one answer (default: `ask`).
+    appending `{"key", "id", **answer}` as each answer arrives. `call(client, body)` makes one answer (default: `ask`);
+    with `mode: batch` the Batch API does (batch.py), and `record(answer)` makes what is cached of an answer it got.
     Prints the requests to make and their cost at most first (`--dry-run` stops there); keeps to the section's spend
     and rate limits. Requests that fail after their retries are listed in `failed_path` and reported in one error
     ("N of M {what} after retries ...") once the others are done; a spend limit reached is an error too, once the
@@ -224,8 +226,18 @@ def collect(
     if todo:
         announce(section, name, [body for _, _, body in todo], len(jobs) - len(todo))
         spend = Spend(section, [cache.records[k] for k in jobs if k in cache])
-        rate = RateLimit(section)
         client = make_client(section, name)
+    if todo and section.mode == "batch":
+        from .batch import collect_batch, state_path
+
+        total = {k: sum(estimated_usage(body)[k] for _, _, body in todo) for k in ("prompt_tokens", "completion_tokens")}
+        limit = spend.limit_reached(total)
+        if limit and not state_path(cache).exists():  # a batch is all or nothing: it is not submitted past a limit
+            raise SodaError(f"{name}: a batch of {len(todo)} requests could pass {name}.{limit} (spent {spend.describe()}); "
+                            f"raise the limit or send fewer prompts")
+        failures, sent = collect_batch(client, section, name, todo, cache, record), len(todo)
+    elif todo:
+        rate = RateLimit(section)
         queue = iter(todo)
         with ThreadPoolExecutor(max_workers=section.concurrency) as pool, tqdm(
             total=len(jobs), initial=len(jobs) - len(todo), desc=name, unit="request"

@@ -118,18 +118,25 @@ def judge_body(section: JudgeConfig, template: str, item: Item, answer_1: str, a
     }
 
 
+def judged(answers: list[dict]) -> dict:
+    """The outcome of asking the judge `answers` times: the last reply's scores, or why it did not parse."""
+    outcome = {"reply": answers[-1]["content"], "attempts": len(answers), "usage": sum_usage(answers)}
+    try:
+        return {"scores": list(parse_scores(answers[-1]["content"])), **outcome}
+    except UnparseableReply as e:
+        return {"scores": None, "error": str(e), **outcome}
+
+
 def judge_once(client, body: dict, section: JudgeConfig) -> dict:
-    """Ask until the reply parses, at most 1 + `parse_retries` times; the outcome (scores or the last error)."""
+    """Ask until the reply parses, at most 1 + `parse_retries` times. (Through the Batch API, a judgment is asked
+    once: each retry would be another batch.)"""
     answers = []
     for _ in range(max(section.parse_retries, 0) + 1):
         answers.append(ask(client, body, section, "evaluate.judge"))
-        try:
-            scores = parse_scores(answers[-1]["content"])
-        except UnparseableReply as e:
-            error = str(e)
-            continue
-        return {"scores": list(scores), "reply": answers[-1]["content"], "attempts": len(answers), "usage": sum_usage(answers)}
-    return {"scores": None, "error": error, "reply": answers[-1]["content"], "attempts": len(answers), "usage": sum_usage(answers)}
+        outcome = judged(answers)
+        if outcome["scores"] is not None:
+            break
+    return outcome
 
 
 def _spend(answers: list[dict], section: ScoredEndpointConfig, new_requests: int) -> dict:
@@ -178,7 +185,7 @@ def run_judge(
                 jobs.setdefault(per_order[order], ("/".join((*cell, item.id, order)), body))
     cache = AppendLog(evaldir / "judge_cache.jsonl", "key")
     new = collect(j, "evaluate.judge", jobs, cache, evaldir / "judge_failed.jsonl", "judgments got no reply", RERUN,
-                  call=lambda client, body: judge_once(client, body, j))
+                  call=lambda client, body: judge_once(client, body, j), record=lambda answer: judged([answer]))
     results = {}
     for cell, triples in cells.items():
         details, scores = [], {order: [] for order in ORDERS}
