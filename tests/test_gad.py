@@ -229,3 +229,21 @@ def test_vllm_rollouts_are_trls_settings_and_refused_in_one_line_without_vllm(mo
         monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # installed, as far as the check sees
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, **gad.vllm_arguments(g))  # TRL takes them as they are
     assert (args.use_vllm, args.vllm_mode, args.vllm_server_base_url) == (True, "server", "http://127.0.0.1:8001")
+
+
+def test_rollouts_are_drawn_by_the_packages_sampler_not_torch_multinomial(run, qa, tiny_model_dir, monkeypatch):
+    """generate's sampling goes through torch.multinomial, whose CPU kernel took a quarter of a decode step; GAD's
+    rollouts go through generation.CategoricalSampler instead (the same distribution, tested in test_generation.py),
+    and still differ within a prompt's group."""
+    from soda_distill.generation import CategoricalSampler
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.multinomial was called")
+
+    calls, sample = [], CategoricalSampler.__call__
+    monkeypatch.setattr(torch, "multinomial", refuse)
+    monkeypatch.setattr(CategoricalSampler, "__call__", lambda self, ids, scores: calls.append(ids.shape) or sample(self, ids, scores))
+    run_gad(gad_config(qa, tiny_model_dir, "gad.temperature=1.0"), run)
+    assert calls and calls[0][0] == 4  # one rollout batch: 2 prompts × 2 generations
+    [step] = read_metrics(run.file("gad") / "metrics.jsonl")[:-1]
+    assert step["reward_std"] > 0  # the group's rollouts were not all the same

@@ -14,6 +14,7 @@ hold both networks, so an interrupted run resumes both. Its two stages, `gad_war
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 from pathlib import Path
@@ -21,13 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
-from transformers import set_seed
+from transformers import LogitsProcessorList, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
 from ..config import Config, GadConfig, LoraSettings, TrainingConfig, fingerprint
 from ..distributed import is_main, world_size
 from ..errors import SodaError
+from ..generation import CategoricalSampler
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from ..records import read_examples, read_metrics, read_pairs, sha256_file
@@ -287,6 +289,20 @@ class GadTrainer(ResumableOrder, GRPOTrainer):
     def __init__(self, *args, discriminator: Discriminator, discriminator_dir: Path, **kwargs):
         super().__init__(*args, reward_funcs=[discriminator], **kwargs)
         self.discriminator, self.discriminator_dir = discriminator, discriminator_dir
+        if not self.use_vllm:
+            self._sample_with(CategoricalSampler(self.temperature, self.top_p))
+
+    def _sample_with(self, sampler) -> None:
+        """Rollouts drawn by `sampler` (generation.CategoricalSampler: the same distribution as `generate`'s
+        sampling, without torch.multinomial's slow CPU kernel): generate decodes greedily over its one-hot."""
+        plain = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
+        changed = {k: self.generation_kwargs.get(k) for k in ("top_k", "min_p", "repetition_penalty")
+                   if self.generation_kwargs.get(k) not in (None, 0, 1.0)}
+        if changed:  # settings the sampler does not apply: leave TRL's sampling as it is
+            return
+        self.generation_config.update(**plain)
+        self.generation_kwargs.update(plain)
+        self.model.generate = functools.partial(self.model.generate, logits_processor=LogitsProcessorList([sampler]))
 
     def training_step(self, model, inputs, num_items_in_batch):
         if self.state.global_step >= self.discriminator.g.discriminator_only_steps:
