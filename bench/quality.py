@@ -2,12 +2,17 @@
 configs/quality.yaml` — the embedded SmolLM2-135M from the 400 shipped Dolly answers; Base, SeqKD, SODA and GAD on
 Dolly held-out, SelfInst and Vicuna, with paired bootstrap intervals (and across seeds, with several).
 
-    python bench/quality.py [--quick] [--minutes M] [--seeds 42,43,44] [--out DIR]
+    python bench/quality.py [--quick] [--minutes M] [--seeds 42,43,44] [--methods base,warmup,soda] [--with-committed]
+                            [--out DIR]
 
 The replica takes hours here, so it runs in pieces: each call works for at most --minutes (default 60) and is then
 stopped (every stage and the evaluation resume where they were), and the results say which parts are done:
-each seed's finished stages, and the evaluation's table once it is complete. --quick is the regression check, the
-whole comparison on 24 prompts, short answers and 10 prompts per benchmark, in about 20 minutes.
+each seed's finished stages, and the evaluation's table once it is complete. With --methods the table covers those
+methods (a later call with more adds rows; answers already generated are reused). Run directories do not outlive
+a session here, so each complete table also commits every row's answers and per-prompt figures
+(bench/results/quality/rows/); a later session's `--with-committed` puts them beside the rows it trains (another
+seed, GAD, an ablation), paired on the same prompts. --quick is the regression check, the whole comparison on 24
+prompts, short answers and 10 prompts per benchmark, in about 20 minutes.
 Writes bench/results/quality[-quick].json (+ .md and .png once the evaluation is complete).
 """
 
@@ -50,6 +55,21 @@ def progress(out: Path, seeds: list[int]) -> dict:
             and (out / "report" / "report.html").exists()}
 
 
+def keep_rows(evaldir: Path, evaluation: dict, rows: Path) -> None:
+    """Each row's answers and per-prompt figures, every benchmark in one file (the benchmarks' ids are distinct),
+    and rows/index.json naming each file's row: what `--with-committed` adds to a later table."""
+    from soda_distill.evaluation.evaluate import slug
+
+    rows.mkdir(parents=True, exist_ok=True)
+    index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
+    for row in evaluation["rows"]:
+        label = f"{row['model']}/{row['method']}"
+        records = [(evaldir / "responses" / slug(label) / f"{slug(b['name'])}.jsonl").read_text() for b in evaluation["benchmarks"]]
+        (rows / f"{slug(label)}.jsonl").write_text("".join(records))
+        index[label] = f"{slug(label)}.jsonl"
+    (rows / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+
+
 def machine() -> str:
     from soda_distill.models import bf16_supported
 
@@ -61,13 +81,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the regression check: ~20 minutes")
     parser.add_argument("--minutes", type=float, default=60, help="stop after this long (it resumes next time)")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds (the aim: 42,43,44)")
+    parser.add_argument("--methods", help="comma-separated methods, a subset of the config's compare.methods: the "
+                        "evaluation covers those trained so far, so a part of the table is ready before the whole")
+    parser.add_argument("--with-committed", action="store_true",
+                        help="add the rows whose answers and figures are committed (bench/results/quality/rows/) and "
+                             "that this call does not make: the table grows across sessions without their models")
     parser.add_argument("--out", type=Path, help="where the runs are kept (default runs/quality[-quick])")
     args = parser.parse_args()
     name = "quality-quick" if args.quick else "quality"
     out = args.out or ROOT / "runs" / name
     seeds = [int(s) for s in args.seeds.split(",")]
     cmd = [str(Path(sys.executable).parent / "soda-distill"), "compare", str(CONFIG), "--out", str(out),
-           f"compare.seeds=[{','.join(map(str, seeds))}]", *(QUICK if args.quick else [])]
+           f"compare.seeds=[{','.join(map(str, seeds))}]", *(QUICK if args.quick else []),
+           *([f"compare.methods=[{args.methods}]"] if args.methods else [])]
+    rows = RESULTS / name / "rows"
+    if args.with_committed:
+        from soda_distill.config import load_config
+        from soda_distill.registry import METHODS
+
+        methods = args.methods.split(",") if args.methods else load_config(CONFIG).compare.methods
+        made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}
+        index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
+        kept = {label: str(rows / file) for label, file in index.items() if label not in made}
+        if kept:
+            cmd.append("evaluate.models={" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in kept.items()) + "}")
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.monotonic()
     # SIGINT as Python expects it: a shell starting this in the background (`cmd &`) leaves it ignored, and then the
@@ -84,10 +121,11 @@ def main() -> None:
             os.killpg(process.pid, signal.SIGKILL)
             code = process.wait()
     record = {
-        "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}",
+        "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
+                   + (f" --methods {args.methods}" if args.methods else "") + (" --with-committed" if args.with_committed else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "config": "configs/quality.yaml", "overrides": QUICK if args.quick else [],
+        "config": "configs/quality.yaml", "overrides": cmd[5:],
         "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
         **progress(out, seeds),
     }
@@ -98,6 +136,7 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         for suffix in ("md", "png"):
             shutil.copyfile(out / "evaluation" / f"results.{suffix}", RESULTS / f"{name}.{suffix}")
+        keep_rows(out / "evaluation", evaluation, rows)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("this_piece", "evaluation_answers", "evaluation_complete")}, indent=1))
 

@@ -81,6 +81,29 @@ def test_results_table_from_two_runs_offline(tmp_path, tiny_model_dir, qa_file, 
     assert json.loads((out / "manifest.json").read_text())["stages"]["evaluate"]["generated"] == 0
 
 
+def test_rows_evaluated_once_join_a_later_table_from_their_response_files(tmp_path, tiny_model_dir, qa_file):
+    """A row's responses file (answers, NLLs, finish reasons) stands in for its model: a table made in another
+    session, or on another machine, from those files has the same figures and pairs, and generates nothing."""
+    a = tiny_run(tmp_path / "a", tiny_model_dir, "distill", mtime=3)
+    settings = [f"evaluate.benchmarks=[{qa_file}]", "evaluate.limit=4", "evaluate.max_new_tokens=4", "student.bf16=false"]
+    assert main(["evaluate", str(a), "--out", str(tmp_path / "first"), *settings]) == 0
+    first = json.loads((tmp_path / "first" / "results.json").read_text())
+    files = {f"a/{row}": str(tmp_path / "first" / "responses" / f"a_{row}" / "qa.jsonl") for row in ("Base", "SODA")}
+    cfg = load_config(None, settings + [f"evaluate.models.{name}={path}" for name, path in files.items()])
+    again = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "again"))
+    for before, after in zip(first["rows"], again["rows"], strict=True):
+        b, c = before["cells"]["qa"], after["cells"]["qa"]
+        for key in ("rouge_l", "reference_nll", "preference_margin", "preference_accuracy", "length", "paired"):
+            assert c[key] == b[key], key
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["evaluate"]["generated"] == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(line.replace('"reference_nll": ', '"reference_nll": "x", "was": ') + "\n"
+                           for line in Path(files["a/SODA"]).read_text().splitlines()))
+    cfg = load_config(None, settings + [f"evaluate.models.a/SODA={bad}"])
+    with pytest.raises(InputError, match=r"bad.jsonl, field 'reference_nll': record 'q0': expected a number, got 'x'"):
+        run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "bad"))
+
+
 def test_response_file_must_cover_a_benchmark_it_answers(tmp_path, qa_file):
     records = [json.loads(line) for line in qa_file.read_text().splitlines()]
     partial = write_jsonl(tmp_path / "partial.jsonl", records[:3])

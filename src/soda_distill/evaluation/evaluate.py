@@ -26,7 +26,7 @@ from ..generation import Sampling, generate_transformers, generate_vllm, prompt_
 from ..manifest import RunDir
 from ..models import context_length, load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from ..plots import plot_results
-from ..records import AppendLog, atomic_write_jsonl, atomic_write_text, read_examples, resolve_data_path
+from ..records import AppendLog, atomic_write_jsonl, atomic_write_text, read_examples, read_jsonl, resolve_data_path
 from ..registry import METHODS, methods_named
 from ..stats import bootstrap_ci, paired_difference, seeded_paired_difference
 from ..tracking import evaluation_scalars, log_scalars
@@ -174,9 +174,12 @@ def _q0_answer(q0: dict[str, list[dict]], bench: str, i: int) -> list[tuple[str,
 
 
 def _from_file(cfg: Config, row: Row, benchmarks: list[Benchmark]) -> dict[str, list[dict]]:
-    """A response file's answers, matched to the benchmark prompts by id; a benchmark it has no ids of is left out."""
+    """A response file's answers, matched to the benchmark prompts by id; a benchmark it has no ids of is left out.
+    The figures an evaluation wrote beside each answer (`responses/ROW/BENCH.jsonl`: the NLLs, finish reason, token
+    count) are kept, so a row evaluated once — in another session, say — joins a table without its model."""
     path = Path(row.responses)
     answers = {ex.id: ex for ex in read_examples(path, want_response=True)}
+    figures = {str(obj.get("id")): obj for _, obj in read_jsonl(path)}
     out = {}
     for b in benchmarks:
         found = [it for it in b.items if it.id in answers]
@@ -189,15 +192,25 @@ def _from_file(cfg: Config, row: Row, benchmarks: list[Benchmark]) -> dict[str, 
         for it in found:
             if answers[it.id].prompt not in (it.prompt, student_prompt(it, cfg.evaluate.prompt_format)):
                 raise InputError(path, None, "messages", f"record {it.id!r}: its prompt differs from {b.name}'s prompt of that id")
-        out[b.name] = [{"text": answers[it.id].response, "finish_reason": None, "num_tokens": None, "reference_nll": None,
-                        "q0_answer_nll": None} for it in b.items]
+        out[b.name] = [{"text": answers[it.id].response,
+                        **{k: _figure(path, figures[it.id], k) for k in ("finish_reason", "num_tokens", "reference_nll", "q0_answer_nll")}}
+                       for it in b.items]
     if not out:
         raise InputError(path, None, "id", f"answers none of the prompts of {', '.join(b.name for b in benchmarks)} "
                                            "(responses are matched to benchmark prompts by id)")
     return out
 
 
-def _slug(text: str) -> str:
+def _figure(path: Path, record: dict, key: str):
+    """A figure of a response record (None where absent), checked for its kind."""
+    value = record.get(key)
+    kind = str if key == "finish_reason" else (int, float)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise InputError(path, None, key, f"record {record.get('id')!r}: expected {'a string' if kind is str else 'a number'}, got {value!r}")
+    return value
+
+
+def slug(text: str) -> str:
     """A file name from a row or benchmark name: no separators, and no leading dot (so never `..`)."""
     return re.sub(r"[^\w.-]+|^\.", "_", text) or "_"
 
@@ -319,7 +332,7 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
             for b in benchmarks:
                 if b.name in per_bench:
                     responses[row.label, b.name] = per_bench[b.name]
-                    atomic_write_jsonl(evaldir.file(f"responses/{_slug(row.label)}/{_slug(b.name)}.jsonl"), [
+                    atomic_write_jsonl(evaldir.file(f"responses/{slug(row.label)}/{slug(b.name)}.jsonl"), [
                         {"id": it.id, "messages": it.prompt + [{"role": "assistant", "content": r["text"]}],
                          "finish_reason": r["finish_reason"], "num_tokens": r["num_tokens"],
                          "rouge_l": score, "reference_nll": r["reference_nll"], "q0_answer_nll": r["q0_answer_nll"]}
@@ -336,7 +349,7 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
             }
             judged, judge_totals = run_judge(ev, evaldir.path, {c: t for c, t in cells.items() if t})
             for (label, bench), result in judged.items():
-                atomic_write_jsonl(evaldir.file(f"judgments/{_slug(label)}/{_slug(bench)}.jsonl"), result["details"])
+                atomic_write_jsonl(evaldir.file(f"judgments/{slug(label)}/{slug(bench)}.jsonl"), result["details"])
         results = {
             "settings": {
                 "preset": ev.preset, "prompt_format": ev.prompt_format, "decoding": "greedy", "max_new_tokens": ev.max_new_tokens,
