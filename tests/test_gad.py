@@ -127,6 +127,9 @@ def test_one_adversarial_step_trains_both_networks(run, qa, tiny_model_dir, bf16
     assert step["grad_norm"] > 0  # in bf16, the masters' gradients: the bf16 weights hold none
     for key in ("reward", "discriminator/loss", "discriminator/accuracy"):
         assert isinstance(step[key], float)
+    # where the step's time went: its rollouts and the discriminator within the whole of its micro-steps
+    assert 0 < step["time/rollouts_s"] and 0 < step["time/discriminator_s"]
+    assert step["time/rollouts_s"] + step["time/discriminator_s"] < step["time/step_s"]
     info = run.manifest()["stages"]
     assert {"teacher", "snapshot", "pairs", "warmup", "gad_warmup", "gad"} <= set(info)
     assert info["gad"]["steps"] == 1 and info["gad"]["discriminator_updates"] == 1 and info["gad"]["prompts"] == 12

@@ -16,7 +16,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 import types
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -236,6 +239,7 @@ class Discriminator:
             return discriminator_scores(self.model, ids.to(device), mask.to(device))
 
     def __call__(self, completion_ids, log_metric, **columns) -> list[float]:
+        began = time.perf_counter()
         ids, prompt_tokens, teacher_tokens = columns["id"], columns["prompt_tokens"], columns["teacher_tokens"]
         n, rewards, loss_sum, wins = len(completion_ids), [], 0.0, 0
         with torch.enable_grad():
@@ -263,6 +267,7 @@ class Discriminator:
         self.updates += 1
         log_metric("discriminator/loss", loss_sum / n)
         log_metric("discriminator/accuracy", wins / n)
+        log_metric("time/discriminator_s", time.perf_counter() - began)  # scoring and its update
         return rewards
 
     def save_state(self, path: Path) -> None:
@@ -289,8 +294,31 @@ class GadTrainer(ResumableOrder, GRPOTrainer):
     def __init__(self, *args, discriminator: Discriminator, discriminator_dir: Path, **kwargs):
         super().__init__(*args, reward_funcs=[discriminator], **kwargs)
         self.discriminator, self.discriminator_dir = discriminator, discriminator_dir
+        self.timings: dict[str, float] = defaultdict(float)  # where a step's time goes, logged with its metrics
         if not self.use_vllm:
             self._sample_with(CategoricalSampler(self.temperature, self.top_p))
+        generate = self.model.generate
+
+        def timed_generate(*args, **kwargs):
+            with self._timed("time/rollouts_s"):
+                return generate(*args, **kwargs)
+
+        self.model.generate = timed_generate
+
+    @contextmanager
+    def _timed(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] += time.perf_counter() - start
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """With each step's metrics, its time: `time/step_s` every micro-step of it (rollouts, scoring, the
+        discriminator, the generator's forward and backward passes; not the optimizer step), `time/rollouts_s`."""
+        logs.update({k: round(v, 3) for k, v in self.timings.items()})
+        self.timings.clear()
+        super().log(logs, *args, **kwargs)
 
     def _sample_with(self, sampler) -> None:
         """Rollouts drawn by `sampler` (generation.CategoricalSampler: the same distribution as `generate`'s
@@ -305,6 +333,10 @@ class GadTrainer(ResumableOrder, GRPOTrainer):
         self.model.generate = functools.partial(self.model.generate, logits_processor=LogitsProcessorList([sampler]))
 
     def training_step(self, model, inputs, num_items_in_batch):
+        with self._timed("time/step_s"):
+            return self._generator_step(model, inputs, num_items_in_batch)
+
+    def _generator_step(self, model, inputs, num_items_in_batch):
         if self.state.global_step >= self.discriminator.g.discriminator_only_steps:
             return super().training_step(model, inputs, num_items_in_batch)
         # Roll out and score: the reward function trains the discriminator. The generator gets no gradient, so the
