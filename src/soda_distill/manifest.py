@@ -90,6 +90,11 @@ class PeakMemory:
 LOCK = ".lock"  # in a run or evaluation directory: the PID of the process working in it
 
 
+# The prompt count a stage's record holds, by stage: teacher and snapshot answers, pairs kept, SFT examples, DPO
+# pairs, GAD's prompts.
+PROMPT_COUNTS = ("records", "kept", "examples", "pairs", "prompts")
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
@@ -179,14 +184,18 @@ class RunDir:
             self._update(lambda m: m.setdefault("stopped", {}).__setitem__(
                 name, {"reason": str(e), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
             raise
+        wall = time.perf_counter() - start
         record = {
             "status": "done",
             "fingerprint": fingerprint,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "wall_s": round(time.perf_counter() - start, 2),
+            "wall_s": round(wall, 2),
             **peak.result,
             **info,
         }
+        count = next((info[k] for k in PROMPT_COUNTS if isinstance(info.get(k), int) and info[k] > 0), None)
+        if count:  # what the stage costs at another size: its time per 1,000 of the prompts it worked on
+            record["wall_s_per_1k_prompts"] = round(wall * 1000 / count, 1)
 
         def finish(m):
             m["stages"][name] = record
