@@ -235,7 +235,9 @@ class DistillConfig(TrainingConfig):
     section = "distill"
     learning_rate: float = 5e-7
     beta: float = 0.1
-    loss_type: str = "sigmoid"  # any TRL DPO loss type
+    # any TRL DPO loss type, or several summed with loss_weights: [sigmoid, sft] is RPO (DPO plus the chosen answers' NLL)
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = added(None)  # one per loss type; null: 1 each
     use_weighting: bool = added(False)  # WPO's weighting of each pair by the policy's probability of it (TRL's use_weighting)
     precompute_batch_size: int = operational(16)
 
