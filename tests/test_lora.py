@@ -86,3 +86,37 @@ def test_gad_trains_adapters_on_its_generator_and_discriminator(tmp_path, qa_fil
     for folder in (run.output("gad"), run.output("gad_warmup"), run.file("gad") / "discriminator"):
         assert (folder / "adapter" / "adapter_model.safetensors").exists()
     assert run.manifest()["stages"]["gad"]["discriminator_updates"] == 6
+
+
+def test_qlora_trains_adapters_on_a_4bit_base_and_merges_them_at_full_precision(tmp_path, qa_file, tiny_model_dir):
+    """student.lora.quantize: 4bit (bitsandbytes, which runs on CPU): the base weights being trained on are NF4,
+    the adapters learn, and each stage's model is the adapter merged into the full-precision base, a plain model."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Layers(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer))
+
+    cfg = lora_config(qa_file, tiny_model_dir, "student.lora.quantize=4bit")
+    run = RunDir(tmp_path / "run")
+    original = warmup.build_sft_trainer
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(warmup, "build_sft_trainer", lambda *a, **k: original(*a, **{**k, "callbacks": [Layers()]}))
+        run_methods(cfg, run, ["soda"])
+    assert seen == [bnb.nn.Linear4bit]
+    base = load_file(tiny_model_dir / "model.safetensors")
+    for stage in ("warmup", "distill"):
+        merged = load_file(run.output(stage) / "model.safetensors")
+        assert merged["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32  # not NF4: no quantization state
+        assert "quantization_config" not in (run.output(stage) / "config.json").read_text()
+    delta = load_file(run.output("warmup") / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"] \
+        - base["model.layers.0.self_attn.q_proj.weight"]
+    assert 0 < torch.linalg.matrix_rank(delta.double(), atol=1e-6) <= R  # the adapter merged into the exact base
+    losses = [m["loss"] for m in read_metrics(run.output("warmup") / "metrics.jsonl") if "loss" in m]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    steps = [m for m in read_metrics(run.output("distill") / "metrics.jsonl") if "rewards/margins" in m]
+    assert steps[0]["rewards/margins"] == pytest.approx(0, abs=1e-6) and steps[-1]["rewards/margins"] > 0.05

@@ -4,6 +4,11 @@ The names below load on first use, so that `import soda_distill.report` (or eval
 """
 
 import importlib
+import logging
+
+# bitsandbytes (QLoRA), imported by peft wherever installed, warns at import on AVX512-BF16 CPUs that it cannot
+# download an optional kernel from the Hub; it falls back to its own, and the warning would open every run's log.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 _EXPORTS = {

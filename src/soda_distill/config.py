@@ -41,6 +41,12 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] | None = None  # None: every linear layer but the LM head (peft's "all-linear")
+    # "4bit": QLoRA, the frozen base weights of the model being trained in NF4 (bitsandbytes); null: as loaded
+    quantize: str | None = added(None)
+
+    def __post_init__(self):
+        if self.quantize not in (None, "4bit"):
+            raise SodaError(f"student.lora.quantize: {self.quantize!r} is not supported (4bit, or null)")
 
 
 @dataclass
@@ -50,6 +56,11 @@ class StudentConfig:
     trust_remote_code: bool = False
     bf16: bool | None = None  # None: bf16 wherever the CPU or GPU supports it
     lora: LoraSettings | None = added(None)  # e.g. {r: 16, alpha: 32}; null: full fine-tuning
+
+    @property
+    def quantize(self) -> str | None:
+        """How the model a training stage trains is loaded: "4bit" for QLoRA, else None."""
+        return self.lora.quantize if self.lora else None
 
 
 @dataclass

@@ -118,17 +118,30 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               quantize: str | None = None, bf16: bool = False):
+    """A causal LM as safetensors, on the GPU where there is one; `quantize="4bit"`: its linear layers in NF4 with
+    bitsandbytes, computing in bf16 where `bf16` (QLoRA's base, for a LoRA adapter to train on)."""
     from transformers import AutoModelForCausalLM
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantized = {}
+    if quantize:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SodaError("student.lora.quantize needs bitsandbytes: pip install bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        quantized = {"device_map": device, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)}
     try:
         with refusing_remote_code(path):
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **quantized
             )
     except OSError as e:
         raise SodaError(f"{path}: cannot load the model as safetensors ({e})") from None
-    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model if quantize else model.to(device)
 
 
 def context_length(path: str, trust_remote_code: bool = False) -> int | None:

@@ -19,7 +19,7 @@ from .config import Config, LoraSettings, TrainingConfig
 from .distributed import is_main, world_size
 from .errors import SodaError
 from .lm_head import add_cpu_lm_head
-from .models import use_bf16
+from .models import load_model, use_bf16
 from .records import atomic_write_text, read_metrics
 from .tracking import tracker_arguments
 
@@ -327,6 +327,13 @@ def save_model_folder(model, tokenizer, folder: Path) -> None:
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(folder / "adapter")
         tokenizer.save_pretrained(folder / "adapter")
+        if getattr(transformers_model(model), "is_quantized", False):
+            # QLoRA: merged into NF4 weights the update would be rounded away; merged into the base at full
+            # precision, reloaded from where it was loaded, instead
+            from peft import PeftModel
+
+            base = load_model(model.peft_config["default"].base_model_name_or_path)
+            model = PeftModel.from_pretrained(base, folder / "adapter")
         model = model.merge_and_unload()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -21,7 +21,7 @@ from ..chat_tokens import chat_ids
 from ..config import Config, fingerprint
 from ..distributed import is_main, main_first
 from ..manifest import RunDir, combine
-from ..models import load_model, load_tokenizer, model_digest
+from ..models import load_model, load_tokenizer, model_digest, use_bf16
 from ..records import read_metrics, read_pairs, sha256_file
 from ..training import (MetricsLog, ResumableOrder, apply_cpu_settings, peft_config, train_and_save,
                         trainer_arguments)
@@ -104,7 +104,8 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
         return out
     with run.stage("distill", fp) as info:
         tokenizer = load_tokenizer(str(start), cfg.student.trust_remote_code)
-        model = load_model(str(start), trust_remote_code=cfg.student.trust_remote_code)
+        model = load_model(str(start), trust_remote_code=cfg.student.trust_remote_code, quantize=cfg.student.quantize,
+                           bf16=use_bf16(cfg.student.bf16))
         dataset, prompt_too_long = dpo_dataset(pairs_path, tokenizer, cfg.distill.max_length)
         dataset = on_disk(dataset, out / "checkpoints" / "pairs")
         trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")

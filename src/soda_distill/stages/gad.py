@@ -405,7 +405,8 @@ def run_adversarial(cfg: Config, run: RunDir) -> Path:
     with run.stage("gad", fp) as info:
         trust = cfg.student.trust_remote_code
         tokenizer = load_tokenizer(str(start), trust)
-        generator = load_model(str(start), trust_remote_code=trust)
+        generator = load_model(str(start), trust_remote_code=trust, quantize=cfg.student.quantize,
+                               bf16=use_bf16(cfg.student.bf16))
         discriminator = Discriminator(
             load_discriminator(str(discriminator_start), tokenizer, trust), cfg.gad, use_bf16(cfg.student.bf16),
             cfg.student.lora,

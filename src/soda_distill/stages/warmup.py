@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 from ..chat_tokens import chat_ids
 from ..config import Config, WarmupConfig, fingerprint
 from ..manifest import RunDir, combine
-from ..models import load_model, load_tokenizer, resolve_model
+from ..models import load_model, load_tokenizer, resolve_model, use_bf16
 from ..records import read_examples, sha256_file
 from ..training import (MetricsLog, ResumableOrder, apply_cpu_settings, peft_config, train_and_save,
                         trainer_arguments)
@@ -64,7 +64,8 @@ def student_and_answers(cfg: Config, teacher_path: Path, truncated: str):
     """The untouched student q0, its tokenizer, and the teacher's answers as `sft_dataset` makes them (with its counts)."""
     model_path = resolve_model(cfg.student.model, cfg.student.gguf_file)
     tokenizer = load_tokenizer(model_path, cfg.student.trust_remote_code)
-    model = load_model(model_path, trust_remote_code=cfg.student.trust_remote_code)
+    model = load_model(model_path, trust_remote_code=cfg.student.trust_remote_code, quantize=cfg.student.quantize,
+                       bf16=use_bf16(cfg.student.bf16))
     return (model, tokenizer, *sft_dataset(teacher_path, tokenizer, truncated))
 
 
