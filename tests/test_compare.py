@@ -27,8 +27,10 @@ def test_compare_trains_evaluates_and_reports_every_method_per_seed(tmp_path, qa
         (f"seed-{s}", m) for s in (1, 2) for m in ("Base", "SeqKD", "SODA", "GAD")]  # the listed methods only
     soda = results["rows"][2]["cells"]["qa"]
     assert set(soda["paired"]) == {"vs Base", "vs SeqKD"} and soda["paired"]["vs SeqKD"]["rouge_l"]["prompts"] == 4
+    assert set(results["rows"][3]["cells"]["qa"]["paired"]) == {"vs Base", "vs SeqKD", "vs SODA"}  # GAD
     across = {e["method"]: e for e in results["across_runs"]}
     assert list(across) == ["SeqKD", "SODA", "GAD"]
+    assert set(across["GAD"]["cells"]["qa"]) == {"vs Base", "vs SeqKD", "vs SODA"}
     nll = across["SODA"]["cells"]["qa"]["vs SeqKD"]["reference_nll"]
     assert across["SODA"]["runs"] == ["seed-1", "seed-2"] and nll["seeds"] == 2 and len(nll["per_seed"]) == 2
     assert nll["ci95"][0] <= nll["difference"] <= nll["ci95"][1]

@@ -31,7 +31,7 @@ def test_tensorboard_gets_the_training_curves_and_the_stage_figures(tmp_path, qa
     snapshot = scalars(run.path / "tensorboard" / "snapshot")
     assert snapshot["records"] == [12.0] and snapshot["wall_s"][0] > 0
     record = run.manifest()["stages"]["snapshot"]  # a stage's cost at another size: its time per 1,000 prompts
-    assert record["wall_s_per_1k_prompts"] == pytest.approx(record["wall_s"] * 1000 / 12, rel=0.01, abs=0.1)
+    assert record["wall_s_per_1k_prompts"] == pytest.approx(record["wall_s"] * 1000 / 12, abs=0.5)  # wall_s is rounded
     assert snapshot["wall_s_per_1k_prompts"] == [pytest.approx(record["wall_s_per_1k_prompts"])]
     assert scalars(run.path / "tensorboard" / "pairs")["kept"] == [run.manifest()["stages"]["pairs"]["kept"]]
 

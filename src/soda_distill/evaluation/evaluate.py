@@ -36,7 +36,8 @@ from .metrics import offline_metrics, rouge_l_per_prompt
 from .nll import reference_nll
 from .table import render_markdown
 
-BASELINES = ("base", "seqkd", "warmup")  # what each row is compared with, on the same prompts
+# What each row is compared with, on the same prompts: SODA too, for GAD (and any further method) against it
+BASELINES = ("base", "seqkd", "warmup", "soda")
 
 
 @dataclass
@@ -256,14 +257,20 @@ def _per_prompt(label: str, bench: Benchmark, responses: dict, judged: dict) -> 
             "preference_margin": _margin(answers), "preference_accuracy": _ranked(answers), "judge": judge}
 
 
+def baselines_of(method: str) -> list[str]:
+    """The baselines a row of `method` is compared with: those before it in the registry (Base, q_w, SeqKD, SODA
+    for GAD; none for Base), every one for a method outside it (a model or file of `evaluate.models`)."""
+    columns = [m.column for m in METHODS.values()]
+    baselines = [METHODS[name].column for name in BASELINES]
+    return [b for b in baselines if method not in columns or columns.index(b) < columns.index(method)]
+
+
 def _paired(row: Row, rows: list[Row], bench: Benchmark, responses: dict, judged: dict) -> dict:
-    """This row against Base, SeqKD and the warmup q_w of its own group on the same prompts: mean differences
+    """This row against the baselines of its own group (`baselines_of`) on the same prompts: mean differences
     (this − that) with paired bootstrap 95% intervals. For NLL lower is better, so a negative difference is an
     improvement."""
-    baselines = [METHODS[name].column for name in BASELINES]
+    baselines = baselines_of(row.method)
     out = {}
-    if row.method == METHODS["base"].column:
-        return out
     for other in rows:
         if other.group != row.group or other.method not in baselines or other is row or \
                 (other.label, bench.name) not in responses:
@@ -282,12 +289,12 @@ def across_runs(rows: list[Row], benchmarks: list[Benchmark], responses: dict, j
     out = []
     for method in dict.fromkeys(r.method for r in rows):
         runs = [g for g in groups if (g, method) in by]
-        if len(runs) < 2 or method == METHODS["base"].column:
+        if len(runs) < 2:
             continue
         entry = {"method": method, "runs": runs, "cells": {}}
         for b in benchmarks:
-            for baseline in (METHODS[name].column for name in BASELINES):
-                if baseline == method or not all((g, baseline) in by and (by[g, baseline].label, b.name) in responses
+            for baseline in baselines_of(method):
+                if not all((g, baseline) in by and (by[g, baseline].label, b.name) in responses
                                                  and (by[g, method].label, b.name) in responses for g in runs):
                     continue
                 mine = [_per_prompt(by[g, method].label, b, responses, judged) for g in runs]
