@@ -3,7 +3,9 @@ configs/quality.yaml` — the embedded SmolLM2-135M from the 400 shipped Dolly a
 Dolly held-out, SelfInst and Vicuna, with paired bootstrap intervals (and across seeds, with several).
 
     python bench/quality.py [--quick] [--minutes M] [--seeds 42,43,44] [--methods base,warmup,soda] [--with-committed]
-                            [--out DIR]
+                            [--variant NAME KEY=VALUE ...] [--out DIR]
+    python bench/quality.py --methods base,warmup,seqkd,soda --variant rpo 'distill.loss_type=[sigmoid, sft]'
+    python bench/quality.py --methods base,warmup,soda --variant other_q0 pairs.rejected_source=other_q0   # Table 2
 
 The replica takes hours here, so it runs in pieces: each call works for at most --minutes (default 60) and is then
 stopped (every stage and the evaluation resume where they were), and the results say which parts are done:
@@ -11,7 +13,9 @@ each seed's finished stages, and the evaluation's table once it is complete. Wit
 methods (a later call with more adds rows; answers already generated are reused). Run directories do not outlive
 a session here, so each complete table also commits every row's answers and per-prompt figures
 (bench/results/quality/rows/); a later session's `--with-committed` puts them beside the rows it trains (another
-seed, GAD, an ablation), paired on the same prompts. --quick is the regression check, the whole comparison on 24
+seed, GAD, an ablation), paired on the same prompts. A --variant is SODA trained again with other settings in
+runs/quality-NAME/ (from the seed's own q_w and q0 answers where this session has them), its row `SODA (NAME)`
+compared with every other on the same prompts: Table 2's rejection sources, RPO, a sweep point. --quick is the regression check, the whole comparison on 24
 prompts, short answers and 10 prompts per benchmark, in about 20 minutes.
 Writes bench/results/quality[-quick].json (+ .md and .png once the evaluation is complete).
 """
@@ -55,6 +59,24 @@ def progress(out: Path, seeds: list[int]) -> dict:
             and (out / "report" / "report.html").exists()}
 
 
+def run_for(cmd: list[str], seconds: float) -> int:
+    """Run `cmd` for at most `seconds`, then stop it (every stage resumes where it was); its exit code."""
+    print("$", " ".join(cmd[1:]), flush=True)
+    # SIGINT as Python expects it: a shell starting this in the background (`cmd &`) leaves it ignored, and then the
+    # stop at the end of a piece would not reach the command.
+    process = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:  # a piece's time is up: stop, and the next call resumes
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            return process.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # every stage resumes after a kill too
+            os.killpg(process.pid, signal.SIGKILL)
+            return process.wait()
+
+
 def keep_rows(evaldir: Path, evaluation: dict, rows: Path) -> None:
     """Each row's answers and per-prompt figures, every benchmark in one file (the benchmarks' ids are distinct),
     and rows/index.json naming each file's row: what `--with-committed` adds to a later table."""
@@ -86,15 +108,20 @@ def main() -> None:
     parser.add_argument("--with-committed", action="store_true",
                         help="add the rows whose answers and figures are committed (bench/results/quality/rows/) and "
                              "that this call does not make: the table grows across sessions without their models")
+    parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                        help="SODA again with these settings (from the seed's q_w and q0 answers where they exist), "
+                             "its row `SODA (NAME)` paired with the others: an ablation or sweep point")
     parser.add_argument("--out", type=Path, help="where the runs are kept (default runs/quality[-quick])")
     args = parser.parse_args()
     name = "quality-quick" if args.quick else "quality"
     out = args.out or ROOT / "runs" / name
     seeds = [int(s) for s in args.seeds.split(",")]
-    cmd = [str(Path(sys.executable).parent / "soda-distill"), "compare", str(CONFIG), "--out", str(out),
-           f"compare.seeds=[{','.join(map(str, seeds))}]", *(QUICK if args.quick else []),
-           *([f"compare.methods=[{args.methods}]"] if args.methods else [])]
+    soda_distill = str(Path(sys.executable).parent / "soda-distill")
+    settings = [*(QUICK if args.quick else [])]
+    cmd = [soda_distill, "compare", str(CONFIG), "--out", str(out), f"compare.seeds=[{','.join(map(str, seeds))}]",
+           *settings, *([f"compare.methods=[{args.methods}]"] if args.methods else [])]
     rows = RESULTS / name / "rows"
+    extra = {}  # more rows of the table: committed ones, and the variants' models
     if args.with_committed:
         from soda_distill.config import load_config
         from soda_distill.registry import METHODS
@@ -102,30 +129,33 @@ def main() -> None:
         methods = args.methods.split(",") if args.methods else load_config(CONFIG).compare.methods
         made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}
         index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
-        kept = {label: str(rows / file) for label, file in index.items() if label not in made}
-        if kept:
-            cmd.append("evaluate.models={" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in kept.items()) + "}")
-    print("$", " ".join(cmd[1:]), flush=True)
+        extra.update({label: str(rows / file) for label, file in index.items() if label not in made})
+    commands = []
+    for variant, *overrides in args.variant or []:
+        from soda_distill.compare import SEEDED
+
+        for seed in seeds:
+            path = out.parent / f"{out.name}-{variant}" / f"seed-{seed}"
+            if not path.exists() and (out / f"seed-{seed}" / "warmup").is_dir():  # start from its q_w and q0 answers
+                shutil.copytree(out / f"seed-{seed}", path, ignore=shutil.ignore_patterns("distill", "seqkd", "gad*", "checkpoints"))
+            commands.append([soda_distill, "run", str(CONFIG), "--method", "soda", "--out", str(path), *settings,
+                             *(f"{section}.seed={seed}" for section in SEEDED), "check.limit=0", *overrides])
+            extra[f"seed-{seed}/SODA ({variant})"] = str(path / "distill")
+    if extra:
+        cmd.append("evaluate.models={" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in extra.items()) + "}")
     start = time.monotonic()
-    # SIGINT as Python expects it: a shell starting this in the background (`cmd &`) leaves it ignored, and then the
-    # stop at the end of a piece would not reach the command.
-    process = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        code = process.wait(timeout=args.minutes * 60)
-    except subprocess.TimeoutExpired:  # a piece's time is up: stop, and the next call resumes
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            code = process.wait(timeout=120)
-        except subprocess.TimeoutExpired:  # every stage resumes after a kill too
-            os.killpg(process.pid, signal.SIGKILL)
-            code = process.wait()
+    for command in [*commands, cmd]:
+        left = args.minutes * 60 - (time.monotonic() - start)
+        code = run_for(command, left) if left > 0 else 130
+        if code:
+            break
     record = {
         "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
-                   + (f" --methods {args.methods}" if args.methods else "") + (" --with-committed" if args.with_committed else ""),
+                   + (f" --methods {args.methods}" if args.methods else "") + (" --with-committed" if args.with_committed else "")
+                   + "".join(f" --variant {' '.join(v)}" for v in args.variant or []),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "config": "configs/quality.yaml", "overrides": cmd[5:],
+        "config": "configs/quality.yaml", "overrides": cmd[5:], "variants": [" ".join(c[6:]) for c in commands],
         "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
         **progress(out, seeds),
     }
