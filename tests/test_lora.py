@@ -120,3 +120,29 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_merges_them_at_full_precision(
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
     steps = [m for m in read_metrics(run.output("distill") / "metrics.jsonl") if "rewards/margins" in m]
     assert steps[0]["rewards/margins"] == pytest.approx(0, abs=1e-6) and steps[-1]["rewards/margins"] > 0.05
+
+
+def test_qlora_gradients_are_those_of_the_dequantized_model(tmp_path, tiny_model_dir):
+    """bitsandbytes warns that its 4-bit kernels have no autograd kernel of their own: the adapters' gradients
+    through the NF4 base are still those of a full-precision model holding the dequantized weights."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    quantized = load_model(str(tiny_model_dir), quantize="4bit")
+    plain = load_model(str(tiny_model_dir))
+    weights = plain.state_dict()
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weights[f"{name}.weight"] = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    plain.load_state_dict(weights)
+    lora = LoraConfig(r=R, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    grads = []
+    for model in (quantized, plain):
+        torch.manual_seed(1)  # the same random adapters on both
+        model = get_peft_model(model, copy.deepcopy(lora))
+        ids = torch.randint(0, 1000, (2, 16))
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert torch.linalg.norm(grads[0] - grads[1]) < 0.01 * torch.linalg.norm(grads[1])
