@@ -109,10 +109,10 @@ def read_rows(path: Path | str, columns: dict[str, str] | None = None) -> Iterat
             dataset = _dataset(path)
         except Exception as e:  # datasets' own message says what it could not read
             raise InputError(path, None, None, f"cannot be read as a data set ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-        first = 2 if path.lower().endswith(".csv") else 1  # a CSV's first line is its header
+        csv = path.lower().endswith(".csv")  # numbered by file line: its first line is the header
         # a column a record lacks comes back as None from a data set's common schema: it is left out, as in JSONL
-        rows = ((Row(i) if first == 1 else i, {k: v for k, v in obj.items() if v is not None})
-                for i, obj in enumerate(dataset, first))
+        rows = ((i if csv else Row(i), {k: v for k, v in obj.items() if v is not None})
+                for i, obj in enumerate(dataset, 2 if csv else 1))
     else:
         rows = read_jsonl(Path(path))
     for lineno, obj in rows:

@@ -324,10 +324,8 @@ class GadTrainer(ResumableOrder, GRPOTrainer):
         """Rollouts drawn by `sampler` (generation.CategoricalSampler: the same distribution as `generate`'s
         sampling, without torch.multinomial's slow CPU kernel): generate decodes greedily over its one-hot."""
         plain = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
-        changed = {k: self.generation_kwargs.get(k) for k in ("top_k", "min_p", "repetition_penalty")
-                   if self.generation_kwargs.get(k) not in (None, 0, 1.0)}
-        if changed:  # settings the sampler does not apply: leave TRL's sampling as it is
-            return
+        if any(self.generation_kwargs.get(k) not in (None, 0, 1.0) for k in ("top_k", "min_p", "repetition_penalty")):
+            return  # settings the sampler does not apply: TRL's sampling stays as it is
         self.generation_config.update(**plain)
         self.generation_kwargs.update(plain)
         self.model.generate = functools.partial(self.model.generate, logits_processor=LogitsProcessorList([sampler]))
