@@ -92,6 +92,26 @@ def keep_rows(evaldir: Path, evaluation: dict, rows: Path) -> None:
     (rows / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
+def reuse_stages(source: Path, path: Path, overrides: list[str]) -> None:
+    """Start a SODA variant in `path` from the stages of `source` it shares: teacher, snapshot, pairs and warmup,
+    less those whose config section an override sets and every stage that reads one of them."""
+    from soda_distill.registry import STAGES
+
+    touched = {override.split(".", 1)[0] for override in overrides}
+    kept = []
+    for name in ("teacher", "snapshot", "pairs", "warmup"):  # registry order: a stage's needs come first
+        if "student" not in touched and name not in touched and all(need in kept for need in STAGES[name].needs):
+            kept.append(name)
+    path.mkdir(parents=True)
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["stages"] = {name: manifest["stages"][name] for name in kept}
+    for name in kept:
+        for output in STAGES[name].outputs:
+            copy = shutil.copytree if output.endswith("/") else shutil.copyfile
+            copy(source / output, path / output, **({"ignore": shutil.ignore_patterns("checkpoints")} if output.endswith("/") else {}))
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def machine() -> str:
     from soda_distill.models import bf16_supported
 
@@ -137,7 +157,7 @@ def main() -> None:
         for seed in seeds:
             path = out.parent / f"{out.name}-{variant}" / f"seed-{seed}"
             if not path.exists() and (out / f"seed-{seed}" / "warmup").is_dir():  # start from its q_w and q0 answers
-                shutil.copytree(out / f"seed-{seed}", path, ignore=shutil.ignore_patterns("distill", "seqkd", "gad*", "checkpoints"))
+                reuse_stages(out / f"seed-{seed}", path, overrides)
             commands.append([soda_distill, "run", str(CONFIG), "--method", "soda", "--out", str(path), *settings,
                              *(f"{section}.seed={seed}" for section in SEEDED), "check.limit=0", *overrides])
             extra[f"seed-{seed}/SODA ({variant})"] = str(path / "distill")
