@@ -1,6 +1,8 @@
+import pytest
 from transformers import AutoModelForCausalLM
 
 from soda_distill.config import load_config
+from soda_distill.errors import SodaError
 from soda_distill.manifest import RunDir
 from soda_distill.records import read_metrics
 from soda_distill.models import load_model, load_tokenizer
@@ -82,3 +84,22 @@ def test_rpo_adds_the_chosen_answers_nll_to_dpo(tmp_path, qa_file, tiny_model_di
         steps = [m for m in read_metrics(run_distill(cfg, run, start=tiny_model_dir) / "metrics.jsonl") if "logps/chosen" in m]
         chosen[name] = steps[-1]["logps/chosen"]
     assert chosen["rpo"] > chosen["dpo"], chosen
+
+
+def test_ld_dpo_counts_only_the_shared_length_of_each_pair(tmp_path, qa_file, tiny_model_dir):
+    """distill.ld_alpha reaches TRL: at α = 0 the first step's log-probabilities of the same batch from the same
+    start sum over each pair's shared length only, so they are nearer 0 than DPO's sums over whole answers."""
+    settings = [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+                "snapshot.temperature=1.0", "distill.batch_size=4", "distill.epochs=0.3", "distill.max_length=128",
+                "student.bf16=false"]
+    first = {}
+    for name, extra in (("dpo", []), ("ld", ["distill.ld_alpha=0.0"])):
+        cfg = load_config(None, settings + extra)
+        run = RunDir(tmp_path / name)
+        for stage in (run_teacher, run_snapshot, run_pairs):
+            stage(cfg, run)
+        step = next(m for m in read_metrics(run_distill(cfg, run, start=tiny_model_dir) / "metrics.jsonl") if "logps/chosen" in m)
+        first[name] = step["logps/chosen"] + step["logps/rejected"]
+    assert first["dpo"] < first["ld"] < 0, first
+    with pytest.raises(SodaError, match="distill.ld_alpha must be between 0 and 1"):
+        load_config(None, ["distill.ld_alpha=1.5"])

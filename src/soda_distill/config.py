@@ -250,7 +250,14 @@ class DistillConfig(TrainingConfig):
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = added(None)  # one per loss type; null: 1 each
     use_weighting: bool = added(False)  # WPO's weighting of each pair by the policy's probability of it (TRL's use_weighting)
+    # LD-DPO: each answer's tokens past the shorter answer's length count α times (1: DPO; 0: only the shared length)
+    ld_alpha: float | None = added(None)
     precompute_batch_size: int = operational(16)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise SodaError(f"distill.ld_alpha must be between 0 and 1 (null: plain DPO), got {self.ld_alpha}")
 
 
 @dataclass

@@ -83,6 +83,7 @@ def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
         loss_type=[d.loss_type] if isinstance(d.loss_type, str) else d.loss_type,
         loss_weights=d.loss_weights,
         use_weighting=d.use_weighting,
+        ld_alpha=d.ld_alpha,
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=d.precompute_batch_size,
         remove_unused_columns=False,  # keeps `length` for the length-grouped sampler; TRL's collator reads its own keys
