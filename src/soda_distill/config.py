@@ -252,12 +252,17 @@ class DistillConfig(TrainingConfig):
     use_weighting: bool = added(False)  # WPO's weighting of each pair by the policy's probability of it (TRL's use_weighting)
     # LD-DPO: each answer's tokens past the shorter answer's length count α times (1: DPO; 0: only the shared length)
     ld_alpha: float | None = added(None)
+    # The on-policy dial: every k optimizer steps, the rejected answers of the next k steps' pairs generated again by
+    # the student as it then is (sampled as the snapshot); null: q0's answers throughout (SODA); 1: on-policy DPO
+    refresh_every: int | None = added(None)
     precompute_batch_size: int = operational(16)
 
     def __post_init__(self):
         super().__post_init__()
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
             raise SodaError(f"distill.ld_alpha must be between 0 and 1 (null: plain DPO), got {self.ld_alpha}")
+        if self.refresh_every is not None and self.refresh_every < 1:
+            raise SodaError(f"distill.refresh_every must be at least 1 (optimizer steps; null: never), got {self.refresh_every}")
 
 
 @dataclass

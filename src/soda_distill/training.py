@@ -281,7 +281,8 @@ class ResumableOrder:
         sampler = super()._get_train_sampler(*args, **kwargs)
         if isinstance(sampler, LengthGroupedSampler):  # its batch: one optimizer step's of one process; ours: of all
             sampler = LengthBuckets(sampler.lengths, sampler.batch_size * self.args.world_size)
-        return EpochSeededSampler(sampler, self.args.seed)
+        self.train_order = EpochSeededSampler(sampler, self.args.seed)  # refresh.py reads the coming steps' rows here
+        return self.train_order
 
 
 def last_checkpoint(folder: Path) -> str | None:

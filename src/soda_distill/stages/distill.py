@@ -19,27 +19,33 @@ from trl import DPOConfig, DPOTrainer
 
 from ..chat_tokens import chat_ids
 from ..config import Config, fingerprint
-from ..distributed import is_main, main_first
+from ..distributed import is_main, main_first, world_size
+from ..errors import SodaError
+from ..generation import Sampling
+from ..lm_head import add_cpu_lm_head
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, model_digest, use_bf16
 from ..records import read_metrics, read_pairs, sha256_file
+from .refresh import Refresh, RefreshRejected
 from ..training import (MetricsLog, ResumableOrder, apply_cpu_settings, peft_config, train_and_save,
                         trainer_arguments)
 
 
-def dpo_dataset(pairs_path: Path, tokenizer, max_length: int):
+def dpo_dataset(pairs_path: Path, tokenizer, max_length: int, numbered: bool = False):
     """The pairs tokenized as TRL's DPO tokenizes conversations, a cut answer without its end of turn
     (chat_tokens.py), with each pair's length for the length-grouped sampler; longest first, so the one sequential
     pass of reference log-probabilities pads little. A pair whose prompt alone fills max_length is left out, as TRL
-    does (nothing of its answers would be trained). Returns the data set and how many were left out."""
+    does (nothing of its answers would be trained). `numbered`: each row keeps its line in the pairs file (`pair`).
+    Returns the data set and how many were left out."""
     from datasets import Dataset
 
     rows = []
-    for pair in read_pairs(pairs_path):
+    for number, pair in enumerate(read_pairs(pairs_path)):
         prompt_ids, chosen_ids = chat_ids(tokenizer, pair["prompt"], pair["chosen"][0]["content"], pair["chosen_truncated"])
         _, rejected_ids = chat_ids(tokenizer, pair["prompt"], pair["rejected"][0]["content"], pair["rejected_truncated"])
         rows.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-                     "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))})
+                     "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)),
+                     **({"pair": number} if numbered else {})})
     kept = [r for r in rows if len(r["prompt_ids"]) < max_length]
     kept.sort(key=lambda r: r["length"], reverse=True)
     return Dataset.from_list(kept), len(rows) - len(kept)
@@ -71,11 +77,17 @@ class DistillDPOTrainer(ResumableOrder, DPOTrainer):
 
     def _precompute_ref_logps(self, *args, **kwargs):
         apply_cpu_settings(self)  # TRL calls this from its __init__ after patching in its head: ours goes on top
+        if self.ref_model is not None and self.model.device.type == "cpu":  # q_w's copy computes as the policy does
+            add_cpu_lm_head(self.ref_model)
         with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
             return super()._precompute_ref_logps(*args, **kwargs)
 
 
-def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path):
+class RefreshingDPOTrainer(RefreshRejected, DistillDPOTrainer):
+    """DistillDPOTrainer whose rejected answers are generated again every `distill.refresh_every` steps (refresh.py)."""
+
+
+def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path, ref_model=None):
     d = cfg.distill
     args = DPOConfig(
         **trainer_arguments(d, output_dir / "checkpoints", cfg),
@@ -89,8 +101,8 @@ def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
         remove_unused_columns=False,  # keeps `length` for the length-grouped sampler; TRL's collator reads its own keys
     )
     # With LoRA, a fresh adapter on q_w, and q_w itself (the adapter off) the reference: TRL's peft path.
-    return DistillDPOTrainer(
-        model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
+    return (RefreshingDPOTrainer if d.refresh_every else DistillDPOTrainer)(
+        model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
         callbacks=[MetricsLog(metrics_path)], peft_config=peft_config(cfg.student.lora),
     )
 
@@ -99,18 +111,33 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
     """DPO from `start` (default: this run's warmup model q_w)."""
     start = start or run.output("warmup")
     pairs_path, out = run.output("pairs"), run.output("distill")
+    every = cfg.distill.refresh_every
     fp = combine(fingerprint(cfg.distill), sha256_file(pairs_path), model_digest(start),
-                 *([fingerprint(cfg.student.lora)] if cfg.student.lora else []))
+                 *([fingerprint(cfg.student.lora)] if cfg.student.lora else []),
+                 *([fingerprint(cfg.snapshot), cfg.pairs.truncated_rejected] if every else []))
     if run.done("distill", fp):
         return out
+    if every and world_size() > 1:
+        raise SodaError("distill.refresh_every runs in one process for now: launch without torchrun/accelerate")
     with run.stage("distill", fp) as info:
         tokenizer = load_tokenizer(str(start), cfg.student.trust_remote_code)
-        model = load_model(str(start), trust_remote_code=cfg.student.trust_remote_code, quantize=cfg.student.quantize,
-                           bf16=use_bf16(cfg.student.bf16))
-        dataset, prompt_too_long = dpo_dataset(pairs_path, tokenizer, cfg.distill.max_length)
-        dataset = on_disk(dataset, out / "checkpoints" / "pairs")
-        trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")
+        load = lambda: load_model(str(start), trust_remote_code=cfg.student.trust_remote_code,
+                                  quantize=cfg.student.quantize, bf16=use_bf16(cfg.student.bf16))
+        model = load()
+        dataset, prompt_too_long = dpo_dataset(pairs_path, tokenizer, cfg.distill.max_length, numbered=bool(every))
+        dataset = on_disk(dataset, out / "checkpoints" / ("pairs" if not every else "pairs-numbered"))
+        # Refreshed answers need q_w's log-probabilities while training: under LoRA the adapter-off model, else a copy.
+        ref_model = load() if every and not cfg.student.lora else None
+        trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl", ref_model)
+        if every:
+            s = cfg.snapshot
+            trainer.refresh_with(Refresh(
+                prompts=[pair["prompt"] for pair in read_pairs(pairs_path)], every=every,
+                sampling=Sampling(s.max_new_tokens, s.temperature, s.top_p, s.seed), batch_size=s.batch_size,
+                drop_truncated=cfg.pairs.truncated_rejected == "drop", folder=out / "refreshed"))
         info.update(pairs=len(dataset), dropped_prompt_too_long=prompt_too_long, **train_and_save(trainer, out))
+        if every:
+            info["refresh"] = trainer.refresh.summary()
         steps = [m for m in read_metrics(out / "metrics.jsonl") if "rewards/margins" in m]
         if steps:
             info["reward_margin"] = {"first": steps[0]["rewards/margins"], "last": steps[-1]["rewards/margins"]}
