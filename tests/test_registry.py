@@ -34,8 +34,9 @@ def test_method_chains():
     assert METHODS["seqkd"].chain == ["teacher", "seqkd"]
     assert METHODS["soda"].chain == ["teacher", "snapshot", "pairs", "warmup", "distill"] == expected_stages()
     assert METHODS["gad"].chain == ["teacher", "snapshot", "pairs", "warmup", "gad_warmup", "gad"]
-    assert chain(["distill", "gad", "seqkd"]) == list(STAGES)  # shared stages once
-    assert [m.column for m in METHODS.values()] == ["Base", "Warmup (q_w)", "SeqKD", "SODA", "GAD"]
+    assert METHODS["opd"].chain == ["teacher", "warmup", "opd"]
+    assert chain(["distill", "gad", "seqkd", "opd"]) == list(STAGES)  # shared stages once
+    assert [m.column for m in METHODS.values()] == ["Base", "Warmup (q_w)", "SeqKD", "SODA", "GAD", "OPD (white-box)"]
     with pytest.raises(SodaError, match="unknown method 'sodaa'"):
         methods_named(["sodaa"])
 

@@ -1,8 +1,8 @@
 """`soda-distill` — the pipeline's stages as subcommands.
 
-    soda-distill run CONFIG [--method M[,M...]] [--out DIR] [section.key=value ...]   (M: warmup seqkd soda gad; default soda)
+    soda-distill run CONFIG [--method M[,M...]] [--out DIR] [section.key=value ...]   (M: warmup seqkd soda gad opd; default soda)
     soda-distill STAGE [CONFIG] --out DIR [section.key=value ...]   (STAGE: teacher snapshot pairs warmup seqkd distill
-                                                                     gad_warmup gad; runs unfinished stages it needs)
+                                                                     gad_warmup gad opd; runs unfinished stages it needs)
     soda-distill compare CONFIG --out DIR [section.key=value ...]   (train compare.methods per compare.seeds,
                                                                    evaluate, report: your own Table 1)
     soda-distill evaluate [CONFIG] [RUNDIR ...] [--out EVALDIR] [section.key=value ...]

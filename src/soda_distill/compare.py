@@ -19,7 +19,7 @@ from .config import Config
 from .distributed import is_main
 from .registry import methods_named
 
-SEEDED = ("snapshot", "warmup", "seqkd", "distill", "gad")  # the config sections whose `seed` a compare seed sets
+SEEDED = ("snapshot", "warmup", "seqkd", "distill", "gad", "opd")  # the config sections whose `seed` a compare seed sets
 
 
 def seeded(cfg: Config, seed: int) -> Config:

@@ -320,6 +320,29 @@ class GadConfig(TrainingConfig):
 
 
 @dataclass
+class OpdConfig(TrainingConfig):
+    """Open-teacher on-policy distillation (`--method opd`, TRL's DistillationTrainer): the student samples answers, and
+    learns the teacher's next-token distribution at every token of them."""
+
+    section = "opd"
+    teacher_model: str | None = None  # a local model folder (or `embedded`) sharing the student's tokenizer
+    trust_remote_code: bool = False  # the teacher's
+    learning_rate: float = 1e-6  # TRL's default
+    beta: float = 1.0  # the generalized JSD's interpolation: 0 forward KL, 1 reverse KL, 0.5 JSD
+    temperature: float = 1.0  # of the student's samples and of both distributions in the loss
+    max_new_tokens: int = 256  # per sampled answer
+    max_length: int = 1024  # prompt + answer tokens; longer prompts are dropped
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.beta <= 1:
+            raise SodaError(f"opd.beta must be between 0 (forward KL) and 1 (reverse KL), got {self.beta}")
+        if self.max_new_tokens >= self.max_length:
+            raise SodaError(f"opd.max_new_tokens ({self.max_new_tokens}) leaves no room for a prompt in opd.max_length "
+                            f"({self.max_length})")
+
+
+@dataclass
 class ScoredEndpointConfig(EndpointConfig):
     """An evaluation endpoint whose token usage is priced in the results (defaults: GPT-4o's list price, USD)."""
 
@@ -423,6 +446,7 @@ class Config:
     seqkd: SeqKDConfig = field(default_factory=SeqKDConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     gad: GadConfig = field(default_factory=GadConfig)
+    opd: OpdConfig = field(default_factory=OpdConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)

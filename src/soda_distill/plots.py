@@ -109,6 +109,10 @@ TRAINING_CURVES = (
               FRACTION),
         Panel("Discriminator loss", "Bradley–Terry loss", (("discriminator/loss", "loss"),)),
     )),
+    Curves("opd", "Open-teacher on-policy distillation (OPD)", (
+        Panel("Divergence to the teacher", "generalized JSD per token, on the student's samples", (("loss", "loss"),)),
+        Panel("Sampled answers", "tokens", (("completions/mean_length", "mean length"),)),
+    )),
 )
 
 

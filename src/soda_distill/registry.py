@@ -51,6 +51,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("gad", "stages.gad:run_adversarial", "GAD's adversarial phase: GRPO on the discriminator's scores",
           needs=("teacher", "warmup", "gad_warmup"), outputs=("gad/generator/", "gad/discriminator/"),
           model="gad/generator", metrics="gad/metrics.jsonl", trains=True),
+    Stage("opd", "stages.opd:run_opd", "open-teacher distillation: on-policy JSD to a teacher model loaded here",
+          needs=("teacher", "warmup"), outputs=("opd/",), model="opd", metrics="opd/metrics.jsonl", trains=True),
 )}
 
 
@@ -78,6 +80,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("seqkd", "SeqKD", "seqkd"),
     Method("soda", "SODA", "distill"),
     Method("gad", "GAD", "gad"),
+    Method("opd", "OPD", "opd", detail="white-box"),
 )}
 DEFAULT_METHODS = ("soda",)  # what `soda-distill run` trains without --method
 
