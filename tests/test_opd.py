@@ -37,7 +37,11 @@ def test_opd_brings_the_student_to_the_teacher(tmp_path, qa_file, tiny_model_dir
                     return_tensors="pt", padding=True)["input_ids"]
     teacher = load_model(embedded_path)
     assert reverse_kl(load_model(str(out)), teacher, ids) < reverse_kl(load_model(str(run.output("warmup"))), teacher, ids)
+    # the shared top-k diagnostics, every step: the student's top tokens come to be the teacher's
+    overlap = [m["overlap/ratio"] for m in steps]
+    assert all(0 <= r <= 1 for r in overlap) and sum(overlap[-3:]) > sum(overlap[:3]), overlap
     info = run.manifest()["stages"]["opd"]
+    assert info["overlap_ratio"]["last"] == overlap[-1]
     assert info["prompts"] == len(qa_file.read_text().splitlines()) and info["teacher_model"] == "embedded"
 
 

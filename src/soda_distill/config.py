@@ -332,6 +332,8 @@ class OpdConfig(TrainingConfig):
     temperature: float = 1.0  # of the student's samples and of both distributions in the loss
     max_new_tokens: int = 256  # per sampled answer
     max_length: int = 1024  # prompt + answer tokens; longer prompts are dropped
+    overlap_k: int = operational(16)  # token-overlap diagnostics on the top k tokens at each logging step; 0: off
+    overlap_states: int = operational(64)  # the sampled student states they are measured on
 
     def __post_init__(self):
         super().__post_init__()

@@ -111,6 +111,10 @@ TRAINING_CURVES = (
     )),
     Curves("opd", "Open-teacher on-policy distillation (OPD)", (
         Panel("Divergence to the teacher", "generalized JSD per token, on the student's samples", (("loss", "loss"),)),
+        Panel("Shared top-k tokens", "at the student's states", (("overlap/ratio", "|S ∩ T| / k"),
+                                                                  ("overlap/teacher_mass_shared", "teacher's mass on S ∩ T"),
+                                                                  ("overlap/student_mass_shared", "student's mass on S ∩ T")),
+              FRACTION),
         Panel("Sampled answers", "tokens", (("completions/mean_length", "mean length"),)),
     )),
 )

@@ -7,13 +7,15 @@ do) and trains it on the generalized Jensen–Shannon divergence to the teacher 
 as SODA does, on the teacher stage's prompts (their answers are not used), and writes `opd/` like any training stage.
 
 The loss compares the two models token by token, so the teacher must share the student's vocabulary: a teacher
-whose tokenizer or output layer differs is refused before anything loads on the trainer.
+whose tokenizer or output layer differs is refused before anything loads on the trainer. With both distributions at
+hand, each logging step also records how far they agree on a shared top-k token set (token_overlap.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from trl import DistillationConfig, DistillationTrainer
 
 from ..config import Config, fingerprint
@@ -22,11 +24,35 @@ from ..generation import prompt_tokens
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from ..records import read_examples, read_metrics, sha256_file
-from ..training import MetricsLog, ResumableOrder, peft_config, train_and_save, trainer_arguments
+from ..token_overlap import overlap_stats, sampled_states, state_logits
+from ..training import MetricsLog, ResumableOrder, peft_config, train_and_save, trainer_arguments, transformers_model
 
 
 class OpdTrainer(ResumableOrder, DistillationTrainer):
-    """TRL's DistillationTrainer with a training order that a resumed run repeats."""
+    """TRL's DistillationTrainer with a training order that a resumed run repeats, logging the token-overlap
+    diagnostics (token_overlap.py) of `overlap_states` sampled states at each logging step."""
+
+    overlap_k, overlap_states = 0, 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        first_micro_batch = self._step % self.current_gradient_accumulation_steps == 0
+        if self.overlap_k and model.training and first_micro_batch and self.state.global_step % self.args.logging_steps == 0:
+            for key, value in self.token_overlap(inputs).items():
+                self._metrics["train"][key].append(value)
+        return result
+
+    @torch.no_grad()
+    def token_overlap(self, inputs) -> dict[str, float]:
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
+        states = sampled_states(inputs["completion_mask"].cpu(), inputs["prompt_ids"].size(1), self.overlap_states,
+                                generator).to(input_ids.device)
+        models = [transformers_model(self.accelerator.unwrap_model(m)) for m in (self.model, self.teacher_model)]
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            student, teacher = (state_logits(m, input_ids, attention_mask, states) for m in models)
+        return overlap_stats(student, teacher, self.overlap_k)
 
 
 def same_vocabulary(student_tokenizer, teacher_tokenizer, student, teacher, teacher_path: str) -> None:
@@ -61,8 +87,11 @@ def build_opd_trainer(student, teacher, tokenizer, dataset, cfg: Config, output_
     for key in ("max_length", "train_sampling_strategy"):  # answers are bounded by max_completion_length; TRL samples
         del common[key]
     args = DistillationConfig(**common, beta=o.beta, temperature=o.temperature, max_completion_length=o.max_new_tokens)
-    return OpdTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      callbacks=[MetricsLog(output_dir / "metrics.jsonl")], peft_config=peft_config(cfg.student.lora))
+    trainer = OpdTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                         processing_class=tokenizer, callbacks=[MetricsLog(output_dir / "metrics.jsonl")],
+                         peft_config=peft_config(cfg.student.lora))
+    trainer.overlap_k, trainer.overlap_states = o.overlap_k, o.overlap_states
+    return trainer
 
 
 def run_opd(cfg: Config, run: RunDir) -> Path:
@@ -92,6 +121,7 @@ def run_opd(cfg: Config, run: RunDir) -> Path:
         info.update(prompts=len(dataset), dropped_long_prompts=dropped, teacher_model=o.teacher_model,
                     **train_and_save(trainer, out))
         steps = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
-        if steps:
-            info["loss"] = {"first": steps[0]["loss"], "last": steps[-1]["loss"]}
+        for key in ("loss", "overlap/ratio", "overlap/teacher_mass_shared"):
+            if steps and key in steps[0]:
+                info[key.replace("overlap/", "overlap_")] = {"first": steps[0][key], "last": steps[-1][key]}
     return out

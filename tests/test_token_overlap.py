@@ -1,0 +1,29 @@
+"""token_overlap.overlap_stats on distributions whose figures are known by hand."""
+
+import pytest
+import torch
+
+from soda_distill.token_overlap import overlap_stats, sampled_states
+
+
+def test_overlap_of_known_distributions():
+    # student: tokens 0, 1 likely; teacher: tokens 1, 2 likely; k = 2 shares token 1 only
+    student = torch.tensor([[0.5, 0.3, 0.1, 0.1]]).log()
+    teacher = torch.tensor([[0.1, 0.4, 0.4, 0.1]]).log()
+    stats = overlap_stats(student, teacher, k=2)
+    assert stats["overlap/ratio"] == pytest.approx(0.5)
+    assert stats["overlap/student_mass_shared"] == pytest.approx(0.3)
+    assert stats["overlap/teacher_mass_shared"] == pytest.approx(0.4)
+    assert stats["overlap/teacher_mass_topk"] == pytest.approx(0.8)
+    same = overlap_stats(teacher, teacher, k=2)
+    assert same["overlap/ratio"] == 1 and same["overlap/student_mass_shared"] == pytest.approx(0.8)
+    # means over states
+    both = overlap_stats(torch.cat([student, teacher]), torch.cat([teacher, teacher]), k=2)
+    assert both["overlap/ratio"] == pytest.approx(0.75)
+
+
+def test_sampled_states_predict_completion_tokens():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    states = sampled_states(mask, prompt_length=4, count=10, generator=torch.Generator().manual_seed(0))
+    assert sorted(map(tuple, states.tolist())) == [(0, 3), (0, 4), (1, 3)]  # the token before each completion token
+    assert len(sampled_states(mask, 4, 2, torch.Generator().manual_seed(0))) == 2
