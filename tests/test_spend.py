@@ -68,13 +68,14 @@ def test_a_cost_limit_needs_prices(tmp_path, prompts_file, responder, capsys):
 
 
 def test_requests_per_minute_are_kept_to_before_any_429(tmp_path, prompts_file, responder, monkeypatch):
-    monkeypatch.setattr(endpoint.RateLimit, "WINDOW_S", 0.5)  # a "minute" of half a second
+    monkeypatch.setattr(endpoint.RateLimit, "WINDOW_S", 1.0)  # a "minute" of a second
     start = time.monotonic()
     assert main(teacher_args(tmp_path / "run", prompts_file, responder, "teacher.requests_per_minute=4",
                              "teacher.concurrency=8")) == 0
     times = responder.times
-    assert len(times) == 12 and time.monotonic() - start >= 1.0  # 12 requests at 4 a window: three windows
-    assert all(sum(t <= u < t + 0.45 for u in times) <= 4 for t in times)
+    assert len(times) == 12 and time.monotonic() - start >= 2.0  # 12 requests at 4 a window: three windows
+    # arrival times, a fifth of a window short of it: a loaded machine delays some requests' arrival
+    assert all(sum(t <= u < t + 0.8 for u in times) <= 4 for t in times)
 
 
 def test_spend_limits_are_operational_keys():

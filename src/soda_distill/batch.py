@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import EndpointConfig
+from .endpoint import token_logprobs
 from .errors import SodaError
 from .records import AppendLog, atomic_write_jsonl, atomic_write_text
 
@@ -77,7 +78,8 @@ def _answers(client, file_id: str | None, ids: dict[str, str]) -> tuple[list[tup
         else:
             usage = body.get("usage")
             answered.append((key, {"content": content, "finish_reason": choice.get("finish_reason"),
-                                   "usage": {k: usage[k] for k in ("prompt_tokens", "completion_tokens")} if usage else None}))
+                                   "usage": {k: usage[k] for k in ("prompt_tokens", "completion_tokens")} if usage else None,
+                                   **token_logprobs(choice.get("logprobs"))}))
     return answered, failed
 
 

@@ -124,6 +124,9 @@ class TeacherConfig(EndpointConfig):
     temperature: float = 0.7
     top_p: float = 1.0
     seed: int | None = None
+    # Grey-box teachers: ask for each answer token's log-probability and its top N alternatives (OpenAI: up to 20;
+    # vLLM's server: more), kept in teacher.jsonl for `warmup.teacher_kl`; null: none asked
+    top_logprobs: int | None = added(None)
 
 
 @dataclass
@@ -216,6 +219,9 @@ class WarmupConfig(TrainingConfig):
     section = "warmup"
     learning_rate: float = 5e-6  # GAD's SeqKD learning rate
     truncated: str = added("open")  # a teacher answer cut at its token limit: as pairs.truncated_chosen
+    # Grey-box teachers (teacher.top_logprobs): λ × the cross-entropy to the teacher's top-k distribution at each
+    # answer token whose tokens are the student's, added to the SFT loss; 0: the text alone
+    teacher_kl: float = added(0.0)
 
     def __post_init__(self):
         super().__post_init__()

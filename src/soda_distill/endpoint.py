@@ -86,10 +86,12 @@ def ask(client, body: dict, section: EndpointConfig, name: str) -> dict:
                 reason = "empty completion"
             else:
                 usage = getattr(resp, "usage", None)
+                logprobs = getattr(choices[0], "logprobs", None)
                 return {
                     "content": choices[0].message.content,
                     "finish_reason": choices[0].finish_reason,
                     "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens} if usage else None,
+                    **token_logprobs(logprobs.model_dump() if logprobs is not None else None),
                 }
         except openai.APIStatusError as e:
             if e.status_code in FATAL_STATUS:
@@ -107,6 +109,16 @@ def ask(client, body: dict, section: EndpointConfig, name: str) -> dict:
             backoff = min(section.backoff_initial_s * 2**attempt, section.backoff_max_s) * random.uniform(0.5, 1.0)
             time.sleep(min(wait, section.backoff_max_s) if wait is not None else backoff)
     raise RequestFailed(f"{reason} (after {section.max_retries + 1} attempts)")
+
+
+def token_logprobs(logprobs: dict | None) -> dict:
+    """An answer's tokens as the endpoint scored them (a chat completion's `logprobs`, asked for with `top_logprobs`):
+    {"logprobs": [[token, logprob, [[alternative, logprob], ...]], ...]}, or nothing where there are none."""
+    content = (logprobs or {}).get("content")
+    if not content:
+        return {}
+    return {"logprobs": [[t["token"], t["logprob"], [[a["token"], a["logprob"]] for a in t.get("top_logprobs") or []]]
+                         for t in content]}
 
 
 def sum_usage(answers) -> dict:

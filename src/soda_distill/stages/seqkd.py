@@ -40,7 +40,7 @@ def run_seqkd(cfg: Config, run: RunDir) -> Path:
     if run.done("seqkd", fp):
         return out
     with run.stage("seqkd", fp) as info:
-        model, tokenizer, dataset, counts = student_and_answers(cfg, teacher_path, s.truncated)
+        model, tokenizer, dataset, counts = student_and_answers(cfg, teacher_path, s)
         if len(dataset) < 2:
             raise SodaError(f"{teacher_path}: SeqKD needs at least 2 teacher answers (one held out), found {len(dataset)}")
         train, heldout = heldout_split(dataset, s.heldout, s.seed)

@@ -27,6 +27,8 @@ def request_body(cfg: Config, ex: Example) -> dict:
     body = {"model": t.model, "messages": messages, "temperature": t.temperature, "top_p": t.top_p, "max_tokens": t.max_tokens}
     if t.seed is not None:
         body["seed"] = t.seed
+    if t.top_logprobs is not None:
+        body.update(logprobs=True, top_logprobs=t.top_logprobs)
     return body
 
 
@@ -40,8 +42,11 @@ def _collect(cfg: Config, run: RunDir, examples: list[Example], info: dict) -> l
     answers = [cache.records[key] for key in keys]
     info["usage"] = sum_usage(answers)
     info["truncated"] = sum(a.get("finish_reason") == "length" for a in answers)
+    if t.top_logprobs is not None:
+        info["with_logprobs"] = sum("logprobs" in a for a in answers)
     return [
-        {"id": ex.id, "messages": ex.prompt + [{"role": "assistant", "content": a["content"]}], "finish_reason": a.get("finish_reason")}
+        {"id": ex.id, "messages": ex.prompt + [{"role": "assistant", "content": a["content"]}], "finish_reason": a.get("finish_reason"),
+         **({"logprobs": a["logprobs"]} if "logprobs" in a else {})}
         for ex, a in zip(examples, answers)
     ]
 

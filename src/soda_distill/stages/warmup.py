@@ -16,18 +16,24 @@ from ..chat_tokens import chat_ids
 from ..config import Config, WarmupConfig, fingerprint
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, resolve_model, use_bf16
-from ..records import read_examples, sha256_file
+from ..records import read_examples, read_jsonl, sha256_file
+from ..teacher_logprobs import TeacherKLTrainer, TeacherTargetsCollator, teacher_targets, vocabulary_by_text
 from ..training import (MetricsLog, ResumableOrder, apply_cpu_settings, peft_config, train_and_save,
                         trainer_arguments)
 
 
-def sft_dataset(teacher_path: Path, tokenizer, truncated: str = "open"):
+def sft_dataset(teacher_path: Path, tokenizer, truncated: str = "open", kl_max_length: int | None = None):
     """The teacher's answers tokenized as TRL's SFT tokenizes a prompt-completion conversation, the loss on the
     answer (`completion_mask`); an answer cut at its token limit without its end of turn, or dropped (`truncated`).
-    Returns the data set and the counts of cut answers kept open and dropped."""
+    `kl_max_length`: each row also gets the teacher's top-k targets of its answer's tokens (teacher_logprobs.py),
+    empty where the teacher scored none or its tokens are not the student's. Returns the data set and the counts of
+    cut answers kept open and dropped (and of answers without targets)."""
     from datasets import Dataset
 
     rows, counts = [], {"truncated_kept_open": 0, "dropped_truncated": 0}
+    if kl_max_length:
+        scored = {record.get("id"): record.get("logprobs") for _, record in read_jsonl(teacher_path)}
+        vocabulary, counts["teacher_kl_unaligned"] = vocabulary_by_text(tokenizer), 0
     for ex in read_examples(teacher_path, want_response=True):
         if not ex.response.strip():
             continue
@@ -37,36 +43,49 @@ def sft_dataset(teacher_path: Path, tokenizer, truncated: str = "open"):
         counts["truncated_kept_open"] += ex.truncated
         prompt_ids, answer_ids = chat_ids(tokenizer, ex.prompt, ex.response, open_end=ex.truncated)
         rows.append({"input_ids": prompt_ids + answer_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)})
+        if kl_max_length:
+            targets = scored.get(ex.id) and teacher_targets(tokenizer, vocabulary, len(prompt_ids), answer_ids,
+                                                            scored[ex.id], kl_max_length)
+            counts["teacher_kl_unaligned"] += not targets
+            rows[-1].update(targets or {"kl_positions": [], "kl_ids": [], "kl_logprobs": []})
     return Dataset.from_list(rows), counts
 
 
-class ResumableSFTTrainer(ResumableOrder, SFTTrainer):
-    """TRL's SFTTrainer, with a training order a resumed run repeats."""
+class ResumableSFTTrainer(ResumableOrder, TeacherKLTrainer, SFTTrainer):
+    """TRL's SFTTrainer, with a training order a resumed run repeats (and a grey-box teacher's top-k term)."""
 
 
 def build_sft_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, metrics_path: Path,
                       section: WarmupConfig | None = None, eval_dataset=None, callbacks=(), **arguments):
     """TRL's SFTTrainer on `dataset` with the settings of `section` (default: cfg.warmup); `arguments` add to or
     replace SFTConfig's."""
+    section = section or cfg.warmup
+    targets = "kl_positions" in dataset.column_names
     args = SFTConfig(**{
-        **trainer_arguments(section or cfg.warmup, output_dir / "checkpoints", cfg),
+        **trainer_arguments(section, output_dir / "checkpoints", cfg),
         "completion_only_loss": True,
         "packing": False,
+        **({"remove_unused_columns": False} if targets else {}),  # the teacher's targets reach the collator
         **arguments,
     })
-    return apply_cpu_settings(ResumableSFTTrainer(
+    trainer = apply_cpu_settings(ResumableSFTTrainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
         callbacks=[MetricsLog(metrics_path), *callbacks], peft_config=peft_config(cfg.student.lora),
     ))
+    if targets:
+        trainer.data_collator, trainer.teacher_kl = TeacherTargetsCollator(trainer.data_collator), section.teacher_kl
+    return trainer
 
 
-def student_and_answers(cfg: Config, teacher_path: Path, truncated: str):
-    """The untouched student q0, its tokenizer, and the teacher's answers as `sft_dataset` makes them (with its counts)."""
+def student_and_answers(cfg: Config, teacher_path: Path, section: WarmupConfig):
+    """The untouched student q0, its tokenizer, and the teacher's answers as `sft_dataset` makes them for `section`
+    (with its counts)."""
     model_path = resolve_model(cfg.student.model, cfg.student.gguf_file)
     tokenizer = load_tokenizer(model_path, cfg.student.trust_remote_code)
     model = load_model(model_path, trust_remote_code=cfg.student.trust_remote_code, quantize=cfg.student.quantize,
                        bf16=use_bf16(cfg.student.bf16))
-    return (model, tokenizer, *sft_dataset(teacher_path, tokenizer, truncated))
+    kl_max_length = section.max_length if section.teacher_kl else None
+    return (model, tokenizer, *sft_dataset(teacher_path, tokenizer, section.truncated, kl_max_length))
 
 
 def run_warmup(cfg: Config, run: RunDir) -> Path:
@@ -75,7 +94,7 @@ def run_warmup(cfg: Config, run: RunDir) -> Path:
     if run.done("warmup", fp):
         return out
     with run.stage("warmup", fp) as info:
-        model, tokenizer, dataset, counts = student_and_answers(cfg, teacher_path, cfg.warmup.truncated)
+        model, tokenizer, dataset, counts = student_and_answers(cfg, teacher_path, cfg.warmup)
         trainer = build_sft_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")
         info.update(examples=len(dataset), **counts, **train_and_save(trainer, out))
     return out
