@@ -103,3 +103,39 @@ def test_ld_dpo_counts_only_the_shared_length_of_each_pair(tmp_path, qa_file, ti
     assert first["dpo"] < first["ld"] < 0, first
     with pytest.raises(SodaError, match="distill.ld_alpha must be between 0 and 1"):
         load_config(None, ["distill.ld_alpha=1.5"])
+
+
+def test_selection_trains_dpo_on_the_most_learnable_half(tmp_path, qa_file, tiny_model_dir):
+    """distill.select: teacher_nll keeps the pairs whose teacher answer q_w finds likeliest per token (here q_w is
+    the start model: its NLL computed afresh names the same half); random keeps as many others."""
+    import json
+    import math
+
+    from test_refresh import answer_logp
+
+    from soda_distill.chat_tokens import chat_ids
+    from soda_distill.records import read_pairs
+
+    settings = [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+                "distill.batch_size=2", "distill.epochs=1", "distill.max_length=128", "student.bf16=false"]
+    kept = {}
+    for by in ("teacher_nll", "random"):
+        cfg = load_config(None, settings + [f"distill.select={by}", "distill.select_band=[0.0, 0.5]"])
+        run = RunDir(tmp_path / by)
+        for stage in (run_teacher, run_snapshot, run_pairs):
+            stage(cfg, run)
+        out = run_distill(cfg, run, start=tiny_model_dir)
+        selection = json.loads((out / "selection.json").read_text())
+        kept[by] = set(selection["pairs"])
+        info = run.manifest()["stages"]["distill"]
+        assert info["selection"]["kept"] == len(kept[by]) == info["pairs"] // 2
+        assert info["steps"] == math.ceil(len(kept[by]) / 2)
+    pairs, tokenizer, q_w = read_pairs(run.output("pairs")), load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    nll = []
+    for pair in pairs:
+        prompt_ids, chosen_ids = chat_ids(tokenizer, pair["prompt"], pair["chosen"][0]["content"], pair["chosen_truncated"])
+        nll.append(-answer_logp(q_w, prompt_ids, chosen_ids) / len(chosen_ids))
+    assert kept["teacher_nll"] == set(sorted(range(len(pairs)), key=nll.__getitem__)[: len(pairs) // 2])
+    assert kept["random"] != kept["teacher_nll"]
+    mean = lambda rows: sum(nll[i] for i in rows) / len(rows)
+    assert mean(kept["teacher_nll"]) < mean(kept["random"])

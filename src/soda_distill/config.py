@@ -261,12 +261,21 @@ class DistillConfig(TrainingConfig):
     # The on-policy dial: every k optimizer steps, the rejected answers of the next k steps' pairs generated again by
     # the student as it then is (sampled as the snapshot); null: q0's answers throughout (SODA); 1: on-policy DPO
     refresh_every: int | None = added(None)
+    # Teacher-aligned selection (stages/selection.py): DPO on the pairs ranked `select_band` by `select` (teacher_nll,
+    # margin or random, from q_w's reference pass); null: every pair
+    select: str | None = added(None)
+    select_band: list[float] = field(default_factory=lambda: [0.0, 0.5], metadata={"added": True})  # fractions of the ranking
     precompute_batch_size: int = operational(16)
 
     def __post_init__(self):
         super().__post_init__()
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
             raise SodaError(f"distill.ld_alpha must be between 0 and 1 (null: plain DPO), got {self.ld_alpha}")
+        if self.select is not None and self.select not in ("teacher_nll", "margin", "random"):
+            raise SodaError(f"distill.select: expected teacher_nll, margin or random (null: every pair), got {self.select!r}")
+        lo, hi = self.select_band if len(self.select_band) == 2 else (None, None)
+        if lo is None or not 0 <= lo < hi <= 1:
+            raise SodaError(f"distill.select_band: expected [lo, hi] with 0 ≤ lo < hi ≤ 1, got {self.select_band}")
         if self.refresh_every is not None and self.refresh_every < 1:
             raise SodaError(f"distill.refresh_every must be at least 1 (optimizer steps; null: never), got {self.refresh_every}")
 
@@ -600,9 +609,13 @@ def save_config(cfg: Config, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(_redacted(to_dict(cfg)), sort_keys=False))
 
 
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def fingerprint(section) -> str:
     """Hash of a section's fields that change results (not the operational ones, nor added ones at their default);
     URLs as config.yaml keeps them, so that a run resumed from it has the same fingerprints."""
     kept = {f.name: _redacted(getattr(section, f.name)) for f in dataclasses.fields(section)
-            if not f.metadata.get("operational") and not (f.metadata.get("added") and getattr(section, f.name) == f.default)}
+            if not f.metadata.get("operational") and not (f.metadata.get("added") and getattr(section, f.name) == _default(f))}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -27,6 +27,7 @@ from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, model_digest, use_bf16
 from ..records import read_metrics, read_pairs, sha256_file
 from .refresh import Refresh, RefreshRejected
+from .selection import select_pairs
 from ..training import (MetricsLog, ResumableOrder, apply_cpu_settings, peft_config, train_and_save,
                         trainer_arguments)
 
@@ -124,11 +125,15 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
         load = lambda: load_model(str(start), trust_remote_code=cfg.student.trust_remote_code,
                                   quantize=cfg.student.quantize, bf16=use_bf16(cfg.student.bf16))
         model = load()
-        dataset, prompt_too_long = dpo_dataset(pairs_path, tokenizer, cfg.distill.max_length, numbered=bool(every))
-        dataset = on_disk(dataset, out / "checkpoints" / ("pairs" if not every else "pairs-numbered"))
+        numbered = bool(every or cfg.distill.select)
+        dataset, prompt_too_long = dpo_dataset(pairs_path, tokenizer, cfg.distill.max_length, numbered=numbered)
+        dataset = on_disk(dataset, out / "checkpoints" / ("pairs-numbered" if numbered else "pairs"))
         # Refreshed answers need q_w's log-probabilities while training: under LoRA the adapter-off model, else a copy.
         ref_model = load() if every and not cfg.student.lora else None
         trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl", ref_model)
+        if cfg.distill.select:  # ranked by the reference pass TRL has just made
+            trainer.train_dataset, info["selection"] = select_pairs(trainer.train_dataset, cfg.distill.select,
+                                                                    cfg.distill.select_band, cfg.distill.seed, out)
         if every:
             s = cfg.snapshot
             trainer.refresh_with(Refresh(

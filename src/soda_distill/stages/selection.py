@@ -1,0 +1,49 @@
+"""Teacher-aligned prompt selection (`distill.select`, from "Rethinking On-Policy Distillation"): DPO on a band of the
+pairs ranked by how learnable the teacher's answer is for this student, or on a random subset of the same size.
+
+The scores come free from the reference pass DPO makes anyway (q_w's log-probabilities of both answers):
+- `teacher_nll`: q_w's per-token NLL of the teacher's answer, lowest (most learnable) first;
+- `margin`: q_w's per-token log-probability of q0's answer less the teacher's — how far q_w still prefers its own
+  kind of answer — least first;
+- `random`: a seeded draw, the control.
+`distill.select_band: [lo, hi]` keeps the pairs ranked from lo to hi (fractions: [0, 0.5] is the first half).
+`distill/selection.json` names the pairs kept (their lines in pairs.jsonl) and the scores' means.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from ..records import atomic_write_text
+
+SELECT = ("teacher_nll", "margin", "random")
+
+
+def pair_scores(dataset, by: str, seed: int) -> list[float]:
+    """Each training row's score, as `by` ranks them (ascending)."""
+    chosen = [-lp / max(len(ids), 1) for lp, ids in zip(dataset["ref_chosen_logps"], dataset["chosen_ids"])]
+    if by == "teacher_nll":
+        return chosen
+    if by == "margin":
+        rejected = [-lp / max(len(ids), 1) for lp, ids in zip(dataset["ref_rejected_logps"], dataset["rejected_ids"])]
+        return [c - r for c, r in zip(chosen, rejected)]
+    rng = random.Random(seed)
+    return [rng.random() for _ in chosen]
+
+
+def select_pairs(dataset, by: str, band: list[float], seed: int, out: Path):
+    """The rows of `dataset` (its reference log-probabilities computed) in `band` of the ranking `by`, in their
+    order; writes `selection.json` in `out`. Returns the subset and what the manifest records."""
+    scores = pair_scores(dataset, by, seed)
+    ranked = sorted(range(len(scores)), key=lambda i: scores[i])
+    lo, hi = (round(f * len(ranked)) for f in band)
+    kept = sorted(ranked[lo:hi])
+    nll = pair_scores(dataset, "teacher_nll", seed)
+    mean = lambda rows: round(sum(nll[i] for i in rows) / max(len(rows), 1), 4)
+    record = {"by": by, "band": band, "kept": len(kept), "of": len(scores),
+              "teacher_nll": {"kept": mean(kept), "all": mean(range(len(nll)))}}
+    pairs = dataset["pair"] if "pair" in dataset.column_names else kept
+    atomic_write_text(out / "selection.json", json.dumps({**record, "pairs": sorted(pairs[i] for i in kept)}) + "\n")
+    return dataset.select(kept), record
