@@ -2,12 +2,22 @@
 each one's training is — the paper's Figure 1 panels (time, memory, stability) on this machine.
 
     python bench/cost.py [--quick] [--out DIR]
+    python bench/cost.py --sweep [--quick] [--out DIR]      # how the costs grow with rollouts K and answer length L
 
 Every stage runs as its own `soda-distill` process, one after the other, in one run directory (with --out, stages
 finished there earlier are reused, and their recorded figures reported): SODA is snapshot +
 pairs + warmup + distill, GAD is warmup + discriminator warmup + adversarial phase (the warmup is shared, and
 counted for both). Peak memory is each stage's process RSS on CPU, peak allocated per device on GPU (the manifest's
 figures). Writes bench/results/cost[-quick].json and .png.
+
+--sweep measures both methods side by side at every answer length L (SODA's snapshot and GAD's rollouts) and every
+number of rollouts per prompt K (GAD's group), on the same 32 prompts, GAD taking 4 prompts (4K rollouts) a step:
+SODA once per L, GAD once per (K, L), each point in its own run directory (the teacher, snapshot, pairs and warmup
+of its L shared), resumable. Its cost model gives each method a time per generated token (SODA's snapshot, GAD's
+rollouts) and per trained token (everything else: SFT, DPO with its reference pass, GAD's generator and
+discriminator updates), pooled over the points, with its error on each; and projects both to the published setting
+per prompt (GAD: 1 SFT epoch, 2 adversarial epochs of 8 rollouts; SODA: a snapshot, 1 SFT and 1 DPO epoch), answers
+as long relative to 1536 tokens as in the longest setting here. Writes bench/results/cost-sweep[-quick].json and .png.
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ SODA = ("snapshot", "pairs", "warmup", "distill")
 GAD = ("warmup", "gad_warmup", "gad")
 # The smallest setting: a handful of prompts and short answers, the same for both methods.
 QUICK = ["data.limit=16", "snapshot.max_new_tokens=64", "gad.max_new_tokens=64", "gad.epochs=1.0"]
+SWEEP = {"K": (2, 4, 8), "L": (64, 128, 256), "prompts": 32}
+SWEEP_QUICK = {"K": (2, 4), "L": (16, 32), "prompts": 8}
+PROMPTS_PER_STEP = 4  # GAD: 4K rollouts a step, whatever K
 
 
 def stage(command: str, out: Path, overrides: list[str]) -> None:
@@ -88,13 +101,21 @@ def plot(record: dict, out: Path, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the smallest setting (16 prompts, short answers)")
-    parser.add_argument("--out", type=Path, help="run directory to keep (default: a temporary one, removed after)")
+    parser.add_argument("--sweep", action="store_true", help="SODA and GAD against rollouts K and answer length L")
+    parser.add_argument("--out", type=Path, help="run directory to keep (default: a temporary one, removed after; "
+                        "with --sweep: runs/cost-sweep[-quick], kept so that it resumes)")
     args = parser.parse_args()
-    if args.out:
+    if args.sweep:
+        sweep(args.out or ROOT / "runs" / ("cost-sweep-quick" if args.quick else "cost-sweep"), args.quick)
+    elif args.out:
         measure(args.out, args.quick)
-        return
-    with tempfile.TemporaryDirectory(prefix="soda-cost-") as out:
-        measure(Path(out), args.quick)
+    else:
+        with tempfile.TemporaryDirectory(prefix="soda-cost-") as out:
+            measure(Path(out), args.quick)
+
+
+def machine(manifest: dict) -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {manifest['soda_distill']['device']}"
 
 
 def measure(out: Path, quick: bool) -> None:
@@ -107,7 +128,7 @@ def measure(out: Path, quick: bool) -> None:
     record = {
         "command": "python bench/cost.py" + (" --quick" if quick else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {manifest['soda_distill']['device']}",
+        "machine": machine(manifest),
         "student": config["student"]["model"],
         "prompts": manifest["stages"]["teacher"]["records"],
         "SODA": soda,
@@ -126,6 +147,132 @@ def measure(out: Path, quick: bool) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     plot(record, out, RESULTS / f"{name}.png")
     print(json.dumps(record["ratios"], indent=2))
+
+
+def tokens_seen(metrics: Path) -> int:
+    """The input tokens a trainer went through (its cumulative `num_tokens`)."""
+    from soda_distill.records import read_metrics
+
+    return int(max((m.get("num_tokens", 0) for m in read_metrics(metrics)), default=0))
+
+
+def soda_work(run: Path, manifest: dict) -> dict:
+    """SODA's generated tokens (the snapshot) and trained tokens (warmup and DPO), with the seconds of each."""
+    stages = manifest["stages"]
+    return {"generated_tokens": round(stages["snapshot"]["records"] * stages["snapshot"]["mean_tokens"]),
+            "generation_s": stages["snapshot"]["wall_s"],
+            "trained_tokens": sum(tokens_seen(run / s / "metrics.jsonl") for s in ("warmup", "distill")),
+            "training_s": stages["pairs"]["wall_s"] + stages["warmup"]["wall_s"] + stages["distill"]["wall_s"]}
+
+
+def gad_work(run: Path, manifest: dict, rollouts_per_step: int) -> dict:
+    """GAD's generated tokens (rollouts, their time as GAD logs it) and trained tokens (warmup, and the rollouts the
+    generator trains on), the rest of its time counted as training (discriminator, reference pass, updates)."""
+    from soda_distill.records import read_metrics
+
+    steps = [m for m in read_metrics(run / "gad" / "metrics.jsonl") if "completions/mean_length" in m]
+    generation_s = sum(m.get("time/rollouts_s", 0.0) for m in steps)
+    stages = manifest["stages"]
+    return {"generated_tokens": round(sum(m["completions/mean_length"] * rollouts_per_step for m in steps)),
+            "generation_s": round(generation_s, 1),
+            "trained_tokens": tokens_seen(run / "warmup" / "metrics.jsonl") + tokens_seen(run / "gad" / "metrics.jsonl"),
+            "training_s": round(sum(stages[s]["wall_s"] for s in GAD) - generation_s, 1)}
+
+
+def cost_model(points: list[dict], method: str) -> dict:
+    """Seconds per generated and per trained token, pooled over the points (each total over each token count), and
+    how far `rate × tokens` falls from each point's measured time (fixed costs show as error at small points)."""
+    rates = {kind: sum(p[method][f"{kind}_s"] for p in points) / max(sum(p[method][f"{kind[:-3]}ed_tokens"] for p in points), 1)
+             for kind in ("generation", "training")}
+    errors = [abs(rates["generation"] * p[method]["generated_tokens"] + rates["training"] * p[method]["trained_tokens"]
+                  - p[method]["wall_s"]) / p[method]["wall_s"] for p in points]
+    return {"generation_s_per_token": rates["generation"], "training_s_per_token": rates["training"],
+            "max_relative_error": round(max(errors), 3)}
+
+
+# The published setting (GAD: Ye et al. 2025; SODA's Table 3): answers up to 1536 tokens; GAD one SFT warmup epoch, then
+# 2 adversarial epochs of 8 rollouts a prompt, the generator trained on them and the discriminator on them and the
+# teacher's answer; SODA one snapshot, 1 SFT warmup epoch and 1 DPO epoch (chosen and rejected).
+PUBLISHED = {"max_new_tokens": 1536, "rollouts": 8, "gad_epochs": 2}
+
+
+def projection(points: list[dict], models: dict, prompt_tokens: float) -> dict:
+    """Each method's time per prompt at the published setting from the fitted rates, its answers filling the limit as
+    much as in the longest setting measured; per prompt, so the data set's size cancels."""
+    largest = max(points, key=lambda p: (p["L"], p["K"]))
+    fill = largest["GAD"]["generated_tokens"] / (largest["GAD"]["rollouts"] * largest["L"])
+    answer = PUBLISHED["max_new_tokens"] * fill
+    k, epochs, seq = PUBLISHED["rollouts"], PUBLISHED["gad_epochs"], prompt_tokens + answer
+    tokens = {"SODA": {"generated": answer, "trained": 3 * seq},
+              "GAD": {"generated": epochs * k * answer, "trained": seq + epochs * (2 * k + 1) * seq}}
+    seconds = {m: models[m]["generation_s_per_token"] * t["generated"] + models[m]["training_s_per_token"] * t["trained"]
+               for m, t in tokens.items()}
+    return {"assumptions": {**PUBLISHED, "answer_tokens": round(answer), "prompt_tokens": round(prompt_tokens),
+                            "per_prompt_tokens": {m: {k: round(v) for k, v in t.items()} for m, t in tokens.items()}},
+            "time_gad_over_soda": round(seconds["GAD"] / seconds["SODA"], 1),
+            "paper": {"time_gad_over_soda": 10, "memory_soda_over_gad": 0.73}}
+
+
+def sweep(out: Path, quick: bool) -> None:
+    from soda_distill.manifest import copy_stages
+
+    grid = SWEEP_QUICK if quick else SWEEP
+    points, name = [], "cost-sweep-quick" if quick else "cost-sweep"
+    for L in grid["L"]:
+        common = [f"data.limit={grid['prompts']}", f"snapshot.max_new_tokens={L}", f"gad.max_new_tokens={L}",
+                  "gad.epochs=1.0", f"gad.gradient_accumulation_steps={PROMPTS_PER_STEP}",
+                  f"gad.discriminator_batch_size={PROMPTS_PER_STEP}"]
+        base = out / f"L{L}"
+        for command in ("teacher", *SODA):
+            stage(command, base, common)
+        soda_manifest = json.loads((base / "manifest.json").read_text())
+        soda = {**summarize(soda_manifest, SODA), **soda_work(base, soda_manifest)}
+        for K in grid["K"]:
+            run = out / f"L{L}-K{K}"
+            if not run.exists():
+                copy_stages(base, run, ["teacher", "snapshot", "pairs", "warmup"])
+            stage("gad", run, [*common, f"gad.num_generations={K}", f"gad.batch_size={K}"])
+            manifest = json.loads((run / "manifest.json").read_text())
+            gad = {**summarize(manifest, GAD), **gad_work(run, manifest, K * PROMPTS_PER_STEP),
+                   "rollouts": grid["prompts"] * K}
+            points.append({"K": K, "L": L, "KL": K * L, "SODA": soda, "GAD": gad,
+                           "time_gad_over_soda": round(gad["wall_s"] / soda["wall_s"], 2),
+                           "memory_soda_over_gad": round(soda["peak_memory_mb"] / gad["peak_memory_mb"], 2)})
+    models = {m: cost_model(points, m) for m in ("SODA", "GAD")}
+    prompt_tokens = soda_manifest["stages"]["pairs"]["lengths"]["prompt"]["mean"]
+    record = {
+        "command": "python bench/cost.py --sweep" + (" --quick" if quick else ""),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(soda_manifest),
+        "prompts": grid["prompts"], "prompts_per_gad_step": PROMPTS_PER_STEP, "points": points,
+        "cost_model": models, "projection": projection(points, models, prompt_tokens),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot_sweep(record, RESULTS / f"{name}.png")
+    print(json.dumps({"ratios": [(p["K"], p["L"], p["time_gad_over_soda"]) for p in points],
+                      "projection": record["projection"]["time_gad_over_soda"]}, indent=1))
+
+
+def plot_sweep(record: dict, path: Path) -> None:
+    from soda_distill.plots import label_axes, panels, run_color, save_png
+
+    fig, (time_ax, ratio_ax, mem_ax) = panels(3)
+    points = sorted(record["points"], key=lambda p: p["KL"])
+    kl = [p["KL"] for p in points]
+    for i, method in enumerate(("SODA", "GAD")):
+        time_ax.plot(kl, [p[method]["wall_s"] / 60 for p in points], "o-", color=run_color(i), label=method)
+        mem_ax.plot(kl, [p[method]["peak_memory_mb"] / 1024 for p in points], "o-", color=run_color(i), label=method)
+    ratio_ax.plot(kl, [p["time_gad_over_soda"] for p in points], "o-", color=run_color(1), label="time GAD / SODA")
+    ratio_ax.plot(kl, [p["memory_soda_over_gad"] for p in points], "s--", color=run_color(0), label="memory SODA / GAD")
+    for ax in (time_ax, ratio_ax, mem_ax):
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=8)
+    label_axes(time_ax, "wall time", "rollouts × answer length (K·L)", "minutes")
+    label_axes(ratio_ax, f"ratios (projected at the published setting: {record['projection']['time_gad_over_soda']}×)",
+               "K·L", "")
+    label_axes(mem_ax, "peak memory", "K·L", "GiB")
+    fig.suptitle(f"SODA vs GAD against rollouts and length, {record['prompts']} prompts — {record['machine']}")
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

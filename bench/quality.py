@@ -95,6 +95,7 @@ def keep_rows(evaldir: Path, evaluation: dict, rows: Path) -> None:
 def reuse_stages(source: Path, path: Path, overrides: list[str]) -> None:
     """Start a SODA variant in `path` from the stages of `source` it shares: teacher, snapshot, pairs and warmup,
     less those whose config section an override sets and every stage that reads one of them."""
+    from soda_distill.manifest import copy_stages
     from soda_distill.registry import STAGES
 
     touched = {override.split(".", 1)[0] for override in overrides}
@@ -102,14 +103,7 @@ def reuse_stages(source: Path, path: Path, overrides: list[str]) -> None:
     for name in ("teacher", "snapshot", "pairs", "warmup"):  # registry order: a stage's needs come first
         if "student" not in touched and name not in touched and all(need in kept for need in STAGES[name].needs):
             kept.append(name)
-    path.mkdir(parents=True)
-    manifest = json.loads((source / "manifest.json").read_text())
-    manifest["stages"] = {name: manifest["stages"][name] for name in kept}
-    for name in kept:
-        for output in STAGES[name].outputs:
-            copy = shutil.copytree if output.endswith("/") else shutil.copyfile
-            copy(source / output, path / output, **({"ignore": shutil.ignore_patterns("checkpoints")} if output.endswith("/") else {}))
-    (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    copy_stages(source, path, kept)
 
 
 def machine() -> str:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -202,3 +203,18 @@ class RunDir:
             m.get("stopped", {}).pop(name, None)  # a stop before this run of it no longer holds
 
         self._update(finish)
+
+
+def copy_stages(source: Path, path: Path, stages: list[str]) -> None:
+    """Start the run directory `path` from the finished `stages` of `source`: their outputs (without checkpoints)
+    and their manifest records, so that a run with other settings for later stages reuses them."""
+    path.mkdir(parents=True)
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["stages"] = {name: manifest["stages"][name] for name in stages}
+    for name in stages:
+        for output in STAGES[name].outputs:
+            if output.endswith("/"):
+                shutil.copytree(source / output, path / output, ignore=shutil.ignore_patterns("checkpoints"))
+            else:
+                shutil.copyfile(source / output, path / output)
+    atomic_write_text(path / "manifest.json", json.dumps(manifest, indent=2) + "\n")
