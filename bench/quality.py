@@ -6,6 +6,7 @@ Dolly held-out, SelfInst and Vicuna, with paired bootstrap intervals (and across
                             [--variant NAME KEY=VALUE ...] [--out DIR]
     python bench/quality.py --methods base,warmup,seqkd,soda --variant rpo 'distill.loss_type=[sigmoid, sft]'
     python bench/quality.py --methods base,warmup,soda --variant other_q0 pairs.rejected_source=other_q0   # Table 2
+    python bench/quality.py --methods base,opd --with-committed --set opd.teacher_model=runs/quality/seed-42/seqkd
 
 The replica takes hours here, so it runs in pieces: each call works for at most --minutes (default 60) and is then
 stopped (every stage and the evaluation resume where they were), and the results say which parts are done:
@@ -125,6 +126,9 @@ def main() -> None:
     parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                         help="SODA again with these settings (from the seed's q_w and q0 answers where they exist), "
                              "its row `SODA (NAME)` paired with the others: an ablation or sweep point")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings for the compared methods' stages, such as OPD's teacher "
+                             "(--methods base,opd --set opd.teacher_model=runs/quality/seed-42/seqkd)")
     parser.add_argument("--out", type=Path, help="where the runs are kept (default runs/quality[-quick])")
     args = parser.parse_args()
     name = "quality-quick" if args.quick else "quality"
@@ -133,7 +137,7 @@ def main() -> None:
     soda_distill = str(Path(sys.executable).parent / "soda-distill")
     settings = [*(QUICK if args.quick else [])]
     cmd = [soda_distill, "compare", str(CONFIG), "--out", str(out), f"compare.seeds=[{','.join(map(str, seeds))}]",
-           *settings, *([f"compare.methods=[{args.methods}]"] if args.methods else [])]
+           *settings, *([f"compare.methods=[{args.methods}]"] if args.methods else []), *args.set]
     rows = RESULTS / name / "rows"
     extra = {}  # more rows of the table: committed ones, and the variants' models
     if args.with_committed:
@@ -166,7 +170,8 @@ def main() -> None:
     record = {
         "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
                    + (f" --methods {args.methods}" if args.methods else "") + (" --with-committed" if args.with_committed else "")
-                   + "".join(f" --variant {' '.join(v)}" for v in args.variant or []),
+                   + "".join(f" --variant {' '.join(v)}" for v in args.variant or [])
+                   + (f" --set {' '.join(args.set)}" if args.set else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "config": "configs/quality.yaml", "overrides": cmd[5:], "variants": [" ".join(c[6:]) for c in commands],
