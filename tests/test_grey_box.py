@@ -69,4 +69,7 @@ def test_warmup_with_teacher_kl_learns_the_teachers_distribution(tmp_path, logpr
             assert info["teacher_kl_unaligned"] <= 2, info  # one tokenizer: nearly every answer lines up
             ce = [m["teacher_topk_ce"] for m in read_metrics(out / "metrics.jsonl") if "teacher_topk_ce" in m]
             assert len(ce) >= 6 and sum(ce[-2:]) < sum(ce[:2]), ce
+            overlap = [m["overlap/ratio"] for m in read_metrics(out / "metrics.jsonl") if "overlap/ratio" in m]
+            # the student's top tokens come to be the teacher's reported ones (0.003 → about 0.1 here)
+            assert len(overlap) == len(ce) and all(0 <= r <= 1 for r in overlap) and sum(overlap[-3:]) > sum(overlap[:3])
     assert result["kl"] < result["text"] - 0.1, result

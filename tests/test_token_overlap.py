@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from soda_distill.token_overlap import overlap_stats, sampled_states
+from soda_distill.token_overlap import overlap_stats, overlap_with_topk, sampled_states
 
 
 def test_overlap_of_known_distributions():
@@ -27,3 +27,18 @@ def test_sampled_states_predict_completion_tokens():
     states = sampled_states(mask, prompt_length=4, count=10, generator=torch.Generator().manual_seed(0))
     assert sorted(map(tuple, states.tolist())) == [(0, 3), (0, 4), (1, 3)]  # the token before each completion token
     assert len(sampled_states(mask, 4, 2, torch.Generator().manual_seed(0))) == 2
+
+
+def test_overlap_with_only_the_teachers_top_k():
+    """Grey-box: the teacher's tokens 1 and 2 at log 0.4 each (token 3 padding); the student's top 2 are 0 and 1."""
+    student = torch.tensor([[0.5, 0.3, 0.1, 0.1]]).log()
+    ids = torch.tensor([[1, 2, 0]])
+    logprobs = torch.tensor([[torch.tensor(0.4).log(), torch.tensor(0.4).log(), float("-inf")]])
+    stats = overlap_with_topk(student, ids, logprobs)
+    assert stats["overlap/ratio"] == pytest.approx(0.5)
+    assert stats["overlap/teacher_mass_shared"] == pytest.approx(0.4)
+    assert stats["overlap/student_mass_shared"] == pytest.approx(0.3)
+    assert stats["overlap/teacher_mass_topk"] == pytest.approx(0.8)
+    # the same as the white-box figures where the whole teacher distribution is known
+    teacher = torch.tensor([[0.1, 0.4, 0.4, 0.1]]).log()
+    assert overlap_with_topk(student, ids[:, :2], logprobs[:, :2]) == pytest.approx(overlap_stats(student, teacher, 2))

@@ -5,13 +5,15 @@ probabilities of its N likeliest tokens. Where the teacher's tokens are the stud
 one by one, are the student's tokens of the same text — `warmup.teacher_kl: λ` adds to the SFT loss, at each such
 token, λ × the cross-entropy of the student's distribution against the teacher's renormalized over those N tokens
 (the forward KL on the teacher's top N, up to the teacher's entropy). An answer whose tokens are not the student's
-trains on its text alone, and is counted (`teacher_kl_unaligned`).
+trains on its text alone, and is counted (`teacher_kl_unaligned`). Each step also logs the token-overlap figures
+(token_overlap.py) at the teacher-scored states, the teacher's side being its top N.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .token_overlap import overlap_with_topk
 from .training import transformers_model
 
 TARGET_KEYS = ("kl_positions", "kl_ids", "kl_logprobs")
@@ -101,5 +103,15 @@ class TeacherKLTrainer:
             return result
         term = topk_cross_entropy(caught["hidden"], inner.get_output_embeddings(), *(targets[k] for k in TARGET_KEYS))
         self._metrics["train"]["teacher_topk_ce"].append(term.item())
+        for key, value in self.token_overlap(caught["hidden"], inner.get_output_embeddings(), targets).items():
+            self._metrics["train"][key].append(value)
         loss = (result[0] if return_outputs else result) + self.teacher_kl * term
         return (loss, *result[1:]) if return_outputs else loss
+
+    @torch.no_grad()
+    def token_overlap(self, hidden, lm_head, targets, states: int = 64) -> dict[str, float]:
+        """token_overlap.py's figures at up to `states` of the batch's teacher-scored states."""
+        rows, cols = (targets["kl_positions"] >= 0).nonzero(as_tuple=True)
+        rows, cols = rows[:states], cols[:states]
+        logits = lm_head(hidden[rows, targets["kl_positions"][rows, cols]].detach())
+        return overlap_with_topk(logits, targets["kl_ids"][rows, cols], targets["kl_logprobs"][rows, cols])

@@ -7,6 +7,7 @@ teacher's k most likely tokens:
 - `overlap/ratio`: |S ∩ T| / k;
 - `overlap/teacher_mass_shared`, `overlap/student_mass_shared`: each model's probability on S ∩ T;
 - `overlap/teacher_mass_topk`: the teacher's probability on its own top k (how much of it k tokens hold).
+White-box (OPD) both distributions are whole; grey-box (SFT with `warmup.teacher_kl`) the teacher's is its top k.
 """
 
 from __future__ import annotations
@@ -26,6 +27,23 @@ def overlap_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k:
         "overlap/teacher_mass_shared": (p_t * shared).sum(-1).mean().item(),
         "overlap/student_mass_shared": (p_s * shared).sum(-1).mean().item(),
         "overlap/teacher_mass_topk": (p_t * in_t).sum(-1).mean().item(),
+    }
+
+
+def overlap_with_topk(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> dict[str, float]:
+    """The same figures where only the teacher's top k are known (a grey-box endpoint's `top_logprobs`): T is those
+    (N, k) ids (log-probability −inf: padding), S the student's k likeliest; the teacher's mass is its reported one."""
+    p_s = student_logits.float().softmax(-1)
+    known = teacher_logprobs > float("-inf")
+    k = known.sum(-1).clamp(min=1)
+    in_s = torch.zeros_like(p_s, dtype=torch.bool).scatter_(-1, p_s.topk(int(k.max()), -1).indices, True)
+    shared = in_s.gather(-1, teacher_ids) & known
+    p_t = teacher_logprobs.float().exp() * known
+    return {
+        "overlap/ratio": (shared.sum(-1) / k).mean().item(),
+        "overlap/teacher_mass_shared": (p_t * shared).sum(-1).mean().item(),
+        "overlap/student_mass_shared": (p_s.gather(-1, teacher_ids) * shared).sum(-1).mean().item(),
+        "overlap/teacher_mass_topk": p_t.sum(-1).mean().item(),
     }
 
 
