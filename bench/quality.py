@@ -129,6 +129,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings for the compared methods' stages, such as OPD's teacher "
                              "(--methods base,opd --set opd.teacher_model=runs/quality/seed-42/seqkd)")
+    parser.add_argument("--reuse-from", type=Path, metavar="DIR",
+                        help="the runs a --variant takes its shared stages from (default --out): another variant's "
+                             "runs, to share its warmup")
     parser.add_argument("--out", type=Path, help="where the runs are kept (default runs/quality[-quick])")
     args = parser.parse_args()
     name = "quality-quick" if args.quick else "quality"
@@ -154,11 +157,14 @@ def main() -> None:
 
         for seed in seeds:
             path = out.parent / f"{out.name}-{variant}" / f"seed-{seed}"
-            if not path.exists() and (out / f"seed-{seed}" / "warmup").is_dir():  # start from its q_w and q0 answers
-                reuse_stages(out / f"seed-{seed}", path, overrides)
+            source = (args.reuse_from or out) / f"seed-{seed}"
+            if not path.exists() and (source / "warmup").is_dir():  # start from its q_w and q0 answers
+                reuse_stages(source, path, overrides)
             commands.append([soda_distill, "run", str(CONFIG), "--method", "soda", "--out", str(path), *settings,
                              *(f"{section}.seed={seed}" for section in SEEDED), "check.limit=0", *overrides])
             extra[f"seed-{seed}/SODA ({variant})"] = str(path / "distill")
+            if any(o.startswith("warmup.") for o in overrides):  # its own q_w: what its DPO started from
+                extra[f"seed-{seed}/Warmup (q_w, {variant})"] = str(path / "warmup")
     if extra:
         cmd.append("evaluate.models={" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in extra.items()) + "}")
     start = time.monotonic()
@@ -171,6 +177,7 @@ def main() -> None:
         "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
                    + (f" --methods {args.methods}" if args.methods else "") + (" --with-committed" if args.with_committed else "")
                    + "".join(f" --variant {' '.join(v)}" for v in args.variant or [])
+                   + (f" --reuse-from {args.reuse_from}" if args.reuse_from else "")
                    + (f" --set {' '.join(args.set)}" if args.set else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),

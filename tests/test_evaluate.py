@@ -96,6 +96,12 @@ def test_rows_evaluated_once_join_a_later_table_from_their_response_files(tmp_pa
         for key in ("rouge_l", "reference_nll", "preference_margin", "preference_accuracy", "length", "paired"):
             assert c[key] == b[key], key
     assert json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["evaluate"]["generated"] == 0
+    # a variant's rows (bench/quality.py's `--variant v`) are paired with each other too: SODA (v) against its own q_w
+    variant = {"a/Warmup (q_w, v)": files["a/Base"], "a/SODA (v)": files["a/SODA"]}
+    cfg = load_config(None, settings + [f"evaluate.models.{name}={path}" for name, path in variant.items()])
+    rows = {r["method"]: r["cells"]["qa"]["paired"] for r in run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "v"))["rows"]}
+    assert "vs Warmup (q_w, v)" in rows["SODA (v)"] and "vs SODA (v)" not in rows["Warmup (q_w, v)"]
+    assert rows["SODA (v)"]["vs Warmup (q_w, v)"]["rouge_l"] == first["rows"][1]["cells"]["qa"]["paired"]["vs Base"]["rouge_l"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(line.replace('"reference_nll": ', '"reference_nll": "x", "was": ') + "\n"
                            for line in Path(files["a/SODA"]).read_text().splitlines()))

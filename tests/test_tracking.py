@@ -52,3 +52,24 @@ def test_a_tracker_unknown_or_not_installed_is_one_line(tmp_path):
         cfg = load_config(None, ["training.report_to=[clearml]"])
         with pytest.raises(SodaError, match=r"training.report_to: clearml is not installed \(pip install clearml\)"):
             tracker_arguments(cfg, tmp_path / "warmup")
+
+
+def test_mlflow_gets_the_training_curves_and_the_stage_figures(tmp_path, qa_file, tiny_model_dir, monkeypatch):
+    """Any other tracker through transformers' own callback: MLflow's local store holds the warmup's loss curve and
+    each stage's manifest figures under the run names RUNDIR/STAGE."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local folder, no database: MLflow 3's documented opt-in
+    cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=8",
+                             "warmup.max_length=128", "warmup.epochs=2", "warmup.batch_size=4", "warmup.learning_rate=1e-3",
+                             "training.report_to=[mlflow]"])
+    run = prepare(cfg, tmp_path / "run")
+    for stage in ("pairs", "warmup"):
+        run_stage(stage, cfg, run)
+    client = mlflow.MlflowClient((tmp_path / "mlruns").as_uri())
+    runs = {r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert {"run/snapshot", "run/pairs", "run/warmup"} <= set(runs)
+    assert runs["run/snapshot"].data.metrics["records"] == 12 and runs["run/snapshot"].data.metrics["wall_s"] > 0
+    assert runs["run/pairs"].data.metrics["kept"] == run.manifest()["stages"]["pairs"]["kept"]
+    losses = [m.value for m in client.get_metric_history(runs["run/warmup"].info.run_id, "loss")]
+    assert len(losses) == 6 and losses[-1] < losses[0]

@@ -1,6 +1,6 @@
 """Experiment trackers (`training.report_to`): TRL's trainers report their per-step metrics through transformers'
 integrations, under the run name RUNDIR/STAGE; the figures soda computes itself (each stage's manifest entry:
-snapshot throughput, pair counts, timings, peak memory; the evaluation's table) go to TensorBoard beside them.
+snapshot throughput, pair counts, timings, peak memory; the evaluation's table) go to the same trackers.
 
     tensorboard --logdir RUNDIR/tensorboard
 """
@@ -46,14 +46,29 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
 
 
 def log_scalars(cfg: Config, stage_dir: Path, values: dict[str, float]) -> None:
-    """soda's own figures of a stage, to TensorBoard where it is one of the trackers (step 0: they are totals)."""
-    if "tensorboard" not in cfg.training.report_to or not values:
+    """soda's own figures of a stage (step 0: they are totals) to every tracker of `training.report_to`, under the
+    run name RUNDIR/STAGE: TensorBoard's tags as they are, any other through transformers' own callback for it (the
+    trainers' route, which may prefix them `train/`)."""
+    report_to = cfg.training.report_to
+    if not report_to or not values:
         return
-    from torch.utils.tensorboard import SummaryWriter
+    if "tensorboard" in report_to:
+        from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(tensorboard_dir(stage_dir))) as writer:
-        for tag, value in values.items():
-            writer.add_scalar(tag, value, 0)
+        with SummaryWriter(str(tensorboard_dir(stage_dir))) as writer:
+            for tag, value in values.items():
+                writer.add_scalar(tag, value, 0)
+    others = [name for name in report_to if name != "tensorboard"]
+    if others:
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+        from transformers.integrations import get_reporting_integration_callbacks
+
+        args = TrainingArguments(output_dir=str(stage_dir), **{**tracker_arguments(cfg, stage_dir), "report_to": others})
+        state, control = TrainerState(), TrainerControl()
+        for callback in (cls() for cls in get_reporting_integration_callbacks(others)):
+            callback.on_train_begin(args, state, control)
+            callback.on_log(args, state, control, logs=values)
+            callback.on_train_end(args, state, control)
 
 
 def evaluation_scalars(results: dict) -> dict[str, float]:

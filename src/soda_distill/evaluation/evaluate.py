@@ -257,19 +257,33 @@ def _per_prompt(label: str, bench: Benchmark, responses: dict, judged: dict) -> 
             "preference_margin": _margin(answers), "preference_accuracy": _ranked(answers), "judge": judge}
 
 
-def baselines_of(method: str) -> list[str]:
+def baselines_of(method: str, others: list[str] = ()) -> list[str]:
     """The baselines a row of `method` is compared with: those before it in the registry (Base, q_w, SeqKD, SODA
-    for GAD; none for Base), every one for a method outside it (a model or file of `evaluate.models`)."""
+    for GAD; none for Base), every one for a method outside it (a model or file of `evaluate.models`), and of
+    `others`, the rows of the same variant before it (`Warmup (q_w, NAME)` for `SODA (NAME)`: a variant's own start)."""
     columns = [m.column for m in METHODS.values()]
     baselines = [METHODS[name].column for name in BASELINES]
-    return [b for b in baselines if method not in columns or columns.index(b) < columns.index(method)]
+    mine = [b for b in baselines if method not in columns or columns.index(b) < columns.index(method)]
+    return mine + [other for other in others if _variant_order(other, method)]
+
+
+def _variant_order(earlier: str, later: str) -> bool:
+    """Whether both are rows of one variant (`Label (NAME)` or `Label (detail, NAME)`, outside the registry) and
+    `earlier`'s method comes first in the registry."""
+    labels = [m.label for m in METHODS.values()]
+    columns = [m.column for m in METHODS.values()]
+    parts = [re.fullmatch(r"(.+?) \((?:.*, )?([^,()]+)\)", m) for m in (earlier, later)]
+    if any(p is None or p[1] not in labels for p in parts) or {earlier, later} & set(columns):
+        return False
+    (label_a, name_a), (label_b, name_b) = (p.groups() for p in parts)
+    return name_a == name_b and labels.index(label_a) < labels.index(label_b)
 
 
 def _paired(row: Row, rows: list[Row], bench: Benchmark, responses: dict, judged: dict) -> dict:
     """This row against the baselines of its own group (`baselines_of`) on the same prompts: mean differences
     (this − that) with paired bootstrap 95% intervals. For NLL lower is better, so a negative difference is an
     improvement."""
-    baselines = baselines_of(row.method)
+    baselines = baselines_of(row.method, [r.method for r in rows if r.group == row.group])
     out = {}
     for other in rows:
         if other.group != row.group or other.method not in baselines or other is row or \
@@ -293,7 +307,7 @@ def across_runs(rows: list[Row], benchmarks: list[Benchmark], responses: dict, j
             continue
         entry = {"method": method, "runs": runs, "cells": {}}
         for b in benchmarks:
-            for baseline in baselines_of(method):
+            for baseline in baselines_of(method, list(dict.fromkeys(r.method for r in rows))):
                 if not all((g, baseline) in by and (by[g, baseline].label, b.name) in responses
                                                  and (by[g, method].label, b.name) in responses for g in runs):
                     continue
