@@ -65,6 +65,12 @@ def summarize(manifest: dict, stages: tuple[str, ...]) -> dict:
     }
 
 
+def own_peak(summary: dict, stages: tuple[str, ...], others: tuple[str, ...]) -> float:
+    """A method's peak memory over the stages the other method does not run: the shared SFT warmup can set both
+    methods' whole peaks, hiding the difference."""
+    return max(summary["stages"][s]["peak_memory_mb"] for s in stages if s not in others)
+
+
 def plot(record: dict, out: Path, path: Path) -> None:
     from soda_distill.plots import label_axes, panels, run_color, save_png
     from soda_distill.records import read_metrics
@@ -136,10 +142,7 @@ def measure(out: Path, quick: bool) -> None:
         "ratios": {
             "time_gad_over_soda": round(gad["wall_s"] / soda["wall_s"], 2),
             "memory_soda_over_gad": round(soda["peak_memory_mb"] / gad["peak_memory_mb"], 2),
-            # The shared SFT warmup can set both peaks; this compares only the stages where the methods differ.
-            "memory_soda_over_gad_own_stages": round(
-                max(soda["stages"][s]["peak_memory_mb"] for s in SODA if s not in GAD)
-                / max(gad["stages"][s]["peak_memory_mb"] for s in GAD if s not in SODA), 2),
+            "memory_soda_over_gad_own_stages": round(own_peak(soda, SODA, GAD) / own_peak(gad, GAD, SODA), 2),
         },
     }
     RESULTS.mkdir(exist_ok=True)
@@ -237,7 +240,8 @@ def sweep(out: Path, quick: bool) -> None:
                    "rollouts": grid["prompts"] * K}
             points.append({"K": K, "L": L, "KL": K * L, "SODA": soda, "GAD": gad,
                            "time_gad_over_soda": round(gad["wall_s"] / soda["wall_s"], 2),
-                           "memory_soda_over_gad": round(soda["peak_memory_mb"] / gad["peak_memory_mb"], 2)})
+                           "memory_soda_over_gad": round(soda["peak_memory_mb"] / gad["peak_memory_mb"], 2),
+                           "memory_soda_over_gad_own_stages": round(own_peak(soda, SODA, GAD) / own_peak(gad, GAD, SODA), 2)})
     models = {m: cost_model(points, m) for m in ("SODA", "GAD")}
     prompt_tokens = soda_manifest["stages"]["pairs"]["lengths"]["prompt"]["mean"]
     record = {
@@ -254,23 +258,31 @@ def sweep(out: Path, quick: bool) -> None:
 
 
 def plot_sweep(record: dict, path: Path) -> None:
+    """Time, ratios and the peak memory of each method's own stages against K·L: SODA one line (its cost does not
+    depend on K), GAD and the ratios one line per K."""
     from soda_distill.plots import label_axes, panels, run_color, save_png
 
     fig, (time_ax, ratio_ax, mem_ax) = panels(3)
-    points = sorted(record["points"], key=lambda p: p["KL"])
-    kl = [p["KL"] for p in points]
-    for i, method in enumerate(("SODA", "GAD")):
-        time_ax.plot(kl, [p[method]["wall_s"] / 60 for p in points], "o-", color=run_color(i), label=method)
-        mem_ax.plot(kl, [p[method]["peak_memory_mb"] / 1024 for p in points], "o-", color=run_color(i), label=method)
-    ratio_ax.plot(kl, [p["time_gad_over_soda"] for p in points], "o-", color=run_color(1), label="time GAD / SODA")
-    ratio_ax.plot(kl, [p["memory_soda_over_gad"] for p in points], "s--", color=run_color(0), label="memory SODA / GAD")
+    ks = sorted({p["K"] for p in record["points"]})
+    soda = sorted({p["L"]: p for p in record["points"]}.values(), key=lambda p: p["L"])  # one per L
+    time_ax.plot([p["L"] for p in soda], [p["SODA"]["wall_s"] / 60 for p in soda], "o-", color=run_color(0), label="SODA (any K; x = L)")
+    mem_ax.plot([p["L"] for p in soda], [own_peak(p["SODA"], SODA, GAD) / 1024 for p in soda], "o-", color=run_color(0),
+                label="SODA: snapshot, pairs, DPO (x = L)")
+    for i, k in enumerate(ks, start=1):
+        line = sorted((p for p in record["points"] if p["K"] == k), key=lambda p: p["KL"])
+        kl = [p["KL"] for p in line]
+        time_ax.plot(kl, [p["GAD"]["wall_s"] / 60 for p in line], "o-", color=run_color(i), label=f"GAD, K={k}")
+        ratio_ax.plot(kl, [p["time_gad_over_soda"] for p in line], "o-", color=run_color(i), label=f"time GAD / SODA, K={k}")
+        ratio_ax.plot(kl, [p["memory_soda_over_gad_own_stages"] for p in line], "s--", color=run_color(i),
+                      label=f"memory SODA / GAD (own stages), K={k}")
+        mem_ax.plot(kl, [own_peak(p["GAD"], GAD, SODA) / 1024 for p in line], "o-", color=run_color(i),
+                    label=f"GAD: discriminator warmup, adversarial, K={k}")
     for ax in (time_ax, ratio_ax, mem_ax):
         ax.set_xscale("log", base=2)
-        ax.legend(fontsize=8)
-    label_axes(time_ax, "wall time", "rollouts × answer length (K·L)", "minutes")
-    label_axes(ratio_ax, f"ratios (projected at the published setting: {record['projection']['time_gad_over_soda']}×)",
-               "K·L", "")
-    label_axes(mem_ax, "peak memory", "K·L", "GiB")
+        ax.legend(fontsize=7)
+    label_axes(time_ax, "wall time, shared warmup included", "rollouts × answer length (K·L)", "minutes")
+    label_axes(ratio_ax, f"ratios (published setting, projected: {record['projection']['time_gad_over_soda']}×)", "K·L", "")
+    label_axes(mem_ax, "peak memory, own stages", "K·L", "GiB")
     fig.suptitle(f"SODA vs GAD against rollouts and length, {record['prompts']} prompts — {record['machine']}")
     save_png(fig, path)
 

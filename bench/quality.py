@@ -97,14 +97,9 @@ def reuse_stages(source: Path, path: Path, overrides: list[str]) -> None:
     """Start a SODA variant in `path` from the stages of `source` it shares: teacher, snapshot, pairs and warmup,
     less those whose config section an override sets and every stage that reads one of them."""
     from soda_distill.manifest import copy_stages
-    from soda_distill.registry import STAGES
+    from soda_distill.registry import shared_stages
 
-    touched = {override.split(".", 1)[0] for override in overrides}
-    kept = []
-    for name in ("teacher", "snapshot", "pairs", "warmup"):  # registry order: a stage's needs come first
-        if "student" not in touched and name not in touched and all(need in kept for need in STAGES[name].needs):
-            kept.append(name)
-    copy_stages(source, path, kept)
+    copy_stages(source, path, shared_stages(overrides))
 
 
 def machine() -> str:

@@ -10,7 +10,7 @@ import pytest
 from soda_distill.errors import SodaError
 from soda_distill.manifest import RunDir
 from soda_distill.plots import TRAINING_CURVES
-from soda_distill.registry import METHODS, STAGES, chain, expected_stages, finished, methods_named
+from soda_distill.registry import METHODS, STAGES, chain, expected_stages, finished, methods_named, shared_stages
 
 
 def test_every_stage_runs_after_what_it_needs():
@@ -39,6 +39,15 @@ def test_method_chains():
     assert [m.column for m in METHODS.values()] == ["Base", "Warmup (q_w)", "SeqKD", "SODA", "GAD", "OPD (white-box)"]
     with pytest.raises(SodaError, match="unknown method 'sodaa'"):
         methods_named(["sodaa"])
+
+
+def test_a_variant_shares_the_stages_its_overrides_leave_alone():
+    """What bench/quality.py's variants and bench/sweep.py's points take from the run they start from."""
+    assert shared_stages(["distill.beta=0.5"]) == ["teacher", "snapshot", "pairs", "warmup"]
+    assert shared_stages(["pairs.rejected_source=other_q0"]) == ["teacher", "snapshot", "warmup"]
+    assert shared_stages(["snapshot.temperature=1.0"]) == ["teacher", "warmup"]  # the pairs read the snapshot
+    assert shared_stages(["warmup.epochs=3", "distill.beta=0.5"]) == ["teacher", "snapshot", "pairs"]
+    assert shared_stages(["student.model=other"]) == []
 
 
 def test_every_training_stage_has_its_curves():

@@ -97,6 +97,17 @@ def chain(stages: list[str]) -> list[str]:
     return [name for name in STAGES if name in wanted]
 
 
+def shared_stages(overrides: list[str], stages: tuple[str, ...] = ("teacher", "snapshot", "pairs", "warmup")) -> list[str]:
+    """Of `stages` (registry order), those a run with these `section.key=value` overrides can take from a run without
+    them: their own config section untouched, and all they need kept too (a new student touches every one)."""
+    touched = {override.split(".", 1)[0] for override in overrides}
+    kept: list[str] = []
+    for name in stages:
+        if "student" not in touched and name not in touched and all(need in kept for need in STAGES[name].needs):
+            kept.append(name)
+    return kept
+
+
 def methods_named(names: list[str]) -> list[Method]:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
