@@ -103,6 +103,9 @@ def test_ld_dpo_counts_only_the_shared_length_of_each_pair(tmp_path, qa_file, ti
     assert first["dpo"] < first["ld"] < 0, first
     with pytest.raises(SodaError, match="distill.ld_alpha must be between 0 and 1"):
         load_config(None, ["distill.ld_alpha=1.5"])
+    for other in ("distill.refresh_every=2", "distill.select=teacher_nll"):  # both assume each answer's own length
+        with pytest.raises(SodaError, match=f"distill.ld_alpha cannot be combined with {other.split('=')[0]}"):
+            load_config(None, ["distill.ld_alpha=0.5", other])
 
 
 def test_selection_trains_dpo_on_the_most_learnable_half(tmp_path, qa_file, tiny_model_dir):

@@ -73,3 +73,11 @@ def test_warmup_with_teacher_kl_learns_the_teachers_distribution(tmp_path, logpr
             # the student's top tokens come to be the teacher's reported ones (0.003 → about 0.1 here)
             assert len(overlap) == len(ce) and all(0 <= r <= 1 for r in overlap) and sum(overlap[-3:]) > sum(overlap[:3])
     assert result["kl"] < result["text"] - 0.1, result
+
+
+def test_teacher_kl_without_any_teacher_logprobs_is_one_line(qa_file, tiny_model_dir):
+    """A teacher file of text alone gives the top-k term nothing to learn: refused, not silently plain SFT."""
+    from soda_distill.errors import SodaError
+
+    with pytest.raises(SodaError, match="teacher_kl is set, but no answer has log-probabilities"):
+        sft_dataset(qa_file, load_tokenizer(str(tiny_model_dir)), kl_max_length=128)

@@ -278,6 +278,12 @@ class DistillConfig(TrainingConfig):
             raise SodaError(f"distill.select_band: expected [lo, hi] with 0 ≤ lo < hi ≤ 1, got {self.select_band}")
         if self.refresh_every is not None and self.refresh_every < 1:
             raise SodaError(f"distill.refresh_every must be at least 1 (optimizer steps; null: never), got {self.refresh_every}")
+        # LD-DPO weighs both answers by their shared length: a new rejected answer would change the chosen answer's
+        # reference term, and the selection scores would no longer be per-token figures.
+        for key in ("refresh_every", "select"):
+            if self.ld_alpha is not None and getattr(self, key) is not None:
+                raise SodaError(f"distill.ld_alpha cannot be combined with distill.{key} (LD-DPO weighs both answers "
+                                f"by their shared length); set one of them to null")
 
 
 @dataclass

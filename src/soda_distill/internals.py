@@ -61,6 +61,10 @@ INTERNALS = (
     Internal("trl:GRPOTrainer", "_prepare_inputs", "stages.gad.GadTrainer",
              "rolls out and scores (training the discriminator) in the steps before the generator learns",
              ("self", "generation_batch"), "self._prepare_inputs("),
+    Internal("transformers:Trainer", "current_gradient_accumulation_steps", "teacher_logprobs.TeacherKLTrainer",
+             "the grey-box top-k term takes its share of an optimizer step as the SFT loss does: divided by the "
+             "accumulation steps only where transformers no longer divides the token-normalized loss",
+             called_as="self.model_accepts_loss_kwargs and num_items_in_batch is not None"),
     Internal("trl:GRPOTrainer", "_step", "stages.gad.GadTrainer",
              "GRPO's micro-step count, which schedules generation: advanced by the discriminator-only steps",
              called_as="self._step += 1"),

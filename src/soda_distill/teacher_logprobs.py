@@ -105,6 +105,10 @@ class TeacherKLTrainer:
         self._metrics["train"]["teacher_topk_ce"].append(term.item())
         for key, value in self.token_overlap(caught["hidden"], inner.get_output_embeddings(), targets).items():
             self._metrics["train"][key].append(value)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # the SFT loss is then a share of the whole optimizer step's tokens, and transformers no longer divides
+            # it by the accumulation steps: this per-batch mean takes its share the same way
+            term = term / self.current_gradient_accumulation_steps
         loss = (result[0] if return_outputs else result) + self.teacher_kl * term
         return (loss, *result[1:]) if return_outputs else loss
 

@@ -18,9 +18,6 @@ from pathlib import Path
 
 from ..records import atomic_write_text
 
-SELECT = ("teacher_nll", "margin", "random")
-
-
 def pair_scores(dataset, by: str, seed: int) -> list[float]:
     """Each training row's score, as `by` ranks them (ascending)."""
     chosen = [-lp / max(len(ids), 1) for lp, ids in zip(dataset["ref_chosen_logps"], dataset["chosen_ids"])]
@@ -44,6 +41,6 @@ def select_pairs(dataset, by: str, band: list[float], seed: int, out: Path):
     mean = lambda rows: round(sum(nll[i] for i in rows) / max(len(rows), 1), 4)
     record = {"by": by, "band": band, "kept": len(kept), "of": len(scores),
               "teacher_nll": {"kept": mean(kept), "all": mean(range(len(nll)))}}
-    pairs = dataset["pair"] if "pair" in dataset.column_names else kept
+    pairs = dataset["pair"]
     atomic_write_text(out / "selection.json", json.dumps({**record, "pairs": sorted(pairs[i] for i in kept)}) + "\n")
     return dataset.select(kept), record

@@ -14,6 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..chat_tokens import chat_ids
 from ..config import Config, WarmupConfig, fingerprint
+from ..errors import SodaError
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, resolve_model, use_bf16
 from ..records import read_examples, read_jsonl, sha256_file
@@ -48,6 +49,10 @@ def sft_dataset(teacher_path: Path, tokenizer, truncated: str = "open", kl_max_l
                                                             scored[ex.id], kl_max_length)
             counts["teacher_kl_unaligned"] += not targets
             rows[-1].update(targets or {"kl_positions": [], "kl_ids": [], "kl_logprobs": []})
+    if kl_max_length and rows and counts["teacher_kl_unaligned"] == len(rows):
+        raise SodaError(f"{teacher_path}: teacher_kl is set, but no answer has log-probabilities whose tokens are the "
+                        f"student's (teacher.top_logprobs unset, or another tokenizer): set teacher_kl to 0 or "
+                        f"collect the answers with teacher.top_logprobs")
     return Dataset.from_list(rows), counts
 
 
