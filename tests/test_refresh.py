@@ -99,6 +99,9 @@ def test_a_run_stopped_after_a_refresh_resumes_to_the_same_weights(tmp_path, qa_
     monkeypatch.setattr(distill, "build_dpo_trainer", build)
     resumed = run_distill(cfg, runs["stopped"], start=tiny_model_dir)
     assert runs["stopped"].manifest()["stages"]["distill"]["resumed_from_step"] == 3
+    counts = [r.manifest()["stages"]["distill"]["refresh"] for r in (runs["uninterrupted"], runs["stopped"])]
+    for key in ("refreshes", "answers", "truncated"):  # the refreshes before the stop counted too
+        assert counts[0][key] == counts[1][key], (key, counts)
     for f in ("step-000002.jsonl", "step-000004.jsonl"):
         assert (resumed / "refreshed" / f).read_text() == (uninterrupted / "refreshed" / f).read_text(), f
     x, y = load_file(uninterrupted / "model.safetensors"), load_file(resumed / "model.safetensors")

@@ -51,10 +51,13 @@ class Refresh:
             if point > step:
                 path.unlink()
                 continue
-            for line in path.read_text().splitlines():
-                record = json.loads(line)
-                self.answers[record["pair"]] = record
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            self.answers.update({record["pair"]: record for record in records})
             self.points.add(point)
+            # the summary counts the refreshes before the stop too (their seconds were spent in another process)
+            self.stats["refreshes"] += 1
+            self.stats["answers"] += len(records)
+            self.stats["truncated"] += sum(record["finish_reason"] == "length" for record in records)
         self.loaded = True
 
     def examples(self, trainer, examples: list[dict]) -> list[dict]:
