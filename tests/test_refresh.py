@@ -13,6 +13,7 @@ from soda_distill.models import load_model, load_tokenizer
 from soda_distill.records import read_metrics, read_pairs
 from soda_distill.stages.distill import run_distill
 from soda_distill.stages.pairs import run_pairs
+from soda_distill.stages.refresh import Refresh
 from soda_distill.stages.snapshot import run_snapshot
 from soda_distill.stages.teacher import run_teacher
 
@@ -26,7 +27,8 @@ def answer_logp(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_refresh_every_regenerates_the_coming_steps_rejected_answers_scored_by_q_w(tmp_path, qa_file, tiny_model_dir, lora):
+def test_refresh_every_regenerates_the_coming_steps_rejected_answers_scored_by_q_w(tmp_path, qa_file, tiny_model_dir, lora,
+                                                                                   monkeypatch):
     """q_w scores the new answers: a frozen copy of it beside the policy, or under LoRA the adapter-off model."""
     cfg = load_config(None, [
         f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
@@ -37,6 +39,9 @@ def test_refresh_every_regenerates_the_coming_steps_rejected_answers_scored_by_q
     run = RunDir(tmp_path / "run")
     for stage in (run_teacher, run_snapshot, run_pairs):
         stage(cfg, run)
+    trained, examples = [], Refresh.examples  # what each micro-batch hands the preference collator, at which step
+    monkeypatch.setattr(Refresh, "examples", lambda self, trainer, batch: trained.append(
+        (trainer.state.global_step, examples(self, trainer, batch))) or trained[-1][1])
     out = run_distill(cfg, run, start=tiny_model_dir)
     info = run.manifest()["stages"]["distill"]
     steps, refresh = info["steps"], info["refresh"]
@@ -51,6 +56,11 @@ def test_refresh_every_regenerates_the_coming_steps_rejected_answers_scored_by_q
     # the new answers are the policy's, not q0's snapshot answers
     pairs = read_pairs(run.output("pairs"))
     assert sum(r["text"] != pairs[r["pair"]]["rejected"][0]["content"] for r in records) >= len(records) // 2
+    # and they are what trains: from step 2 on, each micro-batch's rejected answers are those of its round's refresh
+    latest = {(r["step"], r["pair"]): r for r in records}
+    late = [(step, e["pair"]) for step, batch in trained if step >= 2 for e in batch
+            if e["rejected_ids"] != latest[step // 2 * 2, e["pair"]]["rejected_ids"]]
+    assert len(trained) == 2 * steps and not late, late
     # and q_w (here the start model) is their reference: its log-probability of each, computed afresh
     q_w, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     for r in records[:6]:
