@@ -4,11 +4,12 @@ the warmup's length, on the demo's data (configs/demo.yaml), to choose the demo'
     python bench/sweep.py [--quick] [--out DIR]      # resumable: run it again to continue
 
 Every point is a run directory under DIR (default runs/sweep) that shares the demo's teacher answers, snapshot,
-pairs and (unless the point changes it) warmup, as hard links: each is made once. After each point trains, one evaluation over all points so far scores
-every model on Dolly's held-out prompts: ROUGE-L, the per-token NLL of the human reference, and the preference
-margin (NLL of q0's greedy answer − NLL of the reference), each SODA model against its own warmup q_w with paired
-bootstrap 95% intervals. Beside them, how well DPO learned its own pairs: the mean reward accuracy and margin of
-the last quarter of its steps. Writes bench/results/sweep[-quick].json, .md and .png.
+pairs and warmup — those the point does not change — as hard links: each is made once. After each point trains, one
+evaluation over all points so far scores every model on Dolly's held-out prompts: ROUGE-L, the per-token NLL of the
+human reference, and the preference margin (NLL of q0's greedy answer − NLL of the reference), each SODA model
+against its own warmup q_w, and against SODA at the demo's settings (and a point's control, where it has one), with
+paired bootstrap 95% intervals. Beside them, how well DPO learned its own pairs: the mean reward accuracy and margin
+of the last quarter of its steps. Writes bench/results/sweep[-quick].json, .md and .png.
 """
 
 from __future__ import annotations
@@ -24,20 +25,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = ("teacher", "snapshot", "pairs")  # and the warmup, for every point that leaves warmup.* as it is
-# One change at a time from the demo's settings of the time (distill lr 5e-6, β 0.1, 1 epoch; warmup 1 epoch).
+# One change at a time from the demo's settings (distill lr 5e-6, β 0.1, 1 epoch; warmup 1 epoch). The lr5e-5 points
+# came first, when the demo's DPO barely moved; the points after them change the demo as it now is: its DPO (β,
+# epochs), its warmup's length (is SODA's deficit to SeqKD its shorter SFT?), and the paper's Table 2 (the source of
+# the rejected answers) with the cut negatives dropped beside it.
 POINTS = {
     "demo": [],
     "lr5e-5": ["distill.learning_rate=5e-5"],
     "lr2e-5": ["distill.learning_rate=2e-5"],
+    "warmup3": ["warmup.epochs=3"],
+    "beta0.5": ["distill.beta=0.5"],
+    "beta0.02": ["distill.beta=0.02"],
+    "ep2": ["distill.epochs=2"],
+    "other_q0": ["pairs.rejected_source=other_q0"],
+    "degraded_teacher": ["pairs.rejected_source=degraded_teacher"],
+    "dropcut": ["pairs.truncated_rejected=drop"],
+    "select_nll": ["distill.select=teacher_nll"],  # the half of the pairs whose teacher answers q_w finds likeliest
+    "select_random": ["distill.select=random"],  # a random half: selection's control
+    "refresh4": ["distill.refresh_every=4"],  # the on-policy dial: rejected answers from the current student every 4 steps
+    "warmup0.5": ["warmup.epochs=0.5"],
     "lr1e-4": ["distill.learning_rate=1e-4"],
     "lr5e-5_beta0.5": ["distill.learning_rate=5e-5", "distill.beta=0.5"],
     "lr5e-5_beta0.02": ["distill.learning_rate=5e-5", "distill.beta=0.02"],
-    "lr5e-5_ep2": ["distill.learning_rate=5e-5", "distill.epochs=2"],
-    "lr5e-5_warmup2": ["distill.learning_rate=5e-5", "warmup.epochs=2"],
-    "lr5e-5_warmup0.5": ["distill.learning_rate=5e-5", "warmup.epochs=0.5"],
 }
 QUICK_POINTS = ("demo", "lr5e-5")
+CONTROLS = {"select_nll": "select_random"}  # a point also paired with its control, beside the demo point
 METRICS = ("rouge_l", "reference_nll", "preference_margin", "preference_accuracy")
 EVALUATE = ["evaluate.benchmarks=[dolly]", "evaluate.limit=30", "evaluate.max_new_tokens=96"]
 QUICK = ["data.limit=16", "snapshot.max_new_tokens=64", "evaluate.limit=10", "evaluate.max_new_tokens=64"]
@@ -74,17 +86,38 @@ def learned(run: Path) -> dict:
             "reward_margin_last_quarter": round(statistics.fmean(m["rewards/margins"] for m in tail), 3)}
 
 
+def versus(evaldir: Path, point: str, other: str, bench: str) -> dict:
+    """SODA at `point` − SODA at `other` on the same held-out prompts (paired bootstrap), from the evaluation's
+    per-prompt records: the two points' models side by side, each with its own warmup."""
+    from soda_distill.evaluation.evaluate import slug
+    from soda_distill.registry import METHODS
+    from soda_distill.stats import paired_difference
+
+    def figures(name: str) -> dict[str, dict]:
+        path = evaldir / "responses" / slug(f"{name}/{METHODS['soda'].column}") / f"{slug(bench)}.jsonl"
+        records = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+        margin = lambda r: None if None in (r["q0_answer_nll"], r["reference_nll"]) else r["q0_answer_nll"] - r["reference_nll"]
+        return {"rouge_l": {i: r["rouge_l"] for i, r in records.items()},
+                "reference_nll": {i: r["reference_nll"] for i, r in records.items()},
+                "preference_margin": {i: margin(r) for i, r in records.items()}}
+
+    mine, theirs = figures(point), figures(other)
+    return {metric: paired_difference([mine[metric][i] for i in ids], [theirs[metric][i] for i in ids])
+            for metric in mine for ids in [sorted(mine[metric].keys() & theirs[metric].keys())]}
+
+
 def summarize(results: dict, out: Path, points: dict) -> dict:
     from soda_distill.registry import METHODS
 
     soda, warmup = METHODS["soda"].column, METHODS["warmup"].column
     bench = results["benchmarks"][0]["name"]
+    done = {row["model"] for row in results["rows"] if row["method"] == soda}
     summary = {}
     for row in results["rows"]:
         if row["method"] != soda:
             continue
         c = row["cells"][bench]
-        versus = c["paired"][f"vs {warmup}"]
+        own_start = c["paired"][f"vs {warmup}"]
         base = c["paired"]["vs Base"]
         manifest = json.loads((out / row["model"] / "manifest.json").read_text())
         summary[row["model"]] = {
@@ -93,8 +126,10 @@ def summarize(results: dict, out: Path, points: dict) -> dict:
             "distill_wall_s": manifest["stages"]["distill"]["wall_s"],
             "warmup_wall_s": manifest["stages"]["warmup"]["wall_s"],
             **{metric: c.get(metric) for metric in METRICS},
-            **{f"{metric}_vs_warmup": versus.get(metric) for metric in METRICS},
+            **{f"{metric}_vs_warmup": own_start.get(metric) for metric in METRICS},
             **{f"{metric}_vs_base": base.get(metric) for metric in METRICS},
+            "versus": {other: versus(out / "_evaluation", row["model"], other, bench)
+                       for other in ("demo", CONTROLS.get(row["model"])) if other in done and other != row["model"]},
         }
     return summary
 
@@ -112,6 +147,13 @@ def markdown(record: dict) -> str:
                      f"{show(p['rouge_l_vs_warmup'], 2)} | {show(p['reference_nll_vs_warmup'], 3)} | "
                      f"{show(p['preference_margin_vs_warmup'], 3)} | {show(p.get('preference_accuracy_vs_warmup'), 1)} | "
                      f"{p['distill_wall_s']:.0f} |")
+    against = [(name, other, d) for name, p in record["points"].items() for other, d in p.get("versus", {}).items()]
+    if against:
+        lines += ["", "The same points against SODA at the demo's settings, or at their control (this point − that one, "
+                  "same prompts; each point's model from its own warmup):", "",
+                  "| point | against | Δ ROUGE-L | Δ reference NLL | Δ preference margin |", "| --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {other} | {show(d['rouge_l'], 2)} | {show(d['reference_nll'], 3)} | "
+                  f"{show(d['preference_margin'], 3)} |" for name, other, d in against]
     return "\n".join(lines) + "\n"
 
 
@@ -153,6 +195,7 @@ def main() -> None:
     from soda_distill.config import load_config
     from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
     from soda_distill.pipeline import prepare, run_methods, run_stage
+    from soda_distill.registry import shared_stages
 
     base = ["student.model=embedded", *(QUICK if args.quick else [])]
     names = args.points.split(",") if args.points else list(QUICK_POINTS if args.quick else POINTS)
@@ -169,7 +212,7 @@ def main() -> None:
         if not args.summarize:
             cfg = load_config(demo, [*base, *overrides])
             target.mkdir(parents=True, exist_ok=True)
-            share(shared.path, target, SHARED + (() if any(o.startswith("warmup.") for o in overrides) else ("warmup",)))
+            share(shared.path, target, shared_stages(overrides))
             run_methods(cfg, prepare(cfg, target), ["soda"])
         elif not (target / "distill" / "config.json").is_file():
             continue
