@@ -42,3 +42,8 @@ def test_overlap_with_only_the_teachers_top_k():
     # the same as the white-box figures where the whole teacher distribution is known
     teacher = torch.tensor([[0.1, 0.4, 0.4, 0.1]]).log()
     assert overlap_with_topk(student, ids[:, :2], logprobs[:, :2]) == pytest.approx(overlap_stats(student, teacher, 2))
+    # each state with its own k: beside a state whose teacher reports 3 tokens, the first state's S stays 2 tokens
+    second = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    three = torch.tensor([[0, 1, 3]]), torch.tensor([[0.5, 0.3, 0.1]]).log()
+    stats = overlap_with_topk(torch.cat([second, second]), torch.cat([ids, three[0]]), torch.cat([logprobs, three[1]]))
+    assert stats["overlap/ratio"] == pytest.approx((1 / 2 + 2 / 3) / 2)  # S = {0, 1} against T = {1, 2}; {0, 1, 2} against {0, 1, 3}

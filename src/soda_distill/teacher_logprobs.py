@@ -114,8 +114,9 @@ class TeacherKLTrainer:
 
     @torch.no_grad()
     def token_overlap(self, hidden, lm_head, targets, states: int = 64) -> dict[str, float]:
-        """token_overlap.py's figures at up to `states` of the batch's teacher-scored states."""
+        """token_overlap.py's figures at up to `states` of the batch's teacher-scored states, drawn afresh each step."""
         rows, cols = (targets["kl_positions"] >= 0).nonzero(as_tuple=True)
-        rows, cols = rows[:states], cols[:states]
+        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.state.global_step))[:states]
+        rows, cols = rows[pick.to(rows.device)], cols[pick.to(cols.device)]
         logits = lm_head(hidden[rows, targets["kl_positions"][rows, cols]].detach())
         return overlap_with_topk(logits, targets["kl_ids"][rows, cols], targets["kl_logprobs"][rows, cols])

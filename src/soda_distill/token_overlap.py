@@ -32,12 +32,14 @@ def overlap_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k:
 
 def overlap_with_topk(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> dict[str, float]:
     """The same figures where only the teacher's top k are known (a grey-box endpoint's `top_logprobs`): T is those
-    (N, k) ids (log-probability −inf: padding), S the student's k likeliest; the teacher's mass is its reported one."""
+    (N, k) ids (log-probability −inf: padding), S the student's k likeliest, k each state's own count of known ids;
+    the teacher's mass is its reported one."""
     p_s = student_logits.float().softmax(-1)
     known = teacher_logprobs > float("-inf")
     k = known.sum(-1).clamp(min=1)
-    in_s = torch.zeros_like(p_s, dtype=torch.bool).scatter_(-1, p_s.topk(int(k.max()), -1).indices, True)
-    shared = in_s.gather(-1, teacher_ids) & known
+    # a teacher token is in S where fewer than k tokens are likelier to the student
+    likelier = p_s.shape[-1] - torch.searchsorted(p_s.sort(-1).values, p_s.gather(-1, teacher_ids).contiguous(), right=True)
+    shared = (likelier < k[:, None]) & known
     p_t = teacher_logprobs.float().exp() * known
     return {
         "overlap/ratio": (shared.sum(-1) / k).mean().item(),
