@@ -7,8 +7,8 @@ Every point is a run directory under DIR (default runs/sweep) that shares the de
 pairs and warmup — those the point does not change — as hard links: each is made once. After each point trains, one
 evaluation over all points so far scores every model on Dolly's held-out prompts: ROUGE-L, the per-token NLL of the
 human reference, and the preference margin (NLL of q0's greedy answer − NLL of the reference), each SODA model
-against its own warmup q_w, and against SODA at the demo's settings (and a point's control, where it has one), with
-paired bootstrap 95% intervals. Beside them, how well DPO learned its own pairs: the mean reward accuracy and margin
+against its own warmup q_w, against SODA at the demo's settings (and a point's control, where it has one), and
+against the demo's SeqKD, with paired bootstrap 95% intervals. Beside them, how well DPO learned its own pairs: the mean reward accuracy and margin
 of the last quarter of its steps. Writes bench/results/sweep[-quick].json, .md and .png.
 """
 
@@ -49,6 +49,7 @@ POINTS = {
     "lr5e-5_beta0.02": ["distill.learning_rate=5e-5", "distill.beta=0.02"],
 }
 QUICK_POINTS = ("demo", "lr5e-5")
+SHARED = "_shared"  # the run the points share their stages with; its SeqKD is every point's baseline
 CONTROLS = {"select_nll": "select_random"}  # a point also paired with its control, beside the demo point
 METRICS = ("rouge_l", "reference_nll", "preference_margin", "preference_accuracy")
 EVALUATE = ["evaluate.benchmarks=[dolly]", "evaluate.limit=30", "evaluate.max_new_tokens=96"]
@@ -86,22 +87,21 @@ def learned(run: Path) -> dict:
             "reward_margin_last_quarter": round(statistics.fmean(m["rewards/margins"] for m in tail), 3)}
 
 
-def versus(evaldir: Path, point: str, other: str, bench: str) -> dict:
-    """SODA at `point` − SODA at `other` on the same held-out prompts (paired bootstrap), from the evaluation's
-    per-prompt records: the two points' models side by side, each with its own warmup."""
+def versus(evaldir: Path, mine: str, theirs: str, bench: str) -> dict:
+    """Row `mine` − row `theirs` (MODEL/METHOD labels) on the same held-out prompts (paired bootstrap), from the
+    evaluation's per-prompt records: two points' SODA models side by side, or one against the demo's SeqKD."""
     from soda_distill.evaluation.evaluate import slug
-    from soda_distill.registry import METHODS
     from soda_distill.stats import paired_difference
 
-    def figures(name: str) -> dict[str, dict]:
-        path = evaldir / "responses" / slug(f"{name}/{METHODS['soda'].column}") / f"{slug(bench)}.jsonl"
+    def figures(label: str) -> dict[str, dict]:
+        path = evaldir / "responses" / slug(label) / f"{slug(bench)}.jsonl"
         records = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
         margin = lambda r: None if None in (r["q0_answer_nll"], r["reference_nll"]) else r["q0_answer_nll"] - r["reference_nll"]
         return {"rouge_l": {i: r["rouge_l"] for i, r in records.items()},
                 "reference_nll": {i: r["reference_nll"] for i, r in records.items()},
                 "preference_margin": {i: margin(r) for i, r in records.items()}}
 
-    mine, theirs = figures(point), figures(other)
+    mine, theirs = figures(mine), figures(theirs)
     return {metric: paired_difference([mine[metric][i] for i in ids], [theirs[metric][i] for i in ids])
             for metric in mine for ids in [sorted(mine[metric].keys() & theirs[metric].keys())]}
 
@@ -109,12 +109,13 @@ def versus(evaldir: Path, point: str, other: str, bench: str) -> dict:
 def summarize(results: dict, out: Path, points: dict) -> dict:
     from soda_distill.registry import METHODS
 
-    soda, warmup = METHODS["soda"].column, METHODS["warmup"].column
+    soda, warmup, seqkd = METHODS["soda"].column, METHODS["warmup"].column, METHODS["seqkd"].column
     bench = results["benchmarks"][0]["name"]
+    rows = {(row["model"], row["method"]) for row in results["rows"]}
     done = {row["model"] for row in results["rows"] if row["method"] == soda}
     summary = {}
     for row in results["rows"]:
-        if row["method"] != soda:
+        if row["method"] != soda or row["model"] == SHARED:
             continue
         c = row["cells"][bench]
         own_start = c["paired"][f"vs {warmup}"]
@@ -128,8 +129,11 @@ def summarize(results: dict, out: Path, points: dict) -> dict:
             **{metric: c.get(metric) for metric in METRICS},
             **{f"{metric}_vs_warmup": own_start.get(metric) for metric in METRICS},
             **{f"{metric}_vs_base": base.get(metric) for metric in METRICS},
-            "versus": {other: versus(out / "_evaluation", row["model"], other, bench)
-                       for other in ("demo", CONTROLS.get(row["model"])) if other in done and other != row["model"]},
+            "versus": {
+                **{other: versus(out / "_evaluation", f"{row['model']}/{soda}", f"{other}/{soda}", bench)
+                   for other in ("demo", CONTROLS.get(row["model"])) if other in done and other != row["model"]},
+                **({seqkd: versus(out / "_evaluation", f"{row['model']}/{soda}", f"{SHARED}/{seqkd}", bench)}
+                   if (SHARED, seqkd) in rows else {})},
         }
     return summary
 
@@ -149,8 +153,8 @@ def markdown(record: dict) -> str:
                      f"{p['distill_wall_s']:.0f} |")
     against = [(name, other, d) for name, p in record["points"].items() for other, d in p.get("versus", {}).items()]
     if against:
-        lines += ["", "The same points against SODA at the demo's settings, or at their control (this point − that one, "
-                  "same prompts; each point's model from its own warmup):", "",
+        lines += ["", "The same points against SODA at the demo's settings, their control, and the demo's SeqKD (SFT to "
+                  "its least held-out loss; this point − that one, same prompts; each point's model from its own warmup):", "",
                   "| point | against | Δ ROUGE-L | Δ reference NLL | Δ preference margin |", "| --- | --- | ---: | ---: | ---: |"]
         lines += [f"| {name} | {other} | {show(d['rouge_l'], 2)} | {show(d['reference_nll'], 3)} | "
                   f"{show(d['preference_margin'], 3)} |" for name, other, d in against]
@@ -203,9 +207,9 @@ def main() -> None:
     demo = ROOT / "configs" / "demo.yaml"
     if not args.summarize:
         shared_cfg = load_config(demo, base)
-        shared = prepare(shared_cfg, args.out / "_shared")
-        run_stage("pairs", shared_cfg, shared)
-        run_stage("warmup", shared_cfg, shared)
+        shared = prepare(shared_cfg, args.out / SHARED)
+        for stage in ("pairs", "warmup", "seqkd"):
+            run_stage(stage, shared_cfg, shared)
     done = []
     for name, overrides in points.items():
         target = args.out / name
@@ -217,7 +221,8 @@ def main() -> None:
         elif not (target / "distill" / "config.json").is_file():
             continue
         done.append(str(target))
-        ev = load_config(demo, [*EVALUATE, *base, f"evaluate.runs=[{','.join(done)}]"])  # --quick's limits win
+        runs = [str(args.out / SHARED)] * (args.out / SHARED / "seqkd" / "config.json").is_file() + done
+        ev = load_config(demo, [*EVALUATE, *base, f"evaluate.runs=[{','.join(runs)}]"])  # --quick's limits win
         results = run_evaluate(ev, prepare_evaluation(ev, args.out / "_evaluation"))
         summary = summarize(results, args.out, points)
         record = {
