@@ -149,6 +149,7 @@ def main() -> None:
     commands = []
     for variant, *overrides in args.variant or []:
         from soda_distill.compare import SEEDED
+        from soda_distill.registry import shared_stages
 
         for seed in seeds:
             path = out.parent / f"{out.name}-{variant}" / f"seed-{seed}"
@@ -158,7 +159,7 @@ def main() -> None:
             commands.append([soda_distill, "run", str(CONFIG), "--method", "soda", "--out", str(path), *settings,
                              *(f"{section}.seed={seed}" for section in SEEDED), "check.limit=0", *overrides])
             extra[f"seed-{seed}/SODA ({variant})"] = str(path / "distill")
-            if any(o.startswith("warmup.") for o in overrides):  # its own q_w: what its DPO started from
+            if "warmup" not in shared_stages(overrides):  # its own q_w: what its DPO started from
                 extra[f"seed-{seed}/Warmup (q_w, {variant})"] = str(path / "warmup")
     if extra:
         cmd.append("evaluate.models={" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in extra.items()) + "}")

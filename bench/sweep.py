@@ -90,16 +90,16 @@ def learned(run: Path) -> dict:
 def versus(evaldir: Path, mine: str, theirs: str, bench: str) -> dict:
     """Row `mine` − row `theirs` (MODEL/METHOD labels) on the same held-out prompts (paired bootstrap), from the
     evaluation's per-prompt records: two points' SODA models side by side, or one against the demo's SeqKD."""
-    from soda_distill.evaluation.evaluate import slug
+    from soda_distill.evaluation.evaluate import preference_margins, slug
     from soda_distill.stats import paired_difference
 
     def figures(label: str) -> dict[str, dict]:
         path = evaldir / "responses" / slug(label) / f"{slug(bench)}.jsonl"
-        records = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
-        margin = lambda r: None if None in (r["q0_answer_nll"], r["reference_nll"]) else r["q0_answer_nll"] - r["reference_nll"]
-        return {"rouge_l": {i: r["rouge_l"] for i, r in records.items()},
-                "reference_nll": {i: r["reference_nll"] for i, r in records.items()},
-                "preference_margin": {i: margin(r) for i, r in records.items()}}
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        ids = [r["id"] for r in records]
+        return {"rouge_l": {i: r["rouge_l"] for i, r in zip(ids, records)},
+                "reference_nll": {i: r["reference_nll"] for i, r in zip(ids, records)},
+                "preference_margin": dict(zip(ids, preference_margins(records)))}
 
     mine, theirs = figures(mine), figures(theirs)
     return {metric: paired_difference([mine[metric][i] for i in ids], [theirs[metric][i] for i in ids])

@@ -216,7 +216,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^\w.-]+|^\.", "_", text) or "_"
 
 
-def _margin(responses: list[dict]) -> list[float | None]:
+def preference_margins(responses: list[dict]) -> list[float | None]:
     """Per prompt, how much more likely per token the model finds the reference answer than q0's own greedy answer:
     NLL(q0's answer) − NLL(reference), in nats. Its change from Base is DPO's implicit reward margin per token, with
     Base as the reference model, on prompts no model trained on."""
@@ -227,12 +227,12 @@ def _margin(responses: list[dict]) -> list[float | None]:
 def _ranked(responses: list[dict]) -> list[float | None]:
     """Per prompt, 100 where the model finds the reference answer more likely per token than q0's own greedy
     answer, else 0: the held-out preference accuracy's terms."""
-    return [None if m is None else 100.0 * (m > 0) for m in _margin(responses)]
+    return [None if m is None else 100.0 * (m > 0) for m in preference_margins(responses)]
 
 
 def _nll(responses: list[dict]) -> dict:
     values = [r["reference_nll"] for r in responses if r["reference_nll"] is not None]
-    margins = [m for m in _margin(responses) if m is not None]
+    margins = [m for m in preference_margins(responses) if m is not None]
     ranked = [r for r in _ranked(responses) if r is not None]
     return {"reference_nll": round(statistics.fmean(values), 4) if values else None,
             "reference_nll_ci95": bootstrap_ci(values),
@@ -254,7 +254,7 @@ def _per_prompt(label: str, bench: Benchmark, responses: dict, judged: dict) -> 
             judge[i] = statistics.fmean(shares) if shares else None
     return {"rouge_l": rouge_l_per_prompt([it.reference for it in bench.items], answers),
             "reference_nll": [r["reference_nll"] for r in answers],
-            "preference_margin": _margin(answers), "preference_accuracy": _ranked(answers), "judge": judge}
+            "preference_margin": preference_margins(answers), "preference_accuracy": _ranked(answers), "judge": judge}
 
 
 def baselines_of(method: str, others: list[str] = ()) -> list[str]:
