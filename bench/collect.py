@@ -1,6 +1,6 @@
 """Collection at production size: N prompts through the endpoint client against a loopback responder that answers at
 once (tests/responder.py, in a process of its own), so what is measured is *our* client: requests/s at the configured
-concurrency, peak RSS, and the time and memory to resume from the N-line cache.
+concurrency, the client's CPU time per request, peak RSS, and the time and memory to resume from the N-line cache.
 
     python bench/collect.py [--prompts 100000] [--concurrency 64] [--quick]
 
@@ -57,10 +57,10 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cache_path = Path(tmp) / "cache.jsonl"
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             sent = collect(section, "bench", jobs, AppendLog(cache_path, "key"), Path(tmp) / "failed.jsonl", "failed",
                            "run again")
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             after_collect = rss_mb()
             # Resume: open the n-line cache and find nothing left to ask, as a rerun does.
             start = time.perf_counter()
@@ -78,6 +78,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "prompts": n, "sent": sent, "concurrency": args.concurrency,
         "requests_per_s": round(n / seconds, 1), "collect_s": round(seconds, 1),
+        "client_cpu_ms_per_request": round(1000 * cpu / n, 2),
         "resume_s": round(resume_s, 2), "cache_mb": cache_mb,
         "rss_mb_after_collect": after_collect[0], "peak_rss_mb": after_resume[1], "rss_mb_after_resume": after_resume[0],
     }

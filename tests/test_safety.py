@@ -102,3 +102,18 @@ def test_request_headers_come_from_the_environment_and_are_written_nowhere(tmp_p
         assert secret.encode() not in path.read_bytes(), path
     printed = capsys.readouterr()
     assert secret not in printed.out + printed.err
+
+
+def test_credentials_in_a_url_reach_the_endpoint_as_basic_auth(tmp_path, prompts_file):
+    import base64
+
+    from responder import Responder
+
+    responder = Responder()
+    url = responder.url.replace("http://", "http://ann:s%40cret@")  # percent-encoded as a URL must carry "@"
+    try:
+        assert main(["teacher", "--out", str(tmp_path / "run"), f"data.prompts={prompts_file}", f"teacher.base_url={url}",
+                     "teacher.model=m", "teacher.api_key_env=null"]) == 0
+    finally:
+        responder.close()
+    assert {h["authorization"] for h in responder.headers} == {"Basic " + base64.b64encode(b"ann:s@cret").decode()}

@@ -84,3 +84,23 @@ def test_spend_limits_are_operational_keys():
 
     assert fingerprint(load_config(None, ["teacher.max_cost_usd=3", "teacher.requests_per_minute=60"]).teacher) == \
         fingerprint(load_config(None, []).teacher)
+
+
+def test_a_collection_runs_inside_a_running_event_loop(tmp_path, responder):
+    """As from a notebook, whose cell already runs in an event loop: the requests get a loop of their own."""
+    import asyncio
+
+    from soda_distill.config import EndpointConfig
+    from soda_distill.records import AppendLog
+
+    section = EndpointConfig(base_url=responder.url, model="m", api_key_env=None, concurrency=4)
+    bodies = [{"model": "m", "messages": [{"role": "user", "content": f"Q{i}"}], "max_tokens": 5} for i in range(6)]
+    jobs = {endpoint.request_key(responder.url, b): (f"q{i}", b) for i, b in enumerate(bodies)}
+    cache = AppendLog(tmp_path / "cache.jsonl", "key")
+
+    async def cell():
+        return endpoint.collect(section, "t", jobs, cache, tmp_path / "failed.jsonl", "failed", "run again")
+
+    assert asyncio.run(cell()) == 6
+    assert sorted(responder.asked) == [f"Q{i}" for i in range(6)]
+    assert {r["content"] for r in cache.records.values()} == {f"ok: Q{i}" for i in range(6)}

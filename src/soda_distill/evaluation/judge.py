@@ -127,12 +127,12 @@ def judged(answers: list[dict]) -> dict:
         return {"scores": None, "error": str(e), **outcome}
 
 
-def judge_once(client, body: dict, section: JudgeConfig) -> dict:
+async def judge_once(client, body: dict, section: JudgeConfig) -> dict:
     """Ask until the reply parses, at most 1 + `parse_retries` times. (Through the Batch API, a judgment is asked
     once: each retry would be another batch.)"""
     answers = []
     for _ in range(max(section.parse_retries, 0) + 1):
-        answers.append(ask(client, body, section, "evaluate.judge"))
+        answers.append(await ask(client, body, section, "evaluate.judge"))
         outcome = judged(answers)
         if outcome["scores"] is not None:
             break
