@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,26 +53,6 @@ CONTROLS = {"select_nll": "select_random"}  # a point also paired with its contr
 METRICS = ("rouge_l", "reference_nll", "preference_margin", "preference_accuracy")
 EVALUATE = ["evaluate.benchmarks=[dolly]", "evaluate.limit=30", "evaluate.max_new_tokens=96"]
 QUICK = ["data.limit=16", "snapshot.max_new_tokens=64", "evaluate.limit=10", "evaluate.max_new_tokens=64"]
-
-
-def share(source: Path, target: Path, stages: tuple[str, ...]) -> None:
-    """Give `target` the finished `stages` of `source`: their outputs hard-linked, their manifest records copied."""
-    from soda_distill.registry import STAGES
-
-    manifest = json.loads((source / "manifest.json").read_text())
-    own = json.loads((target / "manifest.json").read_text()) if (target / "manifest.json").exists() else {"stages": {}, "inputs": {}}
-    for name in stages:
-        if name in own["stages"]:
-            continue
-        for output in STAGES[name].outputs:
-            src, dst = source / output.rstrip("/"), target / output.rstrip("/")
-            if src.is_dir():
-                shutil.copytree(src, dst, copy_function=os.link, dirs_exist_ok=True)
-            elif src.exists() and not dst.exists():
-                os.link(src, dst)
-        own["stages"][name] = manifest["stages"][name]
-    own["inputs"] = {**manifest.get("inputs", {}), **own.get("inputs", {})}
-    (target / "manifest.json").write_text(json.dumps(own, indent=2) + "\n")
 
 
 def learned(run: Path) -> dict:
@@ -198,6 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     from soda_distill.config import load_config
     from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
+    from soda_distill.manifest import copy_stages
     from soda_distill.pipeline import prepare, run_methods, run_stage
     from soda_distill.registry import shared_stages
 
@@ -216,7 +196,7 @@ def main() -> None:
         if not args.summarize:
             cfg = load_config(demo, [*base, *overrides])
             target.mkdir(parents=True, exist_ok=True)
-            share(shared.path, target, shared_stages(overrides))
+            copy_stages(shared.path, target, shared_stages(overrides), link=True)
             run_methods(cfg, prepare(cfg, target), ["soda"])
         elif not (target / "distill" / "config.json").is_file():
             continue
@@ -226,7 +206,7 @@ def main() -> None:
         results = run_evaluate(ev, prepare_evaluation(ev, args.out / "_evaluation"))
         summary = summarize(results, args.out, points)
         record = {
-            "command": "python bench/sweep.py" + (" --quick" if args.quick else ""),
+            "command": "python bench/sweep.py" + (" --quick" if args.quick else "") + (f" --points {args.points}" if args.points else ""),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(),
             "config": "configs/demo.yaml", "shared_overrides": base, "evaluation": EVALUATE,

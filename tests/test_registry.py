@@ -50,6 +50,27 @@ def test_a_variant_shares_the_stages_its_overrides_leave_alone():
     assert shared_stages(["student.model=other"]) == []
 
 
+def test_a_variant_starts_from_copies_or_links_of_the_shared_stages(tmp_path):
+    from soda_distill.manifest import copy_stages
+
+    source = tmp_path / "source"
+    (source / "warmup" / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    (source / "warmup" / "model.safetensors").write_text("weights")
+    for name in ("teacher", "snapshot", "pairs"):
+        (source / f"{name}.jsonl").write_text(name)
+    stages = {name: {"status": "done", "fingerprint": name} for name in ("teacher", "snapshot", "pairs", "warmup")}
+    (source / "manifest.json").write_text(json.dumps({"stages": stages, "inputs": {"prompts": "abc"}}))
+    copy_stages(source, tmp_path / "copy", shared_stages(["warmup.epochs=3"]))
+    copied = json.loads((tmp_path / "copy" / "manifest.json").read_text())
+    assert list(copied["stages"]) == ["teacher", "snapshot", "pairs"] and copied["inputs"] == {"prompts": "abc"}
+    assert not (tmp_path / "copy" / "warmup").exists() and (tmp_path / "copy" / "pairs.jsonl").stat().st_nlink == 1
+    linked = tmp_path / "linked"  # a sweep's point: linked, and given more stages on a later call
+    copy_stages(source, linked, ["teacher"], link=True)
+    copy_stages(source, linked, shared_stages(["distill.beta=0.5"]), link=True)
+    assert list(json.loads((linked / "manifest.json").read_text())["stages"]) == ["teacher", "snapshot", "pairs", "warmup"]
+    assert (linked / "warmup" / "model.safetensors").stat().st_nlink == 2 and not (linked / "warmup" / "checkpoints").exists()
+
+
 def test_every_training_stage_has_its_curves():
     assert {c.stage for c in TRAINING_CURVES} == {name for name, s in STAGES.items() if s.metrics}
     assert all(c.metrics == STAGES[c.stage].metrics for c in TRAINING_CURVES)

@@ -205,16 +205,21 @@ class RunDir:
         self._update(finish)
 
 
-def copy_stages(source: Path, path: Path, stages: list[str]) -> None:
-    """Start the run directory `path` from the finished `stages` of `source`: their outputs (without checkpoints)
-    and their manifest records, so that a run with other settings for later stages reuses them."""
-    path.mkdir(parents=True)
+def copy_stages(source: Path, path: Path, stages: list[str], link: bool = False) -> None:
+    """Start the run directory `path` (or add to it) from the finished `stages` of `source` it lacks: their outputs
+    (without checkpoints) and their manifest records, so that a run with other settings for later stages reuses them.
+    With `link` the outputs are hard links: for runs on one disk that only read them (a sweep's points)."""
+    path.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((source / "manifest.json").read_text())
-    manifest["stages"] = {name: manifest["stages"][name] for name in stages}
-    for name in stages:
+    own = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {**manifest, "stages": {}}
+    copy = os.link if link else shutil.copy2
+    for name in (n for n in stages if n not in own["stages"]):
         for output in STAGES[name].outputs:
-            if output.endswith("/"):
-                shutil.copytree(source / output, path / output, ignore=shutil.ignore_patterns("checkpoints"))
-            else:
-                shutil.copyfile(source / output, path / output)
-    atomic_write_text(path / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+            src, dst = source / output.rstrip("/"), path / output.rstrip("/")
+            if src.is_dir():
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"), copy_function=copy, dirs_exist_ok=True)
+            elif src.exists() and not dst.exists():
+                copy(src, dst)
+        own["stages"][name] = manifest["stages"][name]
+    own["inputs"] = {**manifest.get("inputs", {}), **own.get("inputs", {})}
+    atomic_write_text(path / "manifest.json", json.dumps(own, indent=2) + "\n")
