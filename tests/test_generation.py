@@ -40,15 +40,20 @@ def _answers(model, tokenizer, sampling):
     return [out[i] for i in range(len(PROMPTS))]
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_the_model_generation_config_does_not_change_decoding(tiny_model_dir, temperature):
-    """A model that ships a repetition penalty, no-repeat n-grams and top-k decodes by `Sampling` alone."""
+@pytest.mark.parametrize("temperature,lora", [(0.0, False), (1.0, False), (0.0, True)])
+def test_the_model_generation_config_does_not_change_decoding(tiny_model_dir, temperature, lora):
+    """A model that ships a repetition penalty, no-repeat n-grams and top-k decodes by `Sampling` alone; also inside
+    a LoRA wrapper (the on-policy refresh generates with one), whose generate reads its base model's settings."""
     tokenizer = load_tokenizer(str(tiny_model_dir))
     sampling = Sampling(max_new_tokens=16, temperature=temperature, seed=3)
     plain = _answers(load_model(str(tiny_model_dir)), tokenizer, sampling)
     model = load_model(str(tiny_model_dir))
     shipped = model.generation_config
     shipped.repetition_penalty, shipped.no_repeat_ngram_size, shipped.top_k, shipped.min_new_tokens = 50.0, 1, 2, 16
+    if lora:  # a fresh adapter leaves the model's function as it was
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert _answers(model, tokenizer, sampling) == plain
     assert model.generation_config is shipped and shipped.repetition_penalty == 50.0  # the model's own is left as it was
 

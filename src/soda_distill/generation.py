@@ -127,11 +127,13 @@ def generate_transformers(
 
 @contextmanager
 def _generation_config(model, config: GenerationConfig):
-    saved, model.generation_config = model.generation_config, config
+    # A LoRA-wrapped model's generate reads its base model's settings: they are set there.
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved, target.generation_config = target.generation_config, config
     try:
         yield
     finally:
-        model.generation_config = saved
+        target.generation_config = saved
 
 
 def vllm_engine(model_path: str, bf16: bool, seed: int):
