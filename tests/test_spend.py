@@ -78,6 +78,37 @@ def test_requests_per_minute_are_kept_to_before_any_429(tmp_path, prompts_file, 
     assert all(sum(t <= u < t + 0.8 for u in times) <= 4 for t in times)
 
 
+def test_a_spend_limit_counts_requests_waiting_for_the_rate_limit(tmp_path, prompts_file, responder, monkeypatch, capsys):
+    """Requests held back by the rate limit are spend in flight: the limit is not passed by those let through later."""
+    monkeypatch.setattr(endpoint.RateLimit, "WINDOW_S", 0.3)
+    limit = 2 * sum(USAGE[k] for k in ("prompt_tokens", "completion_tokens"))
+    run = tmp_path / "run"
+    assert main(teacher_args(run, prompts_file, responder, "teacher.requests_per_minute=1", "teacher.concurrency=4",
+                             "teacher.max_tokens=1", f"teacher.max_total_tokens={limit}")) == 2
+    assert "stopped at its spend limit" in capsys.readouterr().err
+    cached = [obj for _, obj in read_jsonl(run / "teacher_cache.jsonl")]
+    assert len(responder.asked) == len(cached) and sum(sum(a["usage"].values()) for a in cached) <= limit
+
+
+def test_a_failed_write_stops_the_collection_at_once(tmp_path, responder, monkeypatch):
+    """A full disk while answers arrive: the error comes out and no more requests are paid for."""
+    import errno
+
+    from soda_distill.config import EndpointConfig
+    from soda_distill.records import AppendLog
+
+    def full(self, records):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(AppendLog, "append", full)
+    section = EndpointConfig(base_url=responder.url, model="m", api_key_env=None, concurrency=2)
+    bodies = [{"model": "m", "messages": [{"role": "user", "content": f"Q{i}"}], "max_tokens": 5} for i in range(40)]
+    jobs = {endpoint.request_key(responder.url, b): (f"q{i}", b) for i, b in enumerate(bodies)}
+    with pytest.raises(OSError, match="No space left"):
+        endpoint.collect(section, "t", jobs, AppendLog(tmp_path / "cache.jsonl", "key"), tmp_path / "f.jsonl", "failed", "again")
+    assert len(responder.asked) <= 4  # the requests in flight when the first write failed, not all 40
+
+
 def test_spend_limits_are_operational_keys():
     """They change what is sent, not what an answer is: a stage finished without them stays finished."""
     from soda_distill.config import fingerprint

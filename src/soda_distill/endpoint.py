@@ -297,13 +297,23 @@ def collect(
 
 
 def _run(coroutine):
-    """asyncio.run, also where an event loop runs already (a notebook): then on a thread of its own."""
+    """asyncio.run, also where an event loop runs already (a notebook): then on a thread of its own, which an
+    interrupt stops too."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coroutine)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
+    loop = asyncio.new_event_loop()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(loop.run_until_complete, coroutine)
+            try:
+                return future.result()
+            except BaseException:
+                loop.call_soon_threadsafe(lambda: [task.cancel() for task in asyncio.all_tasks(loop)])
+                raise
+    finally:
+        loop.close()
 
 
 async def _answer_concurrently(section: EndpointConfig, name: str, todo: list, call: Callable, cache: AppendLog,
@@ -312,10 +322,18 @@ async def _answer_concurrently(section: EndpointConfig, name: str, todo: list, c
     allow it. Answers that arrive in the same turn of the loop are appended together. Returns (the limit that stopped
     the collection or None, requests sent)."""
     queue, rate, loop = iter(todo), RateLimit(section), asyncio.get_running_loop()
-    arrived, state = [], {"stopped": None, "sent": 0}
+    arrived, state, workers, write_error = [], {"stopped": None, "sent": 0}, [], []
 
     def write() -> None:
-        cache.append(arrived)
+        if not arrived or write_error:
+            return
+        try:
+            cache.append(arrived)
+        except OSError as e:  # a full disk: nothing more is sent, and the caller reports it in one line
+            write_error.append(e)
+            for w in workers:
+                w.cancel()
+            return
         bar.update(len(arrived))
         arrived.clear()
 
@@ -326,11 +344,11 @@ async def _answer_concurrently(section: EndpointConfig, name: str, todo: list, c
             state["stopped"] = spend.limit_reached(estimate)
             if state["stopped"]:
                 return
-            await rate.wait(sum(estimate.values()))
             ticket = object()
-            spend.in_flight[ticket] = estimate
-            state["sent"] += 1
+            spend.in_flight[ticket] = estimate  # counted from the check on, through any wait for the rate limit
             try:
+                await rate.wait(sum(estimate.values()))
+                state["sent"] += 1
                 answer = await call(client, body)
             except RequestFailed as e:
                 failures.append({"id": rid, "reason": str(e)})
@@ -343,15 +361,17 @@ async def _answer_concurrently(section: EndpointConfig, name: str, todo: list, c
                 del spend.in_flight[ticket]
 
     async with make_client(section, name, asynchronous=True) as client:
-        workers = [asyncio.ensure_future(worker(client)) for _ in range(section.concurrency)]
+        workers.extend(asyncio.ensure_future(worker(client)) for _ in range(section.concurrency))
         try:
             await asyncio.gather(*workers)
-        except BaseException:  # a fatal answer or an interrupt: the others stop, what arrived is kept
+        except BaseException:  # a fatal answer, an interrupt or a failed write: the others stop, what arrived is kept
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-            raise
+            if not write_error:
+                raise
         finally:
-            if arrived:
-                write()
+            write()
+    if write_error:
+        raise write_error[0]
     return state["stopped"], state["sent"]
