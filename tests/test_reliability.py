@@ -72,14 +72,14 @@ def test_judge_through_a_faulty_endpoint(tmp_path, chat_server):
     template = tmp_path / "template.txt"  # short, so the CPU-bound server answers quickly
     template.write_text("Question: {question}\nAssistant 1: {answer_1}\nAssistant 2: {answer_2}\n"
                         "Rate each assistant from 1 to 10. First line: the two scores, e.g. 7 4.")
-    proxy = FaultProxy(chat_server["url"], fault_rate=0.35, seed=8, hang_s=5.5)  # a hang outlasts the 5 s timeout
+    proxy = FaultProxy(chat_server["url"], fault_rate=0.35, seed=8, hang_s=10.5)  # a hang outlasts the 10 s timeout
     max_retries, parse_retries = 1, 1  # a small budget, so that some judgments do fail
     ev = load_config(None, [
         f"evaluate.judge.base_url={proxy.url}/v1", f"evaluate.judge.model={chat_server['model']}",
         "evaluate.judge.api_key_env=null", f"evaluate.judge.template={template}", "evaluate.judge.max_tokens=4",
         f"evaluate.judge.parse_retries={parse_retries}", f"evaluate.judge.max_retries={max_retries}",
         "evaluate.judge.concurrency=4", "evaluate.judge.backoff_initial_s=0.01", "evaluate.judge.backoff_max_s=0.05",
-        "evaluate.judge.timeout_s=5.0",
+        "evaluate.judge.timeout_s=10.0",  # room for a CPU-bound server on a loaded machine
     ]).evaluate
     triples = [(Item(id=f"q{i}", prompt=[{"role": "user", "content": f"Say the number {i}."}], reference=None, category=None,
                      instruction="", input=""), f"{i}.", f"The number is {i}.") for i in range(N_JUDGED)]
