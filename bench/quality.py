@@ -7,6 +7,7 @@ Dolly held-out, SelfInst and Vicuna, with paired bootstrap intervals (and across
     python bench/quality.py --methods base,warmup,seqkd,soda --variant rpo 'distill.loss_type=[sigmoid, sft]'
     python bench/quality.py --methods base,warmup,soda --variant other_q0 pairs.rejected_source=other_q0   # Table 2
     python bench/quality.py --methods base,opd --with-committed --set opd.teacher_model=runs/quality/seed-42/seqkd
+    python bench/quality.py --methods none --with-committed --variant w3 warmup.epochs=3   # Base's answers as committed
 
 The replica takes hours here, so it runs in pieces: each call works for at most --minutes (default 60) and is then
 stopped (every stage and the evaluation resume where they were), and the results say which parts are done:
@@ -114,7 +115,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60, help="stop after this long (it resumes next time)")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds (the aim: 42,43,44)")
     parser.add_argument("--methods", help="comma-separated methods, a subset of the config's compare.methods: the "
-                        "evaluation covers those trained so far, so a part of the table is ready before the whole")
+                        "evaluation covers those trained so far, so a part of the table is ready before the whole; "
+                        "`none` with --with-committed: the committed rows and the variants only")
     parser.add_argument("--with-committed", action="store_true",
                         help="add the rows whose answers and figures are committed (bench/results/quality/rows/) and "
                              "that this call does not make: the table grows across sessions without their models")
@@ -135,14 +137,15 @@ def main() -> None:
     soda_distill = str(Path(sys.executable).parent / "soda-distill")
     settings = [*(QUICK if args.quick else [])]
     cmd = [soda_distill, "compare", str(CONFIG), "--out", str(out), f"compare.seeds=[{','.join(map(str, seeds))}]",
-           *settings, *([f"compare.methods=[{args.methods}]"] if args.methods else []), *args.set]
+           *settings, *([f"compare.methods=[{'' if args.methods == 'none' else args.methods}]"] if args.methods else []),
+           *args.set]
     rows = RESULTS / name / "rows"
     extra = {}  # more rows of the table: committed ones, and the variants' models
     if args.with_committed:
         from soda_distill.config import load_config
         from soda_distill.registry import METHODS
 
-        methods = args.methods.split(",") if args.methods else load_config(CONFIG).compare.methods
+        methods = ([] if args.methods == "none" else args.methods.split(",")) if args.methods else load_config(CONFIG).compare.methods
         made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}
         index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
         extra.update({label: str(rows / file) for label, file in index.items() if label not in made})
