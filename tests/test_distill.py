@@ -110,17 +110,21 @@ def test_ld_dpo_counts_only_the_shared_length_of_each_pair(tmp_path, qa_file, ti
 
 def test_selection_trains_dpo_on_the_most_learnable_half(tmp_path, qa_file, tiny_model_dir):
     """distill.select: teacher_nll keeps the pairs whose teacher answer q_w finds likeliest per token (here q_w is
-    the start model: its NLL computed afresh names the same half); random keeps as many others."""
+    the start model: its NLL computed afresh names the same half); random keeps as many others. distill.max_length
+    cuts some teacher answers, whose NLL is then per token of the part scored."""
     import json
     import math
 
+    from conftest import QA
     from test_refresh import answer_logp
 
     from soda_distill.chat_tokens import chat_ids
     from soda_distill.records import read_pairs
 
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    max_length = 3 + max(len(chat_ids(tokenizer, qa["messages"][:1], "", False)[0]) for qa in QA)
     settings = [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
-                "distill.batch_size=2", "distill.epochs=1", "distill.max_length=128", "student.bf16=false"]
+                "distill.batch_size=2", "distill.epochs=1", f"distill.max_length={max_length}", "student.bf16=false"]
     kept = {}
     for by in ("teacher_nll", "random"):
         cfg = load_config(None, settings + [f"distill.select={by}", "distill.select_band=[0.0, 0.5]"])
@@ -133,11 +137,15 @@ def test_selection_trains_dpo_on_the_most_learnable_half(tmp_path, qa_file, tiny
         info = run.manifest()["stages"]["distill"]
         assert info["selection"]["kept"] == len(kept[by]) == info["pairs"] // 2
         assert info["steps"] == math.ceil(len(kept[by]) / 2)
-    pairs, tokenizer, q_w = read_pairs(run.output("pairs")), load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
-    nll = []
+    pairs, q_w = read_pairs(run.output("pairs")), load_model(str(tiny_model_dir))
+    nll, cut = [], 0
     for pair in pairs:
         prompt_ids, chosen_ids = chat_ids(tokenizer, pair["prompt"], pair["chosen"][0]["content"], pair["chosen_truncated"])
-        nll.append(-answer_logp(q_w, prompt_ids, chosen_ids) / len(chosen_ids))
+        scored = chosen_ids[: max_length - len(prompt_ids)]
+        cut += len(scored) < len(chosen_ids)
+        nll.append(-answer_logp(q_w, prompt_ids, scored) / len(scored))
+    assert cut >= len(pairs) // 4, cut
+    assert selection["teacher_nll"]["all"] == pytest.approx(sum(nll) / len(nll), abs=1e-3)
     assert kept["teacher_nll"] == set(sorted(range(len(pairs)), key=nll.__getitem__)[: len(pairs) // 2])
     assert kept["random"] != kept["teacher_nll"]
     mean = lambda rows: sum(nll[i] for i in rows) / len(rows)

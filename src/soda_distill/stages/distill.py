@@ -133,7 +133,8 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
         trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl", ref_model)
         if cfg.distill.select:  # ranked by the reference pass TRL has just made
             trainer.train_dataset, info["selection"] = select_pairs(trainer.train_dataset, cfg.distill.select,
-                                                                    cfg.distill.select_band, cfg.distill.seed, out)
+                                                                    cfg.distill.select_band, cfg.distill.seed,
+                                                                    cfg.distill.max_length, out)
         if every:
             s = cfg.snapshot
             trainer.refresh_with(Refresh(

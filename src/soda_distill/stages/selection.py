@@ -18,26 +18,33 @@ from pathlib import Path
 
 from ..records import atomic_write_text
 
-def pair_scores(dataset, by: str, seed: int) -> list[float]:
+def per_token_nll(dataset, answer: str, max_length: int) -> list[float]:
+    """q_w's NLL per scored token of each row's `answer` (chosen or rejected): TRL's reference pass scores prompt +
+    answer cut to max_length from the start, so a long answer's sum covers only its first tokens."""
+    scored = lambda prompt, ids: max(min(len(ids), max_length - len(prompt)), 1)
+    return [-lp / scored(prompt, ids) for lp, prompt, ids in
+            zip(dataset[f"ref_{answer}_logps"], dataset["prompt_ids"], dataset[f"{answer}_ids"])]
+
+
+def pair_scores(dataset, by: str, seed: int, max_length: int) -> list[float]:
     """Each training row's score, as `by` ranks them (ascending)."""
-    chosen = [-lp / max(len(ids), 1) for lp, ids in zip(dataset["ref_chosen_logps"], dataset["chosen_ids"])]
+    chosen = per_token_nll(dataset, "chosen", max_length)
     if by == "teacher_nll":
         return chosen
     if by == "margin":
-        rejected = [-lp / max(len(ids), 1) for lp, ids in zip(dataset["ref_rejected_logps"], dataset["rejected_ids"])]
-        return [c - r for c, r in zip(chosen, rejected)]
+        return [c - r for c, r in zip(chosen, per_token_nll(dataset, "rejected", max_length))]
     rng = random.Random(seed)
     return [rng.random() for _ in chosen]
 
 
-def select_pairs(dataset, by: str, band: list[float], seed: int, out: Path):
+def select_pairs(dataset, by: str, band: list[float], seed: int, max_length: int, out: Path):
     """The rows of `dataset` (its reference log-probabilities computed) in `band` of the ranking `by`, in their
     order; writes `selection.json` in `out`. Returns the subset and what the manifest records."""
-    scores = pair_scores(dataset, by, seed)
+    scores = pair_scores(dataset, by, seed, max_length)
     ranked = sorted(range(len(scores)), key=lambda i: scores[i])
     lo, hi = (round(f * len(ranked)) for f in band)
     kept = sorted(ranked[lo:hi])
-    nll = pair_scores(dataset, "teacher_nll", seed)
+    nll = per_token_nll(dataset, "chosen", max_length)
     mean = lambda rows: round(sum(nll[i] for i in rows) / max(len(rows), 1), 4)
     record = {"by": by, "band": band, "kept": len(kept), "of": len(scores),
               "teacher_nll": {"kept": mean(kept), "all": mean(range(len(nll)))}}
