@@ -141,21 +141,27 @@ def markdown(record: dict) -> str:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
+    """Each point's learning on its own pairs, then its held-out difference to its own warmup and to the demo's SeqKD."""
     from soda_distill.plots import label_axes, panels, run_color, save_png
+    from soda_distill.registry import METHODS
 
+    seqkd = METHODS["seqkd"].column
     names = list(summary)
-    fig, axes = panels(4)
-    panels_spec = [("DPO reward accuracy on its pairs\n(last quarter of steps)", lambda s: (s["dpo"]["reward_accuracy_last_quarter"], None)),
-                   ("Δ ROUGE-L vs its warmup", lambda s: (s["rouge_l_vs_warmup"]["difference"], s["rouge_l_vs_warmup"]["ci95"])),
-                   ("Δ reference NLL vs its warmup\n(lower is better)", lambda s: (s["reference_nll_vs_warmup"]["difference"], s["reference_nll_vs_warmup"]["ci95"])),
-                   ("Δ preference margin vs its warmup", lambda s: (s["preference_margin_vs_warmup"]["difference"], s["preference_margin_vs_warmup"]["ci95"]))]
-    for ax, (heading, value) in zip(axes, panels_spec):
+    interval = lambda d: (d["difference"], d["ci95"]) if d else (None, None)
+    spec = [("DPO reward accuracy on its pairs\n(last quarter of steps)", lambda s: (s["dpo"]["reward_accuracy_last_quarter"], None))]
+    for against, figures in (("its warmup", lambda s, m: s[f"{m}_vs_warmup"]), (seqkd, lambda s, m: s.get("versus", {}).get(seqkd, {}).get(m))):
+        spec += [(f"Δ {heading} vs {against}" + ("\n(lower is better)" if metric == "reference_nll" else ""),
+                  lambda s, metric=metric, figures=figures: interval(figures(s, metric)))
+                 for metric, heading in (("rouge_l", "ROUGE-L"), ("reference_nll", "reference NLL"),
+                                         ("preference_margin", "preference margin"))]
+    fig, axes = panels(len(spec))
+    for ax, (heading, value) in zip(axes, spec):
         for i, name in enumerate(names):
             v, ci = value(summary[name])
-            err = [[v - ci[0]], [ci[1] - v]] if ci else None
-            ax.barh(i, v, xerr=err, color=run_color(i), capsize=3)
+            if v is not None:
+                ax.barh(i, v, xerr=[[v - ci[0]], [ci[1] - v]] if ci else None, color=run_color(i), capsize=3)
         ax.axvline(0.5 if "accuracy" in heading else 0, color="grey", lw=0.8)
-        ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names), fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
         label_axes(ax, heading, "", "", grid="x")
     fig.suptitle(title, fontsize=9)
     save_png(fig, path)
@@ -174,7 +180,12 @@ def main() -> None:
     parser.add_argument("--points", help="comma-separated subset of the points, in this order")
     parser.add_argument("--summarize", action="store_true",
                         help="train nothing: evaluate and write up the points already trained under --out")
+    parser.add_argument("--replot", action="store_true", help="only the Markdown and the chart again, from the results' JSON")
     args = parser.parse_args()
+    stem = "sweep-quick" if args.quick else "sweep"
+    if args.replot:
+        record = json.loads((RESULTS / f"{stem}.json").read_text())
+        return write_up(record, stem)
     from soda_distill.config import load_config
     from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
     from soda_distill.manifest import copy_stages
@@ -214,12 +225,15 @@ def main() -> None:
             "points": summary,
         }
         RESULTS.mkdir(exist_ok=True)
-        stem = "sweep-quick" if args.quick else "sweep"
         (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-        (RESULTS / f"{stem}.md").write_text(markdown(record))
-        plot(summary, RESULTS / f"{stem}.png", f"SODA's DPO on the demo's pairs: one change at a time "
-                                              f"({len(summary)}/{len(names)} points, Dolly held-out)")
+        write_up(record, stem)
         print(json.dumps({name: summary[name]["dpo"] for name in summary}, indent=1), flush=True)
+
+
+def write_up(record: dict, stem: str) -> None:
+    (RESULTS / f"{stem}.md").write_text(markdown(record))
+    plot(record["points"], RESULTS / f"{stem}.png", f"SODA's DPO on the demo's pairs: one change at a time "
+                                                    f"({len(record['points_done'])}/{len(record['points_planned'])} points, Dolly held-out)")
 
 
 if __name__ == "__main__":
