@@ -139,8 +139,11 @@ def _generation_config(model, config: GenerationConfig):
 def vllm_engine(model_path: str, bf16: bool, seed: int):
     from vllm import LLM
 
+    # On a CPU vLLM reserves 90% of all memory for its KV cache unless told a size, and refuses to start when other
+    # processes hold more than a tenth: a fixed 4 GiB instead (its VLLM_CPU_KVCACHE_SPACE, in GiB, still wins).
+    cache = {} if torch.cuda.is_available() else {"kv_cache_memory_bytes": 4 << 30}
     # generation_config="vllm": vLLM's neutral defaults, not the model's generation_config.json
-    return LLM(model=model_path, dtype="bfloat16" if bf16 else "float32", seed=seed, generation_config="vllm")
+    return LLM(model=model_path, dtype="bfloat16" if bf16 else "float32", seed=seed, generation_config="vllm", **cache)
 
 
 def vllm_sampling(sampling: Sampling, indices: list[int]) -> list[dict]:
