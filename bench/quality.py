@@ -180,7 +180,8 @@ def main() -> None:
                    + (f" --set {' '.join(args.set)}" if args.set else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "config": "configs/quality.yaml", "overrides": cmd[5:], "variants": [" ".join(c[6:]) for c in commands],
+        "config": "configs/quality.yaml", "overrides": [o.replace(f"{ROOT}/", "") for o in cmd[5:]],  # the same on every machine
+        "variants": [" ".join(c[6:]).replace(f"{ROOT}/", "") for c in commands],
         "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
         **progress(out, seeds),
     }

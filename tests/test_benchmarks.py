@@ -6,6 +6,7 @@ from conftest import write_jsonl
 from soda_distill.config import load_config
 from soda_distill.errors import InputError, SodaError
 from soda_distill.evaluation.benchmarks import alpaca_prompt, load_benchmarks, student_prompt
+from soda_distill.records import shown_data_path
 
 
 def test_shipped_benchmarks_load_with_references():
@@ -15,6 +16,9 @@ def test_shipped_benchmarks_load_with_references():
         assert all(it.reference and it.category for it in b.items), b.name
         assert len({it.id for it in b.items}) == len(b.items)
     assert "242 of the 252" in benchmarks[1].note and "GPT-3.5-turbo" in benchmarks[2].note
+    # results name a shipped file the same way on every machine; a user's own file keeps its path
+    assert [shown_data_path(b.path) for b in benchmarks] == ["builtin:dolly_heldout", "builtin:self_instruct", "builtin:vicuna"]
+    assert shown_data_path("/data/vicuna.jsonl") == "/data/vicuna.jsonl"
 
 
 def test_alpaca_layout_is_minillms():

@@ -352,6 +352,12 @@ def sha256_file(path: Path) -> str:
 BUILTIN = "builtin:"
 
 
+def shown_data_path(path: str) -> str:
+    """A data file as results show it: a shipped one as `builtin:NAME`, the same on every machine; others as given."""
+    shipped = Path(str(resources.files("soda_distill") / "data"))
+    return f"{BUILTIN}{Path(path).stem}" if Path(path).parent == shipped and Path(path).suffix == ".jsonl" else path
+
+
 def resolve_data_path(value: str | None) -> str | None:
     """`builtin:NAME` → a data file shipped with the package; other paths → absolute."""
     if value is None:

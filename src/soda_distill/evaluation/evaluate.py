@@ -26,7 +26,8 @@ from ..generation import Sampling, generate_transformers, generate_vllm, prompt_
 from ..manifest import RunDir
 from ..models import context_length, load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from ..plots import plot_results
-from ..records import AppendLog, atomic_write_jsonl, atomic_write_text, read_examples, read_jsonl, resolve_data_path
+from ..records import (AppendLog, atomic_write_jsonl, atomic_write_text, read_examples, read_jsonl, resolve_data_path,
+                       shown_data_path)
 from ..registry import METHODS, methods_named
 from ..stats import bootstrap_ci, paired_difference, seeded_paired_difference
 from ..tracking import evaluation_scalars, log_scalars
@@ -377,7 +378,7 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
                 "sampling": Sampling(max_new_tokens=ev.max_new_tokens).describe(),
                 "backend": ev.backend, "limit": ev.limit, "exact_match_max_words": ev.exact_match_max_words,
             },
-            "benchmarks": [{"name": b.name, "path": b.path, "prompts": len(b.items), "note": b.note} for b in benchmarks],
+            "benchmarks": [{"name": b.name, "path": shown_data_path(b.path), "prompts": len(b.items), "note": b.note} for b in benchmarks],
             "reference": reference_info,
             "judge": judge_totals,
             "rows": [
