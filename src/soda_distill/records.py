@@ -350,12 +350,12 @@ def sha256_file(path: Path) -> str:
 
 
 BUILTIN = "builtin:"
+SHIPPED_DATA = resources.files("soda_distill") / "data"
 
 
 def shown_data_path(path: str) -> str:
     """A data file as results show it: a shipped one as `builtin:NAME`, the same on every machine; others as given."""
-    shipped = Path(str(resources.files("soda_distill") / "data"))
-    return f"{BUILTIN}{Path(path).stem}" if Path(path).parent == shipped and Path(path).suffix == ".jsonl" else path
+    return f"{BUILTIN}{Path(path).stem}" if Path(path).parent == Path(str(SHIPPED_DATA)) and Path(path).suffix == ".jsonl" else path
 
 
 def resolve_data_path(value: str | None) -> str | None:
@@ -366,10 +366,9 @@ def resolve_data_path(value: str | None) -> str | None:
         return value
     if value.startswith(BUILTIN):
         name = value[len(BUILTIN):]
-        shipped = resources.files("soda_distill") / "data"
-        path = shipped / f"{name}.jsonl"
+        path = SHIPPED_DATA / f"{name}.jsonl"
         if not path.is_file():
-            names = sorted(p.name.removesuffix(".jsonl") for p in shipped.iterdir() if p.name.endswith(".jsonl"))
+            names = sorted(p.name.removesuffix(".jsonl") for p in SHIPPED_DATA.iterdir() if p.name.endswith(".jsonl"))
             raise SodaError(f"unknown built-in data set {name!r} (shipped: {', '.join(names)})")
         return str(path)
     return str(Path(value).expanduser().resolve())
