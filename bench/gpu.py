@@ -11,6 +11,8 @@ embedded model itself where it is installed): times and memory are the real stud
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import platform
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,19 +45,48 @@ def student() -> str:
     return str(target)
 
 
-def part(name: str, cmd: list[str], limit_s: int, env: dict | None = None) -> dict:
-    """Run one part; its return code, wall time and, where it failed, the end of its output."""
+def dry_check(cmd: list[str]) -> dict:
+    """--dry: what a part would run, checked without running it: its accelerate config and soda config (with the
+    overrides) load, its methods exist, and a bench script takes its arguments."""
+    try:
+        if "--config_file" in cmd:
+            from accelerate.commands.config.config_args import load_config_from_file
+
+            load_config_from_file(str(ROOT / cmd[cmd.index("--config_file") + 1]))
+        if "soda_distill" in cmd:
+            from soda_distill.config import load_config
+            from soda_distill.registry import methods_named
+
+            rest = cmd[cmd.index("run") + 1:]
+            load_config(str(ROOT / rest[0]), [a for a in rest[1:] if "=" in a and not a.startswith("-")])
+            methods_named([rest[rest.index("--method") + 1]] if "--method" in rest else [])
+        else:
+            subprocess.run([*cmd, "--help"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    except Exception as e:  # noqa: BLE001 (every failure is this part's outcome)
+        return {"ok": False, "returncode": "dry: refused", "output_tail": f"{type(e).__name__}: {e}"[-3000:]}
+    return {"ok": True, "returncode": "dry: checked"}
+
+
+def part(name: str, cmd: list[str], limit_s: float, env: dict | None = None, dry: bool = False) -> dict:
+    """Run one part (with dry, only check it); its return code, wall time and, where it failed, the end of its
+    output."""
+    if dry:
+        print(f"== {name} (dry): {' '.join(cmd)}", flush=True)
+        return dry_check(cmd)
+    if limit_s < 30:
+        print(f"== {name}: skipped, the script's time is spent", flush=True)
+        return {"ok": False, "returncode": "skipped: out of time"}
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit_s,
                               env={**os.environ, **(env or {})})
         code, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as e:
-        code, output = "timeout", f"{e.stdout or ''}{e.stderr or ''}"
+    except subprocess.TimeoutExpired as e:  # its captured output comes as bytes, text=True notwithstanding
+        code, output = "timeout", b"".join(o for o in (e.stdout, e.stderr) if o).decode(errors="replace")
     record = {"ok": code == 0, "returncode": code, "wall_s": round(time.perf_counter() - start, 1)}
     if code != 0:
-        record["output_tail"] = output[-3000:] if isinstance(output, str) else str(output)[-3000:]
+        record["output_tail"] = output[-3000:]
     print(json.dumps(record)[:400], flush=True)
     return record
 
@@ -73,34 +105,46 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="toy sizes: check this script on a CPU")
+    parser.add_argument("--dry", action="store_true", help="check every part's command, run none (CI runs this)")
+    parser.add_argument("--budget", type=float, default=480, help="seconds for all parts (the parts left are skipped)")
     args = parser.parse_args()
     import torch
 
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = student()
+    model = str(WORK / "student") if args.dry else student()
     python, toy = sys.executable, args.smoke
     size = (["data.limit=8", "snapshot.max_new_tokens=16", "gad.max_new_tokens=16", "gad.epochs=0.5"] if toy else [])
     demo = [python, "-m", "soda_distill", "run", "configs/demo.yaml", f"student.model={model}", "check.limit=0", *size]
-    fsdp = ["data.limit=16", "warmup.batch_size=4", "distill.batch_size=2", "snapshot.max_new_tokens=32",
+    small = ["data.limit=16", "warmup.batch_size=4", "distill.batch_size=2", "snapshot.max_new_tokens=32",
             "student.bf16=false" if toy else "student.bf16=true"]
-    results = {
-        "demo_soda": part("demo: SODA", [*demo, "--out", str(WORK / "demo")], 240),
-        "demo_gad": part("demo: GAD", [*demo, "--method", "gad", "--out", str(WORK / "demo")], 240),
-        "throughput": part("throughput", [python, "bench/throughput.py", "--quick", "--student", model] if not toy
-                           else [python, "bench/throughput.py", "--quick", "--measure", "sft_soda"], 240,
-                           env={"SODA_BENCH_STUDENT": model}),
-        # one process under accelerate's FSDP v2 config (several where the machine has several GPUs)
-        "fsdp": part("FSDP, one GPU", [python, "-m", "accelerate.commands.launch", "--config_file",
-                                       "configs/accelerate/fsdp.yaml", "--num_processes", "1", "-m", "soda_distill",
-                                       "run", "configs/demo.yaml", "--out", str(WORK / "fsdp"),
-                                       f"student.model={model}", "check.limit=0", *fsdp], 180),
-    }
+    deadline = time.monotonic() + args.budget
+    run_part = functools.partial(part, dry=args.dry)
+    left = lambda limit: min(limit, deadline - time.monotonic())  # noqa: E731
+    launch = [python, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+    trained = [python, "-m", "soda_distill", "run", "configs/demo.yaml", f"student.model={model}", "check.limit=0",
+               *small]
+    results = {"demo_soda": run_part("demo: SODA", [*demo, "--out", str(WORK / "demo")], left(240))}
+    bench = [python, "bench/throughput.py", "--quick", *(["--measure", "sft_soda"] if toy else ["--student", model])]
+    results["throughput"] = run_part("throughput", bench, left(240), env={"SODA_BENCH_STUDENT": model})
+    # one process under accelerate's FSDP v2 and DeepSpeed configs (several where the machine has several GPUs)
+    results["fsdp"] = run_part("FSDP, one GPU", [*launch, "--config_file", "configs/accelerate/fsdp.yaml",
+                                                 *trained[1:], "--out", str(WORK / "fsdp")], left(180))
+    has_deepspeed = importlib.util.find_spec("deepspeed") is not None
+    for stage in ("zero3", "zero2"):
+        results[stage] = (run_part(f"DeepSpeed {stage}, one GPU", [*launch, "--config_file",
+                                                                   f"configs/accelerate/{stage}.yaml", *trained[1:],
+                                                                   "--out", str(WORK / stage)], left(180))
+                          if has_deepspeed or args.dry else {"ok": False, "returncode": "skipped: no deepspeed"})
+    results["lora"] = run_part("LoRA", [*trained, "student.lora.r=16", "warmup.learning_rate=2e-4",
+                                        "distill.learning_rate=5e-5", "--out", str(WORK / "lora")], left(150))
+    results["demo_gad"] = run_part("demo: GAD", [*demo, "--method", "gad", "--out", str(WORK / "demo")], left(240))
     results["demo_gad"]["stages"] = stages(WORK / "demo")  # SODA's and GAD's, in one run directory
-    results["fsdp"]["stages"] = stages(WORK / "fsdp")
+    for name in ("fsdp", "zero3", "zero2", "lora"):
+        results[name]["stages"] = stages(WORK / name)
     throughput = ROOT / "bench" / "results" / "throughput.json"
-    if results["throughput"]["ok"] and not toy:
+    if results["throughput"]["ok"] and not toy and not args.dry:
         results["throughput"]["ratios"] = json.loads(throughput.read_text())["ratios"]
         shutil.copy(throughput, args.out / "throughput.json")
     try:
@@ -110,14 +154,15 @@ def main() -> None:
     except ImportError:
         results["vllm"] = "not installed: its wheel is far over the 64 MiB a device call carries"
     record = {
-        "command": "bash bench/gpu.sh" + (" --smoke" if toy else ""),
+        "command": "bash bench/gpu.sh" + (" --smoke" if toy else "") + (" --dry" if args.dry else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores"
                    + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),
-        "versions": {"torch": torch.__version__, **{m: __import__(m).__version__ for m in ("transformers", "trl", "accelerate")}},
+        "versions": {m: version(m) for m in ("torch", "transformers", "trl", "accelerate", "peft",
+                                             *(["deepspeed"] if has_deepspeed else []))},
         "student": "embedded SmolLM2-135M" if ".whl" not in model and "soda-gpu-check" not in model
                    else "SmolLM2-135M's shapes and tokenizer, random weights",
-        "deepspeed": "not run: not installed there (ZeRO configs are in configs/accelerate/)",
+        "budget_s": args.budget,
         "parts": results,
     }
     (args.out / "gpu.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -183,11 +183,13 @@ def profile_sft_step(quick: bool) -> dict:
 
 def stock_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, out: Path):
     """The same stage the way a TRL example script sets it up: defaults everywhere except what CPU needs."""
+    import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    common = dict(output_dir=str(out / "stock"), per_device_train_batch_size=batch, num_train_epochs=1,
-                  bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=100000, max_length=1024)
+    on_cpu = {} if torch.cuda.is_available() else {"bf16": False, "use_cpu": True}  # on a GPU, where soda trains
+    common = dict(output_dir=str(out / "stock"), per_device_train_batch_size=batch, num_train_epochs=1, **on_cpu,
+                  report_to="none", save_strategy="no", logging_steps=100000, max_length=1024)
     if stage == "sft":
         data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
         return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer)

@@ -134,3 +134,22 @@ def test_the_shipped_accelerate_configs_load(name, kind):
         Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml").read_text()
     if name == "fsdp":
         assert config.fsdp_config["fsdp_version"] == 2
+
+
+def test_the_gpu_check_runs_dry_and_refuses_a_bad_part(tmp_path):
+    """bench/gpu.sh --dry: every part's command checked (configs, overrides, methods, arguments), none run."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--dry"], env=env, check=True, capture_output=True, timeout=300)
+    parts = json.loads((tmp_path / "gpu.json").read_text())["parts"]
+    assert {"demo_soda", "throughput", "fsdp", "zero3", "zero2", "lora", "demo_gad"} <= set(parts)
+    assert all(p["returncode"] == "dry: checked" for p in parts.values() if isinstance(p, dict)), parts
+
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(root / "bench"))
+    refused = gpu.dry_check([sys.executable, "-m", "soda_distill", "run", "configs/demo.yaml", "student.lora.rank=16"])
+    assert not refused["ok"] and "rank" in refused["output_tail"]
+    assert not gpu.dry_check([sys.executable, "-m", "soda_distill", "run", "configs/demo.yaml", "--method", "sodaa"])["ok"]

@@ -64,7 +64,7 @@ class PeakMemory:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
-        if torch.cuda.is_available():
+        if torch.cuda.is_initialized():  # before CUDA's first use there is nothing to reset, and resetting fails
             for i in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(i)
         return self
