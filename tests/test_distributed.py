@@ -123,6 +123,30 @@ def test_gad_trains_on_two_processes(two_processes, inputs):
     assert (two_processes / "gad" / "discriminator" / "model.safetensors").exists()
 
 
+def test_deepspeed_zero3_on_two_processes_trains_as_ddp_does(two_processes, inputs, tmp_path):
+    """accelerate launch with the shipped ZeRO-3 config (DeepSpeed's CPU accelerator, gloo): warmup and DPO train the
+    weights DDP trains, DPO starting at its reference q_w, and the final models are saved whole."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "zero3"
+    root = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(root / "configs" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
+                           "--mixed_precision", "no", "-m", "soda_distill", "run", "--out", str(out), *inputs],
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert stages["distill"]["reward_margin"]["first"] == pytest.approx(0, abs=1e-4)
+    for stage, atol in (("warmup", 1e-5), ("distill", 1e-3)):  # DPO's steps are 2e-3 (Adam): rounding shows more
+        assert stages[stage]["steps"] == 3 * STEPS_PER_EPOCH
+        losses = [[m["loss"] for m in map(json.loads, (run / stage / "metrics.jsonl").open()) if "loss" in m]
+                  for run in (out, two_processes)]
+        assert losses[0] == pytest.approx(losses[1], abs=1e-4) and losses[0][-1] < losses[0][0]
+        wz, wd = weights(out / stage), weights(two_processes / stage)
+        assert wz.keys() == wd.keys()
+        for name in wz:
+            torch.testing.assert_close(wz[name], wd[name], rtol=0, atol=atol, msg=name)
+
+
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED")])
 def test_the_shipped_accelerate_configs_load(name, kind):
     """What `accelerate launch --config_file` reads them with (they run on GPUs only: see the README)."""

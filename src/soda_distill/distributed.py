@@ -21,6 +21,13 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def zero_stage() -> int | None:
+    """DeepSpeed's ZeRO stage where `accelerate launch` was given a DeepSpeed config, else None."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return None
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0"))
+
+
 def start() -> None:
     """Join the launcher's process group (gloo on CPU, NCCL on GPU) with a timeout long enough to wait out a stage;
     the trainers then share it. Call before anything else does."""

@@ -19,7 +19,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..chat_tokens import chat_ids
 from ..config import Config, fingerprint
-from ..distributed import is_main, main_first, world_size
+from ..distributed import is_main, main_first, world_size, zero_stage
 from ..errors import SodaError
 from ..generation import Sampling
 from ..lm_head import add_cpu_lm_head
@@ -78,7 +78,8 @@ class DistillDPOTrainer(ResumableOrder, DPOTrainer):
 
     def _precompute_ref_logps(self, *args, **kwargs):
         apply_cpu_settings(self)  # TRL calls this from its __init__ after patching in its head: ours goes on top
-        if self.ref_model is not None and self.model.device.type == "cpu":  # q_w's copy computes as the policy does
+        if self.ref_model is not None and self.model.device.type == "cpu" and not self.is_deepspeed_enabled:
+            # q_w's copy computes as the policy does (under DeepSpeed it is an engine, and the head is not used)
             add_cpu_lm_head(self.ref_model)
         with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
             return super()._precompute_ref_logps(*args, **kwargs)
@@ -128,8 +129,10 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
         numbered = bool(every or cfg.distill.select)
         dataset, prompt_too_long = dpo_dataset(pairs_path, tokenizer, cfg.distill.max_length, numbered=numbered)
         dataset = on_disk(dataset, out / "checkpoints" / ("pairs-numbered" if numbered else "pairs"))
-        # Refreshed answers need q_w's log-probabilities while training: under LoRA the adapter-off model, else a copy.
-        ref_model = load() if every and not cfg.student.lora else None
+        # A copy of q_w as the reference where it is needed: for refreshed answers while training (under LoRA the
+        # adapter-off model serves), and under ZeRO-3, where TRL's reference pass through the policy itself leaves
+        # DeepSpeed hooks on it that break training's first step.
+        ref_model = load() if (every or zero_stage() == 3) and not cfg.student.lora else None
         trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl", ref_model)
         if cfg.distill.select:  # ranked by the reference pass TRL has just made
             trainer.train_dataset, info["selection"] = select_pairs(trainer.train_dataset, cfg.distill.select,
