@@ -25,6 +25,8 @@ SMALL = ["student.bf16=false", "snapshot.max_new_tokens=12", "check.limit=0",
          "warmup.max_length=128", "distill.batch_size=2", "distill.epochs=3", "distill.learning_rate=2e-3",
          "distill.warmup_ratio=0", "distill.max_length=128"]
 STEPS_PER_EPOCH = 3  # 12 examples, 2 per process per step, 2 processes
+GAD_SMALL = ["gad.max_new_tokens=12", "gad.num_generations=2", "gad.batch_size=2", "gad.gradient_accumulation_steps=1",
+             "gad.max_length=128", "gad.discriminator_batch_size=1", "gad.discriminator_only_steps=1", "gad.epochs=1"]
 
 
 def command(processes: int, out: Path, *settings: str, method: str = "soda") -> list[str]:
@@ -112,9 +114,7 @@ def test_a_killed_launch_resumes_and_another_world_size_is_refused(two_processes
 
 
 def test_gad_trains_on_two_processes(two_processes, inputs):
-    launch(2, two_processes, *inputs, "gad.max_new_tokens=12", "gad.num_generations=2", "gad.batch_size=2",
-           "gad.gradient_accumulation_steps=1", "gad.max_length=128", "gad.discriminator_batch_size=1",
-           "gad.discriminator_only_steps=1", "gad.epochs=1", method="gad")
+    launch(2, two_processes, *inputs, *GAD_SMALL, method="gad")
     stages = json.loads((two_processes / "manifest.json").read_text())["stages"]
     per_epoch = 12 // (1 * 2)  # one prompt (two rollouts) per process a step
     assert stages["gad_warmup"]["steps"] == per_epoch and stages["gad"]["steps"] == per_epoch
@@ -129,11 +129,16 @@ def test_deepspeed_zero3_on_two_processes_trains_as_ddp_does(two_processes, inpu
     pytest.importorskip("deepspeed")
     out = tmp_path / "zero3"
     root = Path(__file__).parents[1]
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(root / "configs" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
-                           "--mixed_precision", "no", "-m", "soda_distill", "run", "--out", str(out), *inputs],
-                          env=env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    def launch_zero3(*settings: str, method: str = "soda") -> None:
+        done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(root / "configs" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
+                               "--mixed_precision", "no", "-m", "soda_distill", "run", "--method", method,
+                               "--out", str(out), *inputs, *settings],
+                              env=env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    launch_zero3()
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     assert stages["distill"]["reward_margin"]["first"] == pytest.approx(0, abs=1e-4)
     for stage, atol in (("warmup", 1e-5), ("distill", 1e-3)):  # DPO's steps are 2e-3 (Adam): rounding shows more
@@ -145,6 +150,11 @@ def test_deepspeed_zero3_on_two_processes_trains_as_ddp_does(two_processes, inpu
         assert wz.keys() == wd.keys()
         for name in wz:
             torch.testing.assert_close(wz[name], wd[name], rtol=0, atol=atol, msg=name)
+    # GAD too: its discriminator whole on each rank beside the sharded generator (and GRPO's reference)
+    launch_zero3(*GAD_SMALL, method="gad")
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert stages["gad_warmup"]["steps"] == stages["gad"]["steps"] == stages["gad"]["discriminator_updates"] == 6
+    assert (out / "gad" / "discriminator" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED")])
@@ -177,3 +187,17 @@ def test_the_gpu_check_runs_dry_and_refuses_a_bad_part(tmp_path):
     refused = gpu.dry_check([sys.executable, "-m", "soda_distill", "run", "configs/demo.yaml", "student.lora.rank=16"])
     assert not refused["ok"] and "rank" in refused["output_tail"]
     assert not gpu.dry_check([sys.executable, "-m", "soda_distill", "run", "configs/demo.yaml", "--method", "sodaa"])["ok"]
+
+
+def test_the_paper_setting_is_a_config_and_a_launch_command():
+    """configs/paper.yaml loads as the paper's setting, and the launches it and the SLURM template name exist."""
+    from soda_distill.config import load_config
+
+    root = Path(__file__).parents[1]
+    cfg = load_config(str(root / "configs" / "paper.yaml"))
+    assert cfg.student.model == "Qwen/Qwen2.5-7B-Instruct" and cfg.teacher.max_tokens == 1536
+    assert cfg.snapshot.max_new_tokens == cfg.evaluate.max_new_tokens == 1536 and cfg.warmup.max_length == 3584
+    assert 8 * cfg.warmup.batch_size * cfg.warmup.gradient_accumulation_steps == 64
+    header = (root / "configs" / "paper.yaml").read_text() + (root / "configs" / "slurm" / "soda.sbatch").read_text()
+    assert "--config_file configs/accelerate/zero3.yaml" in header
+    subprocess.run(["bash", "-n", str(root / "configs" / "slurm" / "soda.sbatch")], check=True)

@@ -36,6 +36,12 @@ def start() -> None:
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT)
+        if zero_stage() is not None and not torch.cuda.is_available():
+            # accelerate starts DeepSpeed's communication on GPUs only; a model loaded under ZeRO-3's Init before
+            # any engine exists (GRPO's reference model) needs it
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
 
 def is_main() -> bool:

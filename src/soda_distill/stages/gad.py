@@ -30,7 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
 from ..config import Config, GadConfig, LoraSettings, TrainingConfig, fingerprint
-from ..distributed import is_main, world_size
+from ..distributed import is_main, world_size, zero_stage
 from ..errors import SodaError
 from ..generation import CategoricalSampler
 from ..manifest import RunDir, combine
@@ -56,6 +56,10 @@ def load_discriminator(path: str, tokenizer, trust_remote_code: bool = False):
     """A sequence classifier with one output: the backbone at `path`, its scalar head new unless saved there."""
     from transformers import AutoModelForSequenceClassification
 
+    if zero_stage() == 3:  # trained outside DeepSpeed's engine (its gradients averaged by hand): whole on every rank,
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # not ZeRO-3's empty shards
+
+        unset_hf_deepspeed_config()  # the next trainer's arguments set it again
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
