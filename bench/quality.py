@@ -140,7 +140,7 @@ def main() -> None:
            *settings, *([f"compare.methods=[{'' if args.methods == 'none' else args.methods}]"] if args.methods else []),
            *args.set]
     rows = RESULTS / name / "rows"
-    extra = {}  # more rows of the table: committed ones, and the variants' models
+    extra = {}  # more rows of the table: the committed ones
     if args.with_committed:
         from soda_distill.config import load_config
         from soda_distill.registry import METHODS
@@ -149,29 +149,40 @@ def main() -> None:
         made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}
         index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
         extra.update({label: str(rows / file) for label, file in index.items() if label not in made})
-    commands = []
+    variants, variant_rows = [], {}  # (its seed's runs, its runs, its overrides, its command), and its table rows
     for variant, *overrides in args.variant or []:
         from soda_distill.compare import SEEDED
         from soda_distill.registry import shared_stages
 
         for seed in seeds:
             path = out.parent / f"{out.name}-{variant}" / f"seed-{seed}"
-            source = (args.reuse_from or out) / f"seed-{seed}"
+            variants.append(((args.reuse_from or out) / f"seed-{seed}", path, overrides,
+                             [soda_distill, "run", str(CONFIG), "--method", "soda", "--out", str(path), *settings,
+                              *(f"{section}.seed={seed}" for section in SEEDED), "check.limit=0", *overrides]))
+            variant_rows[f"seed-{seed}/SODA ({variant})"] = str(path / "distill")
+            if "warmup" not in shared_stages(overrides):  # its own q_w: what its DPO started from
+                variant_rows[f"seed-{seed}/Warmup (q_w, {variant})"] = str(path / "warmup")
+
+    def compare_with(rows: dict) -> list[str]:
+        return [*cmd, "evaluate.models={" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in rows.items())
+                + "}"] if rows else cmd
+
+    # The seeds' own runs first, so that a variant starts from their stages (q0's answers, q_w), then the variants,
+    # then the comparison again with the variants' rows (the answers already generated are reused).
+    steps = [(None, compare_with(extra))] if variants else []
+    steps += [((source, path, overrides), command) for source, path, overrides, command in variants]
+    steps.append((None, compare_with({**extra, **variant_rows})))
+    start = time.monotonic()
+    for shared, command in steps:
+        left = args.minutes * 60 - (time.monotonic() - start)
+        if shared and left > 0:
+            source, path, overrides = shared
             if not path.exists() and (source / "warmup").is_dir():  # start from its q_w and q0 answers
                 reuse_stages(source, path, overrides)
-            commands.append([soda_distill, "run", str(CONFIG), "--method", "soda", "--out", str(path), *settings,
-                             *(f"{section}.seed={seed}" for section in SEEDED), "check.limit=0", *overrides])
-            extra[f"seed-{seed}/SODA ({variant})"] = str(path / "distill")
-            if "warmup" not in shared_stages(overrides):  # its own q_w: what its DPO started from
-                extra[f"seed-{seed}/Warmup (q_w, {variant})"] = str(path / "warmup")
-    if extra:
-        cmd.append("evaluate.models={" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in extra.items()) + "}")
-    start = time.monotonic()
-    for command in [*commands, cmd]:
-        left = args.minutes * 60 - (time.monotonic() - start)
         code = run_for(command, left) if left > 0 else 130
         if code:
             break
+    cmd = steps[-1][1]
     record = {
         "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
                    + (f" --methods {args.methods}" if args.methods else "") + (" --with-committed" if args.with_committed else "")
@@ -181,7 +192,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "config": "configs/quality.yaml", "overrides": [o.replace(f"{ROOT}/", "") for o in cmd[5:]],  # the same on every machine
-        "variants": [" ".join(c[6:]).replace(f"{ROOT}/", "") for c in commands],
+        "variants": [" ".join(c[6:]).replace(f"{ROOT}/", "") for *_, c in variants],
         "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
         **progress(out, seeds),
     }
