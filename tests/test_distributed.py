@@ -157,6 +157,15 @@ def test_deepspeed_zero3_on_two_processes_trains_as_ddp_does(two_processes, inpu
     assert (out / "gad" / "discriminator" / "model.safetensors").exists()
 
 
+def test_lora_under_zero3_is_refused_in_one_line(inputs, tmp_path):
+    """Its merged models would be saved from ZeRO-3's empty shards (seen on CPU): refused before anything runs."""
+    zero3 = {**env(), "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    done = subprocess.run(command(1, tmp_path / "run", *inputs, "student.lora.r=8"), env=zero3, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "student.lora under DeepSpeed ZeRO-3 is not supported yet" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED")])
 def test_the_shipped_accelerate_configs_load(name, kind):
     """What `accelerate launch --config_file` reads them with (they run on GPUs only: see the README)."""
