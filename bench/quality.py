@@ -182,7 +182,7 @@ def main() -> None:
         code = run_for(command, left) if left > 0 else 130
         if code:
             break
-    cmd = steps[-1][1]
+    final = steps[-1][1]  # the comparison with every row
     record = {
         "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
                    + (f" --methods {args.methods}" if args.methods else "") + (" --with-committed" if args.with_committed else "")
@@ -191,7 +191,7 @@ def main() -> None:
                    + (f" --set {' '.join(args.set)}" if args.set else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "config": "configs/quality.yaml", "overrides": [o.replace(f"{ROOT}/", "") for o in cmd[5:]],  # the same on every machine
+        "config": "configs/quality.yaml", "overrides": [o.replace(f"{ROOT}/", "") for o in final[5:]],  # the same on every machine
         "variants": [" ".join(c[6:]).replace(f"{ROOT}/", "") for *_, c in variants],
         "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
         **progress(out, seeds),

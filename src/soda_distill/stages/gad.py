@@ -56,10 +56,6 @@ def load_discriminator(path: str, tokenizer, trust_remote_code: bool = False):
     """A sequence classifier with one output: the backbone at `path`, its scalar head new unless saved there."""
     from transformers import AutoModelForSequenceClassification
 
-    if zero_stage() == 3:  # trained outside DeepSpeed's engine (its gradients averaged by hand): whole on every rank,
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # not ZeRO-3's empty shards
-
-        unset_hf_deepspeed_config()  # the next trainer's arguments set it again
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -409,6 +405,10 @@ def run_adversarial(cfg: Config, run: RunDir) -> Path:
         tokenizer = load_tokenizer(str(start), trust)
         generator = load_model(str(start), trust_remote_code=trust, quantize=cfg.student.quantize,
                                bf16=use_bf16(cfg.student.bf16))
+        if zero_stage() == 3:  # the discriminator trains outside DeepSpeed's engine (its gradients averaged by hand):
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # whole on every rank, not
+            # ZeRO-3's empty shards; the GRPO trainer's arguments set the config again
+            unset_hf_deepspeed_config()
         discriminator = Discriminator(
             load_discriminator(str(discriminator_start), tokenizer, trust), cfg.gad, use_bf16(cfg.student.bf16),
             cfg.student.lora,
