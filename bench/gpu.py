@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="toy sizes: check this script on a CPU")
     parser.add_argument("--dry", action="store_true", help="check every part's command, run none (CI runs this)")
     parser.add_argument("--budget", type=float, default=480, help="seconds for all parts (the parts left are skipped)")
+    parser.add_argument("--parts", default="", help="comma-separated parts to run, in this order (default: all)")
     args = parser.parse_args()
     import torch
 
@@ -125,21 +126,30 @@ def main() -> None:
     launch = [python, "-m", "accelerate.commands.launch", "--num_processes", "1"]
     trained = [python, "-m", "soda_distill", "run", "configs/demo.yaml", f"student.model={model}", "check.limit=0",
                *small]
-    results = {"demo_soda": run_part("demo: SODA", [*demo, "--out", str(WORK / "demo")], left(240))}
     bench = [python, "bench/throughput.py", "--quick", *(["--measure", "sft_soda"] if toy else ["--student", model])]
-    results["throughput"] = run_part("throughput", bench, left(240), env={"SODA_BENCH_STUDENT": model})
-    # one process under accelerate's FSDP v2 and DeepSpeed configs (several where the machine has several GPUs)
-    results["fsdp"] = run_part("FSDP, one GPU", [*launch, "--config_file", "configs/accelerate/fsdp.yaml",
-                                                 *trained[1:], "--out", str(WORK / "fsdp")], left(180))
     has_deepspeed = importlib.util.find_spec("deepspeed") is not None
-    for stage in ("zero3", "zero2"):
-        results[stage] = (run_part(f"DeepSpeed {stage}, one GPU", [*launch, "--config_file",
-                                                                   f"configs/accelerate/{stage}.yaml", *trained[1:],
-                                                                   "--out", str(WORK / stage)], left(180))
-                          if has_deepspeed or args.dry else {"ok": False, "returncode": "skipped: no deepspeed"})
-    results["lora"] = run_part("LoRA", [*trained, "student.lora.r=16", "warmup.learning_rate=2e-4",
-                                        "distill.learning_rate=5e-5", "--out", str(WORK / "lora")], left(150))
-    results["demo_gad"] = run_part("demo: GAD", [*demo, "--method", "gad", "--out", str(WORK / "demo")], left(240))
+    # name: (label, command, seconds at most, environment); one process under accelerate's FSDP v2 and DeepSpeed configs
+    plan = {
+        "demo_soda": ("demo: SODA", [*demo, "--out", str(WORK / "demo")], 240, None),
+        "throughput": ("throughput", bench, 240, {"SODA_BENCH_STUDENT": model}),
+        "fsdp": ("FSDP, one GPU", [*launch, "--config_file", "configs/accelerate/fsdp.yaml", *trained[1:],
+                                   "--out", str(WORK / "fsdp")], 180, None),
+        **{stage: (f"DeepSpeed {stage}, one GPU", [*launch, "--config_file", f"configs/accelerate/{stage}.yaml",
+                                                   *trained[1:], "--out", str(WORK / stage)], 180, None)
+           for stage in ("zero3", "zero2")},
+        "lora": ("LoRA", [*trained, "student.lora.r=16", "warmup.learning_rate=2e-4", "distill.learning_rate=5e-5",
+                          "--out", str(WORK / "lora")], 150, None),
+        "demo_gad": ("demo: GAD", [*demo, "--method", "gad", "--out", str(WORK / "demo")], 240, None),
+    }
+    chosen = args.parts.split(",") if args.parts else list(plan)
+    if unknown := set(chosen) - set(plan):
+        parser.error(f"--parts: no part {sorted(unknown)}; the parts are {','.join(plan)}")
+    results = {name: {"ok": False, "returncode": "skipped: not in --parts"} for name in plan}
+    for name in chosen:
+        label, cmd, limit, env = plan[name]
+        results[name] = ({"ok": False, "returncode": "skipped: no deepspeed"}
+                         if name.startswith("zero") and not (has_deepspeed or args.dry)
+                         else run_part(label, cmd, left(limit), env=env))
     results["demo_gad"]["stages"] = stages(WORK / "demo")  # SODA's and GAD's, in one run directory
     for name in ("fsdp", "zero3", "zero2", "lora"):
         results[name]["stages"] = stages(WORK / name)
@@ -154,7 +164,8 @@ def main() -> None:
     except ImportError:
         results["vllm"] = "not installed: its wheel is far over the 64 MiB a device call carries"
     record = {
-        "command": "bash bench/gpu.sh" + (" --smoke" if toy else "") + (" --dry" if args.dry else ""),
+        "command": "bash bench/gpu.sh" + (" --smoke" if toy else "") + (" --dry" if args.dry else "")
+                   + (f" --parts {args.parts}" if args.parts else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores"
                    + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),

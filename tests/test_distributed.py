@@ -187,6 +187,14 @@ def test_the_gpu_check_runs_dry_and_refuses_a_bad_part(tmp_path):
     parts = json.loads((tmp_path / "gpu.json").read_text())["parts"]
     assert {"demo_soda", "throughput", "fsdp", "zero3", "zero2", "lora", "demo_gad"} <= set(parts)
     assert all(p["returncode"] == "dry: checked" for p in parts.values() if isinstance(p, dict)), parts
+    subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--dry", "--parts", "zero3,demo_gad"], env=env, check=True,
+                   capture_output=True, timeout=300)
+    parts = json.loads((tmp_path / "gpu.json").read_text())["parts"]
+    assert [n for n, p in parts.items() if isinstance(p, dict) and p["ok"]] == ["zero3", "demo_gad"]
+    assert parts["fsdp"]["returncode"] == "skipped: not in --parts"
+    unknown = subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--dry", "--parts", "zero4"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "no part ['zero4']" in unknown.stderr
 
     sys.path.insert(0, str(root / "bench"))
     try:
