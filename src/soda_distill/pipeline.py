@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, save_config
-from .distributed import is_main, main_first, wait_for_everyone, world_size, zero_stage
-from .errors import SodaError
+from .distributed import is_main, main_first, wait_for_everyone, world_size
 from .manifest import RunDir
 from .model_card import write_model_card
 from .records import resolve_data_path
@@ -23,9 +22,6 @@ from .tracking import log_scalars, scalars
 
 def prepare(cfg: Config, out: str | Path) -> RunDir:
     """Resolve data paths, open the run directory and record the resolved config in it."""
-    if cfg.student.lora and zero_stage() == 3:  # its merged models would be saved from ZeRO-3's empty shards
-        raise SodaError("student.lora under DeepSpeed ZeRO-3 is not supported yet: launch with "
-                        "configs/accelerate/zero2.yaml, fsdp.yaml or ddp.yaml, or train every weight")
     cfg.data = dataclasses.replace(cfg.data, prompts=resolve_data_path(cfg.data.prompts))
     cfg.teacher = dataclasses.replace(cfg.teacher, file=resolve_data_path(cfg.teacher.file))
     if cfg.pairs.rejected_source.endswith(".jsonl"):  # another model's answers

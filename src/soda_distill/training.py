@@ -16,7 +16,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import Config, LoraSettings, TrainingConfig
-from .distributed import is_main, world_size
+from .distributed import is_main, world_size, zero_stage
 from .errors import SodaError
 from .lm_head import add_cpu_lm_head
 from .models import load_model, use_bf16
@@ -318,6 +318,12 @@ def save_final(trainer, final_dir: Path) -> None:
     `save_model_folder` does."""
     if not hasattr(trainer.model, "merge_and_unload"):
         trainer.save_model(str(final_dir))
+    elif zero_stage() == 3:  # every rank gathers ZeRO-3's shards for the merge (which is then let go, unsaved)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
+            if trainer.args.should_save:
+                save_model_folder(trainer.model, trainer.processing_class, final_dir)
     elif trainer.args.should_save:
         save_model_folder(trainer.model, trainer.processing_class, final_dir)
 

@@ -130,9 +130,9 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
         dataset, prompt_too_long = dpo_dataset(pairs_path, tokenizer, cfg.distill.max_length, numbered=numbered)
         dataset = on_disk(dataset, out / "checkpoints" / ("pairs-numbered" if numbered else "pairs"))
         # A copy of q_w as the reference where it is needed: for refreshed answers while training (under LoRA the
-        # adapter-off model serves), and under ZeRO-3, where TRL's reference pass through the policy itself leaves
-        # DeepSpeed hooks on it that break training's first step.
-        ref_model = load() if (every or zero_stage() == 3) and not cfg.student.lora else None
+        # adapter-off model serves), and under ZeRO-3 (LoRA or not), where TRL's reference pass through the policy
+        # itself leaves DeepSpeed hooks on it that break training's first step.
+        ref_model = load() if (every and not cfg.student.lora) or zero_stage() == 3 else None
         trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl", ref_model)
         if cfg.distill.select:  # ranked by the reference pass TRL has just made
             trainer.train_dataset, info["selection"] = select_pairs(trainer.train_dataset, cfg.distill.select,
