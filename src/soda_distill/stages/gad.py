@@ -405,9 +405,11 @@ def run_adversarial(cfg: Config, run: RunDir) -> Path:
         tokenizer = load_tokenizer(str(start), trust)
         generator = load_model(str(start), trust_remote_code=trust, quantize=cfg.student.quantize,
                                bf16=use_bf16(cfg.student.bf16))
-        if zero_stage() == 3:  # the discriminator trains outside DeepSpeed's engine (its gradients averaged by hand):
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # whole on every rank, not
-            # ZeRO-3's empty shards; the GRPO trainer's arguments set the config again
+        if zero_stage() == 3:
+            # The discriminator trains outside DeepSpeed's engine (its gradients averaged by hand): loaded whole on
+            # every rank, not as ZeRO-3's empty shards. The GRPO trainer's arguments set the config again.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
             unset_hf_deepspeed_config()
         discriminator = Discriminator(
             load_discriminator(str(discriminator_start), tokenizer, trust), cfg.gad, use_bf16(cfg.student.bf16),
