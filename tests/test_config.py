@@ -95,6 +95,7 @@ def test_a_config_cannot_make_the_tool_write_outside_its_run_directory(tmp_path,
         "data": {"prompts": str(outside / "answers.jsonl"), "limit": 4},
         "teacher": {"file": str(outside / "answers.jsonl")},
         "snapshot": {"max_new_tokens": 4},
+        "pairs": {"truncated_rejected": "open"},  # a random tiny model's answers are all cut
         "warmup": {"batch_size": 4, "max_length": 64},
         "distill": {"batch_size": 4, "max_length": 64},
         "evaluate": {"runs": [str(run)], "models": {"..": str(outside / "answers.jsonl"), "../../x": str(outside / "answers.jsonl")},
@@ -145,3 +146,11 @@ def test_a_key_added_later_leaves_old_fingerprints_at_its_default():
     was before (a pinned value), so `run` on such a run directory finds its DPO finished; set, it differs."""
     assert fingerprint(load_config(None, []).distill) == "165413c472b01873"
     assert fingerprint(load_config(None, ["distill.use_weighting=true"]).distill) != "165413c472b01873"
+
+
+def test_a_changed_default_of_an_added_key_keeps_old_runs_at_their_value():
+    """pairs.truncated_rejected's default went from open to drop: a run made with open (the key left out of its
+    fingerprint, pinned here) still matches when `open` is set; the new default is a setting of its own."""
+    assert fingerprint(load_config(None, ["pairs.truncated_rejected=open"]).pairs) == "728acebe6d98f4e5"
+    assert fingerprint(load_config(None, []).pairs) != "728acebe6d98f4e5"
+    assert load_config(None, []).pairs.truncated_rejected == "drop" and load_config(None, []).warmup.epochs == 3

@@ -15,7 +15,8 @@ from soda_distill.training import EpochSeededSampler, LengthBuckets
 
 def test_dpo_raises_reward_margin_and_accuracy(tmp_path, qa_file, tiny_model_dir):
     cfg = load_config(None, [
-        f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12", "snapshot.temperature=1.0",
+        f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+        "pairs.truncated_rejected=open", "snapshot.temperature=1.0",
         "distill.learning_rate=2e-3", "distill.batch_size=4", "distill.epochs=5", "distill.warmup_ratio=0", "distill.beta=0.1",
         "distill.max_length=128",
     ])
@@ -41,6 +42,7 @@ def test_dpo_batches_group_pairs_by_length(tmp_path, qa_file, tiny_model_dir):
     """The pairs' `length` column reaches the length-grouped sampler (TRL drops unknown columns by default), and
     TRL's collator takes batches that still carry it."""
     cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+                             "pairs.truncated_rejected=open",
                              "snapshot.temperature=1.0", "distill.batch_size=2", "distill.max_length=128"])
     run = RunDir(tmp_path / "run")
     for stage in (run_teacher, run_snapshot, run_pairs):
@@ -59,6 +61,7 @@ def test_dpo_batches_group_pairs_by_length(tmp_path, qa_file, tiny_model_dir):
 def test_dpo_with_wpo_weighting_trains_on_cpu(tmp_path, qa_file, tiny_model_dir):
     """distill.use_weighting (WPO) needs log Σp² per token: on CPU it keeps TRL's own head, which returns it."""
     cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+                             "pairs.truncated_rejected=open",
                              "distill.use_weighting=true", "distill.batch_size=4", "distill.epochs=0.5",
                              "distill.max_length=128", "student.bf16=false"])
     run = RunDir(tmp_path / "run")
@@ -73,6 +76,7 @@ def test_rpo_adds_the_chosen_answers_nll_to_dpo(tmp_path, qa_file, tiny_model_di
     """distill.loss_type: [sigmoid, sft] (RPO): with the chosen answers' NLL in the loss their log-probability ends
     higher than under DPO alone, from the same start on the same batches."""
     settings = [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+                "pairs.truncated_rejected=open",
                 "distill.learning_rate=1e-3", "distill.batch_size=4", "distill.epochs=2", "distill.max_length=128",
                 "student.bf16=false"]
     chosen = {}
@@ -90,6 +94,7 @@ def test_ld_dpo_counts_only_the_shared_length_of_each_pair(tmp_path, qa_file, ti
     """distill.ld_alpha reaches TRL: at α = 0 the first step's log-probabilities of the same batch from the same
     start sum over each pair's shared length only, so they are nearer 0 than DPO's sums over whole answers."""
     settings = [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+                "pairs.truncated_rejected=open",
                 "snapshot.temperature=1.0", "distill.batch_size=4", "distill.epochs=0.3", "distill.max_length=128",
                 "student.bf16=false"]
     first = {}
@@ -124,6 +129,7 @@ def test_selection_trains_dpo_on_the_most_learnable_half(tmp_path, qa_file, tiny
     tokenizer = load_tokenizer(str(tiny_model_dir))
     max_length = 3 + max(len(chat_ids(tokenizer, qa["messages"][:1], "", False)[0]) for qa in QA)
     settings = [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+                "pairs.truncated_rejected=open",
                 "distill.batch_size=2", "distill.epochs=1", f"distill.max_length={max_length}", "student.bf16=false"]
     kept = {}
     for by in ("teacher_nll", "random"):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from soda_distill.training import last_checkpoint
 
 # Settings that make one step of two processes (batch 2 each) the step of one process accumulating two batches of 2.
-SMALL = ["student.bf16=false", "snapshot.max_new_tokens=12", "check.limit=0",
+SMALL = ["student.bf16=false", "snapshot.max_new_tokens=12", "pairs.truncated_rejected=open", "check.limit=0",
          "warmup.batch_size=2", "warmup.epochs=3", "warmup.learning_rate=3e-3", "warmup.warmup_ratio=0",
          "warmup.max_length=128", "distill.batch_size=2", "distill.epochs=3", "distill.learning_rate=2e-3",
          "distill.warmup_ratio=0", "distill.max_length=128"]

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_pipeline_end_to_end(tmp_path):
     out = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "soda-distill"), "run", str(ROOT / "configs" / "demo.yaml"), "--out", str(out),
-           "data.limit=6", "snapshot.max_new_tokens=24", "warmup.max_length=256", "pairs.max_length=256",
+           "data.limit=6", "snapshot.max_new_tokens=24", "pairs.truncated_rejected=open", "warmup.max_length=256",
+           "pairs.max_length=256",
            "distill.max_length=256", "warmup.batch_size=6", "distill.batch_size=3", "check.limit=3", "check.max_new_tokens=16"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

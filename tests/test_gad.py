@@ -29,6 +29,7 @@ def qa(tmp_path_factory):
 def gad_overrides(qa, tiny_model_dir, *extra) -> list[str]:
     return [
         f"teacher.file={qa}", f"student.model={tiny_model_dir}", "student.bf16=false", "snapshot.max_new_tokens=12",
+        "pairs.truncated_rejected=open",
         "snapshot.temperature=1.0", "warmup.max_length=128", "warmup.batch_size=12",
         "gad.num_generations=2", "gad.batch_size=4", "gad.gradient_accumulation_steps=1", "gad.max_new_tokens=8",
         "gad.max_length=128", "gad.gradient_checkpointing=false", "gad.discriminator_batch_size=2",

@@ -239,7 +239,8 @@ def settings(tmp_path_factory, tiny_model_dir) -> list[str]:
     gad_epochs = 9 / 6 - 0.01  # 2 prompts (4 rollouts), or 2 pairs, a step; the trainer rounds epochs x steps up
     return [
         f"teacher.file={qa}", f"student.model={tiny_model_dir}", "student.bf16=false",
-        "snapshot.max_new_tokens=16", f"snapshot.batch_size={SNAPSHOT_BATCH}", "pairs.max_length=128",
+        "snapshot.max_new_tokens=16",
+        "pairs.truncated_rejected=open", f"snapshot.batch_size={SNAPSHOT_BATCH}", "pairs.max_length=128",
         *[f"{stage}.{key}" for stage in ("warmup", "distill") for key in (
             "batch_size=2", "epochs=2", "learning_rate=1e-3", "max_length=128", "save_steps=1")],
         "gad.num_generations=2", "gad.batch_size=4", "gad.gradient_accumulation_steps=1", "gad.max_new_tokens=8",

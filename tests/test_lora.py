@@ -19,7 +19,8 @@ R = 4
 def lora_config(qa_file, tiny_model_dir, *extra):
     return load_config(None, [
         f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", f"student.lora.r={R}", "student.lora.alpha=8",
-        "student.lora.dropout=0", "snapshot.max_new_tokens=12", "snapshot.temperature=1.0",
+        "student.lora.dropout=0", "snapshot.max_new_tokens=12",
+        "pairs.truncated_rejected=open", "snapshot.temperature=1.0",
         "warmup.learning_rate=1e-2", "warmup.batch_size=4", "warmup.epochs=6", "warmup.warmup_ratio=0",
         "warmup.max_length=128", "distill.learning_rate=1e-2", "distill.batch_size=4", "distill.epochs=6",
         "distill.warmup_ratio=0", "distill.max_length=128", *extra])

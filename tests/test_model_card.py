@@ -9,6 +9,7 @@ from soda_distill.pipeline import run_methods
 
 def test_model_folders_have_a_parsable_card_and_no_training_args(tmp_path, qa_file, tiny_model_dir):
     cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=8",
+                             "pairs.truncated_rejected=open",
                              "warmup.max_length=128", "distill.max_length=128", "distill.beta=0.25"])
     run = RunDir(tmp_path / "run")
     run_methods(cfg, run, ["soda"])

@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from soda_distill.config import load_config
+from soda_distill.errors import SodaError
 from soda_distill.manifest import RunDir
 from soda_distill.stages.pairs import run_pairs
 
@@ -93,6 +96,13 @@ def test_a_cut_answer_is_kept_open_or_dropped(tmp_path, tiny_model_dir):
         cut = by_text["Well, there are many colors, and the one I"]  # its text, and no end of turn after it
         assert cut["rejected_ids"][-len(suffix):] != suffix and cut["chosen_ids"][-len(suffix):] == suffix
         assert by_text["Banana.<|im_end|>\n"]["rejected_ids"][-len(suffix):] == suffix
+
+    run = RunDir(tmp_path / "all-cut")  # every negative cut, dropped by default: one line saying what to change
+    for name, recs in (("teacher.jsonl", teacher), ("snapshot.jsonl", [{**r, "finish_reason": "length"} for r in student])):
+        run.file(name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(SodaError, match=r"none of 2 kept .*truncated_rejected': 2.*pairs.truncated_rejected=open"):
+        run_pairs(load_config(None, [f"student.model={tiny_model_dir}"]), run)
+    assert not run.output("pairs").exists()
 
 
 def test_rejected_sources_of_the_ablation(tmp_path, tiny_model_dir):

@@ -21,6 +21,7 @@ def soda_run(tmp_path_factory, tiny_model_dir):
     qa.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
                                                    {"role": "assistant", "content": f"Answer {i}."}]}) + "\n" for i in range(8)))
     cfg = load_config(None, [f"teacher.file={qa}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=8",
+                             "pairs.truncated_rejected=open",
                              "warmup.max_length=128", "distill.max_length=128"])
     run = prepare(cfg, tmp / "run")
     run_methods(cfg, run, ["soda"])

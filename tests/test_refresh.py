@@ -32,6 +32,7 @@ def test_refresh_every_regenerates_the_coming_steps_rejected_answers_scored_by_q
     """q_w scores the new answers: a frozen copy of it beside the policy, or under LoRA the adapter-off model."""
     cfg = load_config(None, [
         f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+        "pairs.truncated_rejected=open",
         "snapshot.temperature=1.0", "distill.batch_size=2", "distill.gradient_accumulation_steps=2", "distill.epochs=2",
         "distill.max_length=128", "distill.learning_rate=1e-3", "distill.refresh_every=2", "student.bf16=false",
         *(["student.lora.r=4", "student.lora.alpha=8", "student.lora.dropout=0"] if lora else []),
@@ -81,6 +82,7 @@ def test_a_run_stopped_after_a_refresh_resumes_to_the_same_weights(tmp_path, qa_
 
     cfg = load_config(None, [
         f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
+        "pairs.truncated_rejected=open",
         "snapshot.temperature=1.0", "distill.batch_size=2", "distill.gradient_accumulation_steps=2", "distill.epochs=2",
         "distill.max_length=128", "distill.learning_rate=1e-3", "distill.refresh_every=2", "distill.save_steps=3",
         "student.bf16=false"])

@@ -20,7 +20,7 @@ def test_planted_key_absent_from_a_full_run_and_its_evaluation(tmp_path, prompts
     endpoint = [f"base_url={url}", f"model={chat_server['model']}", "api_key_env=SODA_TEST_KEY", "max_tokens=8"]
     run, evaluation = tmp_path / "run", tmp_path / "eval"
     assert main(["run", "--out", str(run), f"data.prompts={prompts_file}", f"student.model={tiny_model_dir}",
-                 *[f"teacher.{e}" for e in endpoint], "snapshot.max_new_tokens=8",
+                 *[f"teacher.{e}" for e in endpoint], "snapshot.max_new_tokens=8", "pairs.truncated_rejected=open",
                  "warmup.max_length=128", "distill.max_length=128"]) == 0
     assert main(["evaluate", str(run), "--out", str(evaluation), f"evaluate.benchmarks=[{qa_file}]", "evaluate.limit=2",
                  "evaluate.max_new_tokens=4", *[f"evaluate.judge.{e}" for e in endpoint], "evaluate.judge.max_tokens=16"]) == 0

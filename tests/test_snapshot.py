@@ -50,7 +50,7 @@ def test_prompts_too_long_for_the_context_are_skipped_and_counted(tmp_path, qa_f
     records = [json.loads(line) for line in qa_file.read_text().splitlines()[:3]]
     long = {"id": "long", "prompt": "word " * 1100, "response": "Too long."}  # the tiny model's context: 1024 tokens
     teacher = write_jsonl(tmp_path / "teacher.jsonl", records[:1] + [long] + records[1:])
-    cfg = snapshot_config(teacher, tiny_model_dir)
+    cfg = snapshot_config(teacher, tiny_model_dir, "pairs.truncated_rejected=open")  # its answers are all cut
     run, out = run_fresh(tmp_path, "run", cfg)
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["q0", "q1", "q2"]
     assert run.manifest()["stages"]["snapshot"]["skipped_too_long"] == 1

@@ -117,3 +117,43 @@ def test_killed_collection_resumes_without_asking_twice(tmp_path, prompts_file, 
     assert [r.id for r in records] == [f"q{i}" for i in range(12)]
     ids = [json.loads(line)["id"] for line in cache.read_text().splitlines()]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 12
+
+
+def test_a_run_from_a_shipped_file_resumes_from_another_checkout(tmp_path, monkeypatch):
+    """The shipped file's place differs between checkouts and venvs; its `builtin:` name and bytes do not."""
+    import dataclasses
+    import shutil
+
+    from soda_distill import records
+    from soda_distill.config import fingerprint
+    from soda_distill.manifest import combine
+    from soda_distill.records import resolve_data_path, source_digest
+
+    def teacher_config():
+        cfg = load_config(None, ["teacher.file=builtin:dolly_heldout", "data.limit=5"])
+        cfg.teacher = dataclasses.replace(cfg.teacher, file=resolve_data_path(cfg.teacher.file))
+        return cfg
+
+    other_checkout = tmp_path / "other" / "data"
+    shutil.copytree(Path(str(records.SHIPPED_DATA)), other_checkout)
+    with monkeypatch.context() as m:
+        m.setattr(records, "SHIPPED_DATA", other_checkout)
+        first = teacher_config()
+        run = RunDir(tmp_path / "run")
+        run_teacher(first, run)
+    assert first.teacher.file.startswith(str(other_checkout))
+    finished = run.manifest()["stages"]["teacher"]["finished"]
+    cfg = teacher_config()
+    run_teacher(cfg, run)  # done, not an error about other settings, not redone
+    assert run.manifest()["stages"]["teacher"]["finished"] == finished
+
+    # A run made before: its fingerprint held the file's path; still done here, and rewritten to the current form.
+    current = run.manifest()["stages"]["teacher"]["fingerprint"]
+    old = combine(fingerprint(cfg.teacher), source_digest(cfg.teacher.file), str(cfg.data.limit))
+    assert old != current
+    run._update(lambda m: m["stages"]["teacher"].__setitem__("fingerprint", old))
+    run_teacher(cfg, run)
+    record = run.manifest()["stages"]["teacher"]
+    assert (record["finished"], record["fingerprint"]) == (finished, current)
+    with pytest.raises(SodaError, match="different settings"):  # other settings are still refused
+        run_teacher(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit=4)), run)

@@ -21,6 +21,7 @@ def scalars(folder):
 
 def test_tensorboard_gets_the_training_curves_and_the_stage_figures(tmp_path, qa_file, tiny_model_dir):
     cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=8",
+                             "pairs.truncated_rejected=open",
                              "warmup.max_length=128", "warmup.epochs=2", "warmup.batch_size=4", "warmup.learning_rate=1e-3",
                              "training.report_to=[tensorboard]"])
     run = prepare(cfg, tmp_path / "run")
@@ -61,6 +62,7 @@ def test_mlflow_gets_the_training_curves_and_the_stage_figures(tmp_path, qa_file
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local folder, no database: MLflow 3's documented opt-in
     cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=8",
+                             "pairs.truncated_rejected=open",
                              "warmup.max_length=128", "warmup.epochs=2", "warmup.batch_size=4", "warmup.learning_rate=1e-3",
                              "training.report_to=[mlflow]"])
     run = prepare(cfg, tmp_path / "run")

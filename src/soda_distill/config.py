@@ -26,10 +26,10 @@ def operational(default):
     return field(default=default, metadata={"operational": True})
 
 
-def added(default):
-    """A key added after runs were made with this section: at its default it is left out of the fingerprint, so a
-    stage those runs finished still matches."""
-    return field(default=default, metadata={"added": True})
+def added(default, original=dataclasses.MISSING):
+    """A key added after runs were made with this section: at the value those runs had (`original`, if the default
+    has changed since) it is left out of the fingerprint, so a stage they finished still matches."""
+    return field(default=default, metadata={"added": True, **({} if original is dataclasses.MISSING else {"original": original})})
 
 
 @dataclass
@@ -159,7 +159,8 @@ class PairsConfig:
     # An answer cut at its token limit (teacher: the API's max_tokens; q0: snapshot.max_new_tokens): "open" keeps it
     # and trains no end of turn after it, so DPO learns its text and not to stop there; "drop" drops the pair.
     truncated_chosen: str = added("open")
-    truncated_rejected: str = added("open")
+    # q0's cut answers as negatives teach "stop sooner" more than "not like q0" (bench/quality.py, w3dc vs w3): dropped
+    truncated_rejected: str = added("drop", original="open")
     rejected_source: str = added("q0")  # one of REJECTED_SOURCES, or a JSONL of answers (`messages`, by id)
     seed: int = added(0)  # the draws of other_q0 and degraded_teacher
 
@@ -217,6 +218,9 @@ class TrackersConfig:
 @dataclass
 class WarmupConfig(TrainingConfig):
     section = "warmup"
+    # SeqKD's SFT budget (its epoch cap): the paper calls SeqKD "equivalent to the warmup phase of SODA"; from GAD's
+    # 1-epoch warmup SODA stayed behind SeqKD here (bench/results/quality.md)
+    epochs: float = 3.0
     learning_rate: float = 5e-6  # GAD's SeqKD learning rate
     truncated: str = added("open")  # a teacher answer cut at its token limit: as pairs.truncated_chosen
     # Grey-box teachers (teacher.top_logprobs): λ × the cross-entropy to the teacher's top-k distribution at each
@@ -623,5 +627,6 @@ def fingerprint(section) -> str:
     """Hash of a section's fields that change results (not the operational ones, nor added ones at their default);
     URLs as config.yaml keeps them, so that a run resumed from it has the same fingerprints."""
     kept = {f.name: _redacted(getattr(section, f.name)) for f in dataclasses.fields(section)
-            if not f.metadata.get("operational") and not (f.metadata.get("added") and getattr(section, f.name) == _default(f))}
+            if not f.metadata.get("operational")
+            and not (f.metadata.get("added") and getattr(section, f.name) == f.metadata.get("original", _default(f)))}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -161,11 +161,15 @@ class RunDir:
         """(method, model folder) of each trained method whose stage finished here, in registry order."""
         return trained_models(self.path, self.manifest()["stages"])
 
-    def done(self, stage: str, fingerprint: str) -> bool:
-        """True when the stage finished with these settings; an error when it finished with others."""
+    def done(self, stage: str, fingerprint: str, legacy: str | None = None) -> bool:
+        """True when the stage finished with these settings; an error when it finished with others. `legacy`: the
+        same settings as an earlier version fingerprinted them, accepted and rewritten to the current form."""
         rec = self.manifest()["stages"].get(stage)
         if not rec or rec.get("status") != "done":
             return False
+        if legacy and rec.get("fingerprint") == legacy != fingerprint:
+            self._update(lambda m: m["stages"][stage].__setitem__("fingerprint", fingerprint))
+            return True
         if rec.get("fingerprint") != fingerprint:
             raise SodaError(
                 f"{self.path}: stage '{stage}' already finished with different settings or inputs; "

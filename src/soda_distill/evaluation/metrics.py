@@ -18,6 +18,7 @@ def _rouge_scorer():
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
+@functools.lru_cache(maxsize=1 << 17)  # a row's answers are scored again in each of its paired comparisons
 def rouge_l(reference: str, prediction: str) -> float:
     """ROUGE-L F1 × 100 with Porter stemming — the `rouge-score` setting MiniLLM (and S-NI) report."""
     return 100 * _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure

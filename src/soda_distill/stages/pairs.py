@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
 from ..chat_tokens import chat_ids
 from ..config import REJECTED_SOURCES, Config, fingerprint
+from ..errors import SodaError
 from ..manifest import RunDir, combine
 from ..models import load_tokenizer, resolve_model
 from ..records import Example, atomic_write_jsonl, read_examples, sha256_file
@@ -99,6 +101,13 @@ def run_pairs(cfg: Config, run: RunDir) -> Path:
                 **{side: [{"role": "assistant", "content": text[side]}] for side in answers},
                 **{f"{side}_truncated": side in cut for side in answers},
             })
+        if not pairs:
+            raise SodaError(f"pairs: none of {len(teacher)} kept (dropped: {dict(dropped)})" + (
+                "; q0's answers were cut at snapshot.max_new_tokens: raise it, or keep them with "
+                "pairs.truncated_rejected=open" if dropped["truncated_rejected"] else ""))
+        if dropped["truncated_rejected"] > len(teacher) / 2:
+            print(f"pairs: {dropped['truncated_rejected']} of {len(teacher)} pairs dropped because q0's answer was cut at "
+                  f"snapshot.max_new_tokens (pairs.truncated_rejected=drop); a higher limit keeps more", file=sys.stderr)
         atomic_write_jsonl(out, pairs)
         info.update(kept=len(pairs), dropped=dict(dropped), lengths={k: length_summary(v) for k, v in lengths.items()},
                     truncated_kept_open=dict(kept_open), truncated_policy=policy, rejected_source=cfg.pairs.rejected_source)

@@ -6,6 +6,7 @@ collection resumes without asking again for anything already answered.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,11 +14,13 @@ from ..config import Config, fingerprint
 from ..endpoint import collect, request_key, sum_usage
 from ..errors import SodaError
 from ..manifest import RunDir, combine
-from ..records import AppendLog, Example, atomic_write_jsonl, read_examples, source_digest
+from ..records import AppendLog, Example, atomic_write_jsonl, read_examples, shown_data_path, source_digest
 
 
-def _source_fingerprint(cfg: Config, path: Path) -> str:
-    return combine(fingerprint(cfg.teacher), source_digest(path), str(cfg.data.limit),
+def _source_fingerprint(cfg: Config, path: Path, shown=shown_data_path) -> str:
+    """A shipped teacher file counts as `builtin:NAME`, not its path, so a run resumes from another checkout or venv."""
+    teacher = dataclasses.replace(cfg.teacher, file=shown(cfg.teacher.file)) if cfg.teacher.file else cfg.teacher
+    return combine(fingerprint(teacher), source_digest(path), str(cfg.data.limit),
                    *([json.dumps(cfg.data.columns, sort_keys=True)] if cfg.data.columns else []))
 
 
@@ -58,7 +61,7 @@ def run_teacher(cfg: Config, run: RunDir) -> Path:
         raise SodaError("set data.prompts (prompts to send to the teacher API) or teacher.file (existing responses)")
     out = run.output("teacher")
     fp = _source_fingerprint(cfg, source)
-    if run.done("teacher", fp):
+    if run.done("teacher", fp, legacy=_source_fingerprint(cfg, source, shown=str)):  # older runs: the path itself
         return out
     run.record_input(source)
     with run.stage("teacher", fp) as info:
