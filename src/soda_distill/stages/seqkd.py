@@ -1,5 +1,5 @@
 """The SeqKD baseline: SFT of q0 on the teacher's answers run to its best point — the step at which the loss on
-teacher answers it never trained on is least — instead of SODA's brief warmup.
+teacher answers it never trained on is least — instead of SODA's fixed-length warmup.
 
 A seeded share of the teacher's answers (`seqkd.heldout`) is held out; the rest trains for at most `seqkd.epochs`,
 the held-out loss measured `evals_per_epoch` times an epoch, stopping once `patience` measurements in a row have not

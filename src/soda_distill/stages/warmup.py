@@ -1,6 +1,7 @@
 """Stage 4 — warmup: SFT of q0 on the teacher responses, loss on assistant tokens only → q_w.
 
-Run briefly, it is SODA's starting point; run to its best held-out loss, it is the SeqKD baseline (seqkd.py).
+Run for `warmup.epochs` (by default 3, SeqKD's cap), it is SODA's starting point; run to its best held-out loss, it is
+the SeqKD baseline (seqkd.py).
 The teacher's answers are tokenized as TRL tokenizes a conversational prompt-completion example (chat_tokens.py): the
 prompt masked, the answer and its end of turn trained — except that an answer cut at its token limit gets no end of
 turn (`warmup.truncated`).
