@@ -196,8 +196,10 @@ def main() -> None:
         "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
         **progress(out, seeds),
     }
+    # An evaluation from an earlier step or call is on disk before this one's last comparison: complete only if it ran
+    record["evaluation_complete"] &= code == 0
     results = out / "evaluation" / "results.json"
-    if record["evaluation_complete"] and code == 0:
+    if record["evaluation_complete"]:
         evaluation = json.loads(results.read_text())
         record["results"] = {k: evaluation[k] for k in ("settings", "benchmarks", "rows", "across_runs")}
         RESULTS.mkdir(exist_ok=True)
