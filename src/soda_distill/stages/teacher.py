@@ -17,10 +17,10 @@ from ..manifest import RunDir, combine
 from ..records import AppendLog, Example, atomic_write_jsonl, read_examples, shown_data_path, source_digest
 
 
-def _source_fingerprint(cfg: Config, path: Path, shown=shown_data_path) -> str:
+def _source_fingerprint(cfg: Config, digest: str, shown=shown_data_path) -> str:
     """A shipped teacher file counts as `builtin:NAME`, not its path, so a run resumes from another checkout or venv."""
     teacher = dataclasses.replace(cfg.teacher, file=shown(cfg.teacher.file)) if cfg.teacher.file else cfg.teacher
-    return combine(fingerprint(teacher), source_digest(path), str(cfg.data.limit),
+    return combine(fingerprint(teacher), digest, str(cfg.data.limit),
                    *([json.dumps(cfg.data.columns, sort_keys=True)] if cfg.data.columns else []))
 
 
@@ -60,8 +60,9 @@ def run_teacher(cfg: Config, run: RunDir) -> Path:
     if not cfg.teacher.file and not cfg.data.prompts:
         raise SodaError("set data.prompts (prompts to send to the teacher API) or teacher.file (existing responses)")
     out = run.output("teacher")
-    fp = _source_fingerprint(cfg, source)
-    if run.done("teacher", fp, legacy=_source_fingerprint(cfg, source, shown=str)):  # older runs: the path itself
+    digest = source_digest(source)  # hashed once: a prompt file may be large
+    fp = _source_fingerprint(cfg, digest)
+    if run.done("teacher", fp, legacy=_source_fingerprint(cfg, digest, shown=str)):  # older runs: the path itself
         return out
     run.record_input(source)
     with run.stage("teacher", fp) as info:
