@@ -2,6 +2,7 @@
 the warmup's length, on the demo's data (configs/demo.yaml), to choose the demo's and the package's defaults.
 
     python bench/sweep.py [--quick] [--out DIR]      # resumable: run it again to continue
+    python bench/sweep.py --points demo,refresh4,refresh1 --name dial --out runs/dial   # the on-policy dial
 
 Every point is a run directory under DIR (default runs/sweep) that shares the demo's teacher answers, snapshot,
 pairs and warmup — those the point does not change — as hard links: each is made once. After each point trains, one
@@ -42,6 +43,8 @@ POINTS = {
     "select_nll": ["distill.select=teacher_nll"],  # the half of the pairs whose teacher answers q_w finds likeliest
     "select_random": ["distill.select=random"],  # a random half: selection's control
     "refresh4": ["distill.refresh_every=4"],  # the on-policy dial: rejected answers from the current student every 4 steps
+    "refresh2": ["distill.refresh_every=2"],
+    "refresh1": ["distill.refresh_every=1"],  # on-policy DPO: each step's negatives from that step's policy
     "warmup0.5": ["warmup.epochs=0.5"],
     "lr1e-4": ["distill.learning_rate=1e-4"],
     "lr5e-5_beta0.5": ["distill.learning_rate=5e-5", "distill.beta=0.5"],
@@ -104,6 +107,7 @@ def summarize(results: dict, out: Path, points: dict) -> dict:
             "overrides": points[row["model"]],
             "dpo": learned(out / row["model"]),
             "distill_wall_s": manifest["stages"]["distill"]["wall_s"],
+            **({"refresh": manifest["stages"]["distill"]["refresh"]} if "refresh" in manifest["stages"]["distill"] else {}),
             "warmup_wall_s": manifest["stages"]["warmup"]["wall_s"],
             **{metric: c.get(metric) for metric in METRICS},
             **{f"{metric}_vs_warmup": own_start.get(metric) for metric in METRICS},
@@ -119,17 +123,18 @@ def summarize(results: dict, out: Path, points: dict) -> dict:
 
 def markdown(record: dict) -> str:
     """The sweep as one Markdown table: each point's own-pair learning and its held-out change from its warmup."""
+    refreshed = lambda r: "—" if not r else f"{r['refreshes']}, {r['answers']}, {r['generation_s']:.0f}"
     show = lambda d, digits: "—" if not d else f"{d['difference']:+.{digits}f} [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}]"
     lines = [f"Sweep of SODA's DPO on {record['config']} ({record['date']}, {record['machine']}); held-out: "
              f"{', '.join(record['evaluation'])}. Differences are SODA − its own warmup q_w on the same prompts, "
              "paired bootstrap 95% intervals.", "",
-             "| point | DPO reward accuracy (last ¼) | DPO margin (last ¼) | Δ ROUGE-L | Δ reference NLL | Δ preference margin | Δ preference accuracy | distill s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| point | DPO reward accuracy (last ¼) | DPO margin (last ¼) | Δ ROUGE-L | Δ reference NLL | Δ preference margin | Δ preference accuracy | distill s | of it: refreshes, answers, generation s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, p in record["points"].items():
         lines.append(f"| {name} | {p['dpo']['reward_accuracy_last_quarter']:.2f} | {p['dpo']['reward_margin_last_quarter']:.2f} | "
                      f"{show(p['rouge_l_vs_warmup'], 2)} | {show(p['reference_nll_vs_warmup'], 3)} | "
                      f"{show(p['preference_margin_vs_warmup'], 3)} | {show(p.get('preference_accuracy_vs_warmup'), 1)} | "
-                     f"{p['distill_wall_s']:.0f} |")
+                     f"{p['distill_wall_s']:.0f} | {refreshed(p.get('refresh'))} |")
     against = [(name, other, d) for name, p in record["points"].items() for other, d in p.get("versus", {}).items()]
     if against:
         lines += ["", "The same points against SODA at the demo's settings, their control, and the demo's SeqKD (SFT to "
@@ -141,7 +146,8 @@ def markdown(record: dict) -> str:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    """Each point's learning on its own pairs, then its held-out difference to its own warmup and to the demo's SeqKD."""
+    """Each point's learning on its own pairs, then its held-out difference to its own warmup and to the demo's SeqKD,
+    and what its DPO stage cost (the on-policy dial's refreshes included)."""
     from soda_distill.plots import label_axes, panels, run_color, save_png
     from soda_distill.registry import METHODS
 
@@ -154,6 +160,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
                   lambda s, metric=metric, figures=figures: interval(figures(s, metric)))
                  for metric, heading in (("rouge_l", "ROUGE-L"), ("reference_nll", "reference NLL"),
                                          ("preference_margin", "preference margin"))]
+    spec.append(("DPO stage wall time (s)", lambda s: (s["distill_wall_s"], None)))
     fig, axes = panels(len(spec))
     for ax, (heading, value) in zip(axes, spec):
         for i, name in enumerate(names):
@@ -181,8 +188,9 @@ def main() -> None:
     parser.add_argument("--summarize", action="store_true",
                         help="train nothing: evaluate and write up the points already trained under --out")
     parser.add_argument("--replot", action="store_true", help="only the Markdown and the chart again, from the results' JSON")
+    parser.add_argument("--name", default="sweep", help="the results' name: bench/results/NAME[-quick].json, .md, .png")
     args = parser.parse_args()
-    stem = "sweep-quick" if args.quick else "sweep"
+    stem = f"{args.name}-quick" if args.quick else args.name
     if args.replot:
         record = json.loads((RESULTS / f"{stem}.json").read_text())
         return write_up(record, stem)
@@ -217,7 +225,8 @@ def main() -> None:
         results = run_evaluate(ev, prepare_evaluation(ev, args.out / "_evaluation"))
         summary = summarize(results, args.out, points)
         record = {
-            "command": "python bench/sweep.py" + (" --quick" if args.quick else "") + (f" --points {args.points}" if args.points else ""),
+            "command": "python bench/sweep.py" + (" --quick" if args.quick else "") + (f" --points {args.points}" if args.points else "")
+                       + (f" --name {args.name}" if args.name != "sweep" else ""),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(),
             "config": "configs/demo.yaml", "shared_overrides": base, "evaluation": EVALUATE,
