@@ -25,10 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-# One change at a time from the demo's settings (distill lr 5e-6, β 0.1, 1 epoch; warmup 1 epoch). The lr5e-5 points
-# came first, when the demo's DPO barely moved; the points after them change the demo as it now is: its DPO (β,
-# epochs), its warmup's length (is SODA's deficit to SeqKD its shorter SFT?), and the paper's Table 2 (the source of
-# the rejected answers) with the cut negatives dropped beside it.
+# One change at a time from the demo's settings (distill lr 5e-6, β 0.1, 1 epoch; warmup 1 epoch until 2026-12-04,
+# 3 since, with cut negatives dropped: warmup3 and dropcut are then no-ops). The lr5e-5 points came first, when the
+# demo's DPO barely moved; the points after them change the demo: its DPO (β, epochs), its warmup's length (is
+# SODA's deficit to SeqKD its shorter SFT?), the paper's Table 2 (the source of the rejected answers) with the cut
+# negatives dropped beside it, pair selection and the on-policy dial.
 POINTS = {
     "demo": [],
     "lr5e-5": ["distill.learning_rate=5e-5"],
