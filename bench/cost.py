@@ -43,11 +43,14 @@ QUICK = ["data.limit=16", "snapshot.max_new_tokens=64", "gad.max_new_tokens=64",
 SWEEP = {"K": (2, 4, 8), "L": (64, 128, 256), "prompts": 32}
 SWEEP_QUICK = {"K": (2, 4), "L": (16, 32), "prompts": 8}
 PROMPTS_PER_STEP = 4  # GAD: 4K rollouts a step, whatever K
+# The published cost setting (1 SFT epoch, as GAD's warmup), every pair kept: under the demo's quality defaults (3
+# epochs, cut q0 answers dropped) a short L would drop most pairs and the shared warmup would triple.
+RECIPE = ["warmup.epochs=1", "pairs.truncated_rejected=open"]
 
 
 def stage(command: str, out: Path, overrides: list[str]) -> None:
     exe = Path(sys.executable).parent / "soda-distill"
-    cmd = [str(exe), command, str(ROOT / "configs" / "demo.yaml"), "--out", str(out), *overrides]
+    cmd = [str(exe), command, str(ROOT / "configs" / "demo.yaml"), "--out", str(out), *RECIPE, *overrides]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
 
@@ -242,19 +245,25 @@ def sweep(out: Path, quick: bool) -> None:
                            "time_gad_over_soda": round(gad["wall_s"] / soda["wall_s"], 2),
                            "memory_soda_over_gad": round(soda["peak_memory_mb"] / gad["peak_memory_mb"], 2),
                            "memory_soda_over_gad_own_stages": round(own_peak(soda, SODA, GAD) / own_peak(gad, GAD, SODA), 2)})
+            # Written after every point: a sweep stopped for time leaves the points it measured (and resumes)
+            write_sweep(points, grid, soda_manifest, name, quick)
+
+
+def write_sweep(points: list[dict], grid: dict, soda_manifest: dict, name: str, quick: bool) -> None:
     models = {m: cost_model(points, m) for m in ("SODA", "GAD")}
     prompt_tokens = soda_manifest["stages"]["pairs"]["lengths"]["prompt"]["mean"]
     record = {
         "command": "python bench/cost.py --sweep" + (" --quick" if quick else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(soda_manifest),
-        "prompts": grid["prompts"], "prompts_per_gad_step": PROMPTS_PER_STEP, "points": points,
-        "cost_model": models, "projection": projection(points, models, prompt_tokens),
+        "prompts": grid["prompts"], "prompts_per_gad_step": PROMPTS_PER_STEP,
+        "grid": {"K": list(grid["K"]), "L": list(grid["L"])}, "complete": len(points) == len(grid["K"]) * len(grid["L"]),
+        "points": points, "cost_model": models, "projection": projection(points, models, prompt_tokens),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     plot_sweep(record, RESULTS / f"{name}.png")
     print(json.dumps({"ratios": [(p["K"], p["L"], p["time_gad_over_soda"]) for p in points],
-                      "projection": record["projection"]["time_gad_over_soda"]}, indent=1))
+                      "projection": record["projection"]["time_gad_over_soda"]}, indent=1), flush=True)
 
 
 def plot_sweep(record: dict, path: Path) -> None:
@@ -283,7 +292,8 @@ def plot_sweep(record: dict, path: Path) -> None:
     label_axes(time_ax, "wall time, shared warmup included", "rollouts × answer length (K·L)", "minutes")
     label_axes(ratio_ax, f"ratios (published setting, projected: {record['projection']['time_gad_over_soda']}×)", "K·L", "")
     label_axes(mem_ax, "peak memory, own stages", "K·L", "GiB")
-    fig.suptitle(f"SODA vs GAD against rollouts and length, {record['prompts']} prompts — {record['machine']}")
+    done = "" if record.get("complete", True) else f" ({len(record['points'])} of {len(record['grid']['K']) * len(record['grid']['L'])} points)"
+    fig.suptitle(f"SODA vs GAD against rollouts and length, {record['prompts']} prompts{done} — {record['machine']}")
     save_png(fig, path)
 
 
