@@ -124,12 +124,12 @@ def summarize(results: dict, out: Path, points: dict) -> dict:
 
 def markdown(record: dict) -> str:
     """The sweep as one Markdown table: each point's own-pair learning and its held-out change from its warmup."""
-    refreshed = lambda r: "—" if not r else f"{r['refreshes']}, {r['answers']}, {r['generation_s']:.0f}"
+    refreshed = lambda r: "—" if not r else f"{r['refreshes']}, {r['answers']} ({r['kept_previous']} cut), {r['generation_s']:.0f}"
     show = lambda d, digits: "—" if not d else f"{d['difference']:+.{digits}f} [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}]"
     lines = [f"Sweep of SODA's DPO on {record['config']} ({record['date']}, {record['machine']}); held-out: "
              f"{', '.join(record['evaluation'])}. Differences are SODA − its own warmup q_w on the same prompts, "
              "paired bootstrap 95% intervals.", "",
-             "| point | DPO reward accuracy (last ¼) | DPO margin (last ¼) | Δ ROUGE-L | Δ reference NLL | Δ preference margin | Δ preference accuracy | distill s | of it: refreshes, answers, generation s |",
+             "| point | DPO reward accuracy (last ¼) | DPO margin (last ¼) | Δ ROUGE-L | Δ reference NLL | Δ preference margin | Δ preference accuracy | distill s | of it: refreshes, new answers (cut, pair kept its previous), generation s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, p in record["points"].items():
         lines.append(f"| {name} | {p['dpo']['reward_accuracy_last_quarter']:.2f} | {p['dpo']['reward_margin_last_quarter']:.2f} | "
