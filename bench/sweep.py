@@ -3,6 +3,7 @@ the warmup's length, on the demo's data (configs/demo.yaml), to choose the demo'
 
     python bench/sweep.py [--quick] [--out DIR]      # resumable: run it again to continue
     python bench/sweep.py --points demo,refresh4,refresh1 --name dial --out runs/dial   # the on-policy dial
+    python bench/sweep.py --points demo,warmup0.5,warmup1,warmup2 --name coldstart --out runs/dial   # the warmup's length
 
 Every point is a run directory under DIR (default runs/sweep) that shares the demo's teacher answers, snapshot,
 pairs and warmup — those the point does not change — as hard links: each is made once. After each point trains, one
@@ -46,7 +47,9 @@ POINTS = {
     "refresh4": ["distill.refresh_every=4"],  # the on-policy dial: rejected answers from the current student every 4 steps
     "refresh2": ["distill.refresh_every=2"],
     "refresh1": ["distill.refresh_every=1"],  # on-policy DPO: each step's negatives from that step's policy
-    "warmup0.5": ["warmup.epochs=0.5"],
+    "warmup0.5": ["warmup.epochs=0.5"],  # the "off-policy cold start" dial: SODA's DPO from a shorter SFT
+    "warmup1": ["warmup.epochs=1"],
+    "warmup2": ["warmup.epochs=2"],
     "lr1e-4": ["distill.learning_rate=1e-4"],
     "lr5e-5_beta0.5": ["distill.learning_rate=5e-5", "distill.beta=0.5"],
     "lr5e-5_beta0.02": ["distill.learning_rate=5e-5", "distill.beta=0.02"],
