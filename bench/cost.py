@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
+from common import DEMO_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,9 +46,8 @@ SWEEP_QUICK = {"K": (2, 4), "L": (16, 32), "prompts": 8}
 PROMPTS_PER_STEP = 4  # GAD: 4K rollouts a step, whatever K
 # The published cost setting (1 SFT epoch, as GAD's warmup), every pair kept: under the demo's quality defaults (3
 # epochs, cut q0 answers dropped) a short L would drop most pairs and the shared warmup would triple. The demo's
-# data as the committed results measured it (64 prompts, 640 tokens), which the sweep's points then narrow.
-RECIPE = ["warmup.epochs=1", "pairs.truncated_rejected=open", "data.limit=64", "pairs.max_length=640",
-          "warmup.max_length=640", "distill.max_length=640"]
+# data as the committed results measured it, which the sweep's points then narrow.
+RECIPE = ["warmup.epochs=1", "pairs.truncated_rejected=open", *DEMO_DATA]
 
 
 def stage(command: str, out: Path, overrides: list[str]) -> None:

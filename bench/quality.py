@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -35,6 +34,8 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,12 +102,6 @@ def reuse_stages(source: Path, path: Path, overrides: list[str]) -> None:
     from soda_distill.registry import shared_stages
 
     copy_stages(source, path, shared_stages(overrides))
-
-
-def machine() -> str:
-    from soda_distill.models import bf16_supported
-
-    return f"{platform.machine()}, {os.cpu_count()} cores, " + ("bf16" if bf16_supported() else "no bf16 (fp32 training)")
 
 
 def main() -> None:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
+
+from common import DEMO_DATA, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -178,12 +178,6 @@ def plot(summary: dict, path: Path, title: str) -> None:
     save_png(fig, path)
 
 
-def machine() -> str:
-    from soda_distill.models import bf16_supported
-
-    return f"{platform.machine()}, {os.cpu_count()} cores, " + ("bf16" if bf16_supported() else "no bf16 (fp32 training)")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two points on 16 prompts: the regression check")
@@ -204,9 +198,7 @@ def main() -> None:
     from soda_distill.pipeline import prepare, run_methods, run_stage
     from soda_distill.registry import shared_stages
 
-    # The demo's data as the committed points measured it (it is now 48 prompts of ≤ 512 tokens, to fit its time).
-    base = ["student.model=embedded", "data.limit=64", "pairs.max_length=640", "warmup.max_length=640",
-            "seqkd.max_length=640", "distill.max_length=640", *(QUICK if args.quick else [])]
+    base = ["student.model=embedded", *DEMO_DATA, *(QUICK if args.quick else [])]
     names = args.points.split(",") if args.points else list(QUICK_POINTS if args.quick else POINTS)
     points = {name: POINTS[name] for name in names}
     demo = ROOT / "configs" / "demo.yaml"
