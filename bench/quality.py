@@ -6,7 +6,7 @@ Dolly held-out, SelfInst and Vicuna, with paired bootstrap intervals (and across
                             [--variant NAME KEY=VALUE ...] [--out DIR]
     python bench/quality.py --methods base,warmup,seqkd,soda --variant rpo 'distill.loss_type=[sigmoid, sft]'
     python bench/quality.py --methods base,warmup,soda --variant other_q0 pairs.rejected_source=other_q0   # Table 2
-    python bench/quality.py --methods base,opd --with-committed --set opd.teacher_model=runs/quality/seed-42/seqkd
+    python bench/quality.py --methods seqkd,opd --with-committed --set opd.teacher_model=runs/quality/seed-42/seqkd
     python bench/quality.py --methods none --with-committed --variant w3 warmup.epochs=3   # Base's answers as committed
 
 The replica takes hours here, so it runs in pieces: each call works for at most --minutes (default 60) and is then
@@ -120,7 +120,7 @@ def main() -> None:
                              "its row `SODA (NAME)` paired with the others: an ablation or sweep point")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings for the compared methods' stages, such as OPD's teacher "
-                             "(--methods base,opd --set opd.teacher_model=runs/quality/seed-42/seqkd)")
+                             "(--methods seqkd,opd --set opd.teacher_model=runs/quality/seed-42/seqkd)")
     parser.add_argument("--reuse-from", type=Path, metavar="DIR",
                         help="the runs a --variant takes its shared stages from (default --out): another variant's "
                              "runs, to share its warmup")
