@@ -58,3 +58,19 @@ def test_opd_refuses_a_teacher_with_another_tokenizer(tmp_path, qa_file, tiny_mo
                              "warmup.epochs=0.2", f"opd.teacher_model={other}"])
     with pytest.raises(SodaError, match=r"its tokenizer is not the student's .*token '<not-the-students>'"):
         run_methods(cfg, RunDir(tmp_path / "run"), ["opd"])
+
+
+def test_opd_teacher_in_bf16(tmp_path, qa_file, tiny_model_dir):
+    """`opd.teacher_bf16`: the teacher's weights in bf16 (half its memory) beside an fp32 student that trains on its distribution."""
+    cfg = load_config(None, [
+        f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "student.bf16=false", "warmup.epochs=0.2",
+        f"opd.teacher_model={tiny_model_dir}", "opd.teacher_bf16=true", "opd.batch_size=4", "opd.epochs=1",
+        "opd.max_new_tokens=8", "opd.max_length=128", "opd.learning_rate=1e-3",
+    ])
+    run = RunDir(tmp_path / "run")
+    out = run_methods(cfg, run, ["opd"])["opd"]
+    info = run.manifest()["stages"]["opd"]
+    assert info["teacher_dtype"] == "bfloat16"
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert steps and all(torch.isfinite(torch.tensor(m["loss"])) and m["loss"] > 0 for m in steps)
+    assert next(load_model(str(out)).parameters()).dtype == torch.float32

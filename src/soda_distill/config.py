@@ -352,6 +352,7 @@ class OpdConfig(TrainingConfig):
     section = "opd"
     teacher_model: str | None = None  # a local model folder (or `embedded`) sharing the student's tokenizer
     trust_remote_code: bool = False  # the teacher's
+    teacher_bf16: bool | None = added(None)  # its weights in bf16 (half the memory); None: where the student trains in bf16
     learning_rate: float = 1e-6  # TRL's default
     beta: float = 1.0  # the generalized JSD's interpolation: 0 forward KL, 1 reverse KL, 0.5 JSD
     temperature: float = 1.0  # of the student's samples and of both distributions in the loss

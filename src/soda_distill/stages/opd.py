@@ -113,12 +113,14 @@ def run_opd(cfg: Config, run: RunDir) -> Path:
         tokenizer = load_tokenizer(str(start), trust)
         teacher_tokenizer = load_tokenizer(teacher_dir, o.trust_remote_code)
         student = load_model(str(start), trust_remote_code=trust, quantize=cfg.student.quantize, bf16=bf16)
-        teacher = load_model(teacher_dir, trust_remote_code=o.trust_remote_code)
+        teacher_bf16 = bf16 if o.teacher_bf16 is None else o.teacher_bf16  # the teacher is usually the larger model
+        teacher = load_model(teacher_dir, torch.bfloat16 if teacher_bf16 else torch.float32, o.trust_remote_code)
         same_vocabulary(tokenizer, teacher_tokenizer, student, teacher, o.teacher_model)
         teacher.requires_grad_(False)
         dataset, dropped = opd_dataset(teacher_path, tokenizer, o.max_length - o.max_new_tokens)
         trainer = build_opd_trainer(student, teacher, tokenizer, dataset, cfg, out)
         info.update(prompts=len(dataset), dropped_long_prompts=dropped, teacher_model=o.teacher_model,
+                    teacher_dtype=str(teacher.dtype).removeprefix("torch."),
                     **train_and_save(trainer, out))
         steps = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
         for key in ("loss", "overlap/ratio", "overlap/teacher_mass_shared"):
