@@ -113,6 +113,30 @@ def test_ld_dpo_counts_only_the_shared_length_of_each_pair(tmp_path, qa_file, ti
             load_config(None, ["distill.ld_alpha=0.5", other])
 
 
+def test_selection_keeps_its_band_of_each_ranking(tmp_path):
+    """select_pairs on known reference figures: per-token teacher NLL n = 1..6 (rows in a shuffled order), q0's answer
+    2n; the band [0.5, 1] keeps the worst half, `margin` ranks by teacher NLL less q0's (−n), `random` as many."""
+    from datasets import Dataset
+
+    from soda_distill.stages.selection import select_pairs
+
+    teacher_nll = [3.0, 6.0, 1.0, 5.0, 2.0, 4.0]
+    data = Dataset.from_dict({
+        "pair": [10, 11, 12, 13, 14, 15], "prompt_ids": [[1, 2]] * 6,
+        "chosen_ids": [[3, 4]] * 6, "rejected_ids": [[5, 6, 7, 8]] * 6,
+        "ref_chosen_logps": [-2 * n for n in teacher_nll], "ref_rejected_logps": [-4 * 2 * n for n in teacher_nll],
+    })
+    kept = lambda by, band: select_pairs(data, by, band, 0, 64, tmp_path)[0]["pair"]
+    assert kept("teacher_nll", [0.0, 0.5]) == [10, 12, 14]  # NLL 3, 1, 2, in their order
+    assert kept("teacher_nll", [0.5, 1.0]) == [11, 13, 15]
+    assert kept("margin", [0.0, 0.5]) == [11, 13, 15]  # margin −n: least first
+    assert kept("teacher_nll", [1 / 3, 2 / 3]) == [10, 15]  # NLL 3 and 4
+    record = select_pairs(data, "teacher_nll", [0.5, 1.0], 0, 64, tmp_path)[1]
+    assert record["teacher_nll"] == {"kept": 5.0, "all": 3.5} and record["kept"] == 3 and record["of"] == 6
+    random_half = kept("random", [0.0, 0.5])
+    assert len(random_half) == 3 and random_half == kept("random", [0.0, 0.5])
+
+
 def test_selection_trains_dpo_on_the_most_learnable_half(tmp_path, qa_file, tiny_model_dir):
     """distill.select: teacher_nll keeps the pairs whose teacher answer q_w finds likeliest per token (here q_w is
     the start model: its NLL computed afresh names the same half); random keeps as many others. distill.max_length

@@ -52,7 +52,9 @@ def test_the_teacher_stage_keeps_each_answer_tokens_logprobs(tmp_path, logprobs_
     for r in records:
         tokens = r["logprobs"]
         assert "".join(t[0] for t in tokens).strip() == r["messages"][-1]["content"].strip()
-        assert all(len(top) == 5 and lp <= 0 and top[0][1] >= lp - 1e-4 for _, lp, top in tokens)  # greedy: the top one
+        # greedy: each answer token is its own top alternative, at its own log-probability (not its neighbour's)
+        assert all(len(top) == 5 and lp <= 0 and top[0][0] == token and abs(top[0][1] - lp) < 1e-4
+                   for token, lp, top in tokens)
 
 
 def test_warmup_with_teacher_kl_learns_the_teachers_distribution(tmp_path, logprobs_server, prompts_file, tiny_model_dir):
@@ -81,3 +83,23 @@ def test_teacher_kl_without_any_teacher_logprobs_is_one_line(qa_file, tiny_model
 
     with pytest.raises(SodaError, match="teacher_kl is set, but no answer has log-probabilities"):
         sft_dataset(qa_file, load_tokenizer(str(tiny_model_dir)), kl_max_length=128)
+
+
+def test_teacher_targets_sit_at_the_state_before_each_answer_token(tiny_model_dir):
+    """Answer token i (at index prompt_length + i of input_ids) is predicted by the state before it; the answer's own
+    token joins the teacher's alternatives where it ranked lower; positions the trainer cuts are left out."""
+    from soda_distill.teacher_logprobs import teacher_targets, vocabulary_by_text
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    vocabulary = vocabulary_by_text(tokenizer)
+    answer = tokenizer("The sky is blue", add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([i]) for i in answer]
+    other = tokenizer.decode([answer[0] + 1])
+    logprobs = [[p, -0.5, [[p, -0.5], [other, -1.5]]] for p in pieces]
+    logprobs[1][2] = [[other, -0.2]]  # the answer's token outside the reported top
+    targets = teacher_targets(tokenizer, vocabulary, 5, answer, logprobs, max_length=64)
+    assert targets["kl_positions"] == list(range(4, 4 + len(answer)))
+    assert targets["kl_ids"][0] == [answer[0], vocabulary[other]] and targets["kl_logprobs"][0] == [-0.5, -1.5]
+    assert targets["kl_ids"][1] == [vocabulary[other], answer[1]] and targets["kl_logprobs"][1] == [-0.2, -0.5]
+    assert teacher_targets(tokenizer, vocabulary, 5, answer, logprobs, max_length=7)["kl_positions"] == [4, 5]
+    assert teacher_targets(tokenizer, vocabulary, 5, answer, [["x" + pieces[0], -0.5, []], *logprobs[1:]], 64) is None

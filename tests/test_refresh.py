@@ -60,14 +60,20 @@ def test_refresh_every_regenerates_the_coming_steps_rejected_answers_scored_by_q
     # and they are what trains: from step 2 on, each micro-batch's rejected answers are those of its round's refresh
     latest = {(r["step"], r["pair"]): r for r in records}
     late = [(step, e["pair"]) for step, batch in trained if step >= 2 for e in batch
-            if e["rejected_ids"] != latest[step // 2 * 2, e["pair"]]["rejected_ids"]]
+            if any(e[k] != latest[step // 2 * 2, e["pair"]][k] for k in ("rejected_ids", "ref_rejected_logps"))]
     assert len(trained) == 2 * steps and not late, late
     # and q_w (here the start model) is their reference: its log-probability of each, computed afresh
+    # (the last refresh's, when the policy is furthest from q_w: the trained model scores them measurably otherwise)
     q_w, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-    for r in records[:6]:
+    trained_model = load_model(str(out)) if not lora else None
+    policy_off = []
+    for r in records[-6:]:
         prompt_ids, rejected_ids = chat_ids(tokenizer, pairs[r["pair"]]["prompt"], r["text"], r["finish_reason"] == "length")
         assert rejected_ids == r["rejected_ids"]
-        assert abs(answer_logp(q_w, prompt_ids, rejected_ids) - r["ref_rejected_logps"]) < 1e-2 * max(1, abs(r["ref_rejected_logps"]))
+        assert abs(answer_logp(q_w, prompt_ids, rejected_ids) - r["ref_rejected_logps"]) < 1e-3 * max(1, abs(r["ref_rejected_logps"]))
+        if trained_model is not None:
+            policy_off.append(abs(answer_logp(trained_model, prompt_ids, rejected_ids) - r["ref_rejected_logps"]))
+    assert lora or max(policy_off) > 0.1, policy_off
     assert len([m for m in read_metrics(out / "metrics.jsonl") if "rewards/margins" in m]) == steps
 
 
