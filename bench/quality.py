@@ -11,7 +11,8 @@ Dolly held-out, SelfInst and Vicuna, with paired bootstrap intervals (and across
 
 The replica takes hours here, so it runs in pieces: each call works for at most --minutes (default 60) and is then
 stopped (every stage and the evaluation resume where they were), and the results say which parts are done:
-each seed's finished stages, and the evaluation's table once it is complete. With --methods the table covers those
+each seed's and variant's finished stages with their seconds (and a DPO's `refresh` and `selection` figures: what
+the on-policy dial cost, which band selection kept), and the evaluation's table once it is complete. With --methods the table covers those
 methods (a later call with more adds rows; answers already generated are reused). Run directories do not outlive
 a session here, so each complete table also commits every row's answers and per-prompt figures
 (bench/results/quality/rows/); a later session's `--with-committed` puts them beside the rows it trains (another
@@ -44,18 +45,20 @@ QUICK = ["data.limit=24", "snapshot.max_new_tokens=96", "seqkd.epochs=2", "gad.m
          "evaluate.limit=10", "evaluate.max_new_tokens=96"]
 
 
-def progress(out: Path, seeds: list[int]) -> dict:
-    """What is done: each seed's finished stages, and how many answers the evaluation has generated."""
+def progress(out: Path, runs_by_label: dict[str, Path]) -> dict:
+    """What is done: each run's finished stages (their seconds, and what the on-policy dial and pair selection cost
+    or kept), and how many answers the evaluation has generated."""
     from soda_distill.manifest import RunDir
     from soda_distill.registry import STAGES
 
     runs = {}
-    for seed in seeds:
-        path = out / f"seed-{seed}"
+    for label, path in runs_by_label.items():
         run = RunDir(path) if path.exists() else None
-        runs[f"seed-{seed}"] = {name: {"done": run.finished(name),
-                                       **({"wall_s": run.manifest()["stages"][name]["wall_s"]} if run.finished(name) else {})}
-                                for name in STAGES} if run else "not started"
+        stages = run.manifest()["stages"] if run else {}
+        runs[label] = {name: {"done": run.finished(name), **({k: v for k, v in stages[name].items()
+                                                            if k in ("wall_s", "refresh", "selection")}
+                                                           if run.finished(name) else {})}
+                       for name in STAGES} if run else "not started"
     generations = out / "evaluation" / "generations.jsonl"
     return {"runs": runs, "evaluation_answers": sum(1 for _ in generations.open()) if generations.exists() else 0,
             "evaluation_complete": (out / "evaluation" / "results.json").exists()
@@ -189,7 +192,9 @@ def main() -> None:
         "config": "configs/quality.yaml", "overrides": [o.replace(f"{ROOT}/", "") for o in final[5:]],  # the same on every machine
         "variants": [" ".join(c[6:]).replace(f"{ROOT}/", "") for *_, c in variants],
         "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
-        **progress(out, seeds),
+        **progress(out, {**{f"seed-{seed}": out / f"seed-{seed}" for seed in seeds},
+                         **{f"{path.name} ({path.parent.name.removeprefix(out.name + '-')})": path
+                            for _, path, *_ in variants}}),
     }
     # An evaluation from an earlier step or call is on disk before this one's last comparison: complete only if it ran
     record["evaluation_complete"] &= code == 0
