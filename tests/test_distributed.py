@@ -2,7 +2,8 @@
 
 Warmup and DPO on two ranks take the optimizer steps of one process accumulating the same global batch, to the same
 weights; the main process alone writes the run directory; a launch killed mid-stage resumes under the same launch,
-and a resume with another number of processes is refused in one line. GAD's two stages train on two ranks too.
+and a resume with another number of processes is refused in one line. GAD's two stages train on two ranks too, and
+the on-policy dial refreshes each rank's own negatives.
 """
 
 import json
@@ -111,6 +112,31 @@ def test_a_killed_launch_resumes_and_another_world_size_is_refused(two_processes
     assert warmup["resumed_from_step"] >= 2 and warmup["steps"] == 3 * STEPS_PER_EPOCH
     for stage in ("warmup", "distill"):
         assert_same_weights(out / stage, two_processes / stage)
+
+
+def test_the_on_policy_dial_on_two_processes(inputs, tmp_path):
+    """distill.refresh_every under DDP: each rank generates the rejected answers of its own micro-batches at the same
+    steps, foreseen exactly (none generated late), into a folder of its own; the manifest sums the ranks' figures."""
+    out = tmp_path / "dial"
+    launch(2, out, *inputs, "distill.refresh_every=2", "snapshot.temperature=1.0")
+    distill = json.loads((out / "manifest.json").read_text())["stages"]["distill"]
+    steps, refresh = distill["steps"], distill["refresh"]
+    points = list(range(2, steps, 2))
+    assert steps == 3 * STEPS_PER_EPOCH and refresh["refreshes"] == len(points) and refresh["late"] == 0, refresh
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").open()]
+    by_rank = {}
+    for rank in (0, 1):
+        files = sorted((out / "distill" / "refreshed" / f"rank-{rank}").glob("step-*.jsonl"))
+        assert [int(f.stem.removeprefix("step-")) for f in files] == points
+        by_rank[rank] = {int(f.stem.removeprefix("step-")): [json.loads(line) for line in f.open()] for f in files}
+    for point in points:  # the block's pairs, 2 a micro-batch and a step on each rank, dealt to one rank or the other
+        mine, theirs = ([r["pair"] for r in by_rank[rank][point]] for rank in (0, 1))
+        assert len(mine) == len(theirs) == 2 * min(2, steps - point) and not set(mine) & set(theirs)
+    records = [r for rank in by_rank.values() for block in rank.values() for r in block]
+    assert refresh["answers"] == len(records) == 2 * 2 * (steps - 2)
+    assert sum(r["text"] != pairs[r["pair"]]["rejected"][0]["content"] for r in records) >= len(records) // 2
+    losses = [m["loss"] for m in map(json.loads, (out / "distill" / "metrics.jsonl").open()) if "loss" in m]
+    assert len(losses) == steps and all(0 < loss < 10 for loss in losses)
 
 
 def test_gad_trains_on_two_processes(two_processes, inputs):

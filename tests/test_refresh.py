@@ -124,3 +124,24 @@ def test_a_run_stopped_after_a_refresh_resumes_to_the_same_weights(tmp_path, qa_
         assert (resumed / "refreshed" / f).read_text() == (uninterrupted / "refreshed" / f).read_text(), f
     x, y = load_file(uninterrupted / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+
+
+@pytest.mark.parametrize("launch", [{"ACCELERATE_USE_FSDP": "true"},
+                                    {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}],
+                         ids=["fsdp", "zero3"])
+def test_refresh_is_refused_where_a_rank_holds_a_shard_of_the_weights(tmp_path, qa_file, tiny_model_dir, launch,
+                                                                       monkeypatch):
+    """Each rank generates its answers alone: under FSDP or ZeRO-3 it could not, so the stage refuses in one line."""
+    from soda_distill.errors import SodaError
+
+    cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=4",
+                             "pairs.truncated_rejected=open",
+                             "student.bf16=false", "distill.refresh_every=2"])
+    run = RunDir(tmp_path / "run")
+    for stage in (run_teacher, run_snapshot, run_pairs):
+        stage(cfg, run)
+    for key, value in launch.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SodaError, match="needs the whole model on each rank: launch with DDP or DeepSpeed ZeRO-1/2"):
+        run_distill(cfg, run, start=tiny_model_dir)
+    assert "distill" not in run.manifest()["stages"]

@@ -21,6 +21,15 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def sharded_weights() -> bool:
+    """Whether each rank holds only a shard of the weights (FSDP, ZeRO-3): it cannot run the model alone."""
+    return zero_stage() == 3 or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
 def zero_stage() -> int | None:
     """DeepSpeed's ZeRO stage where `accelerate launch` was given a DeepSpeed config, else None."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":

@@ -19,7 +19,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..chat_tokens import chat_ids
 from ..config import Config, fingerprint
-from ..distributed import is_main, main_first, world_size, zero_stage
+from ..distributed import is_main, main_first, rank, sharded_weights, world_size, zero_stage
 from ..errors import SodaError
 from ..generation import Sampling
 from ..lm_head import add_cpu_lm_head
@@ -119,8 +119,9 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
                  *([fingerprint(cfg.snapshot), cfg.pairs.truncated_rejected] if every else []))
     if run.done("distill", fp):
         return out
-    if every and world_size() > 1:
-        raise SodaError("distill.refresh_every runs in one process for now: launch without torchrun/accelerate")
+    if every and sharded_weights():  # each rank generates its own answers alone
+        raise SodaError("distill.refresh_every needs the whole model on each rank: launch with DDP or DeepSpeed "
+                        "ZeRO-1/2, not FSDP or ZeRO-3")
     with run.stage("distill", fp) as info:
         tokenizer = load_tokenizer(str(start), cfg.student.trust_remote_code)
         load = lambda: load_model(str(start), trust_remote_code=cfg.student.trust_remote_code,
@@ -143,7 +144,8 @@ def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
             trainer.refresh_with(Refresh(
                 prompts=[pair["prompt"] for pair in read_pairs(pairs_path)], every=every,
                 sampling=Sampling(s.max_new_tokens, s.temperature, s.top_p, s.seed), batch_size=s.batch_size,
-                drop_truncated=cfg.pairs.truncated_rejected == "drop", folder=out / "refreshed"))
+                drop_truncated=cfg.pairs.truncated_rejected == "drop",
+                folder=out / "refreshed" / (f"rank-{rank()}" if world_size() > 1 else "")))
         info.update(pairs=len(dataset), dropped_prompt_too_long=prompt_too_long, **train_and_save(trainer, out))
         if every:
             info["refresh"] = trainer.refresh.summary()

@@ -9,6 +9,10 @@ Batches reach `training_step` uncollated, so that a batch already drawn by the d
 ahead) still trains on the answers of the latest refresh. Each refresh is written to `distill/refreshed/step-N.jsonl`
 before its step trains (the pair's line in pairs.jsonl, the new answer, its tokens and q_w's log-probability); a
 resumed run reads those up to its checkpoint's step and makes the later ones again.
+
+Under several processes (DDP, ZeRO-1/2: each rank holds the whole model) each rank generates the answers of its own
+micro-batches, at the same steps, into `refreshed/rank-R/`; the manifest's figures are summed over the ranks (the
+seconds: the slowest rank's).
 """
 
 from __future__ import annotations
@@ -121,18 +125,29 @@ class Refresh:
         self.stats["answers"] += len(records)
 
     def summary(self) -> dict:
-        stats = dict(self.stats)
-        stats["generation_s"], stats["reference_s"] = round(stats["generation_s"], 1), round(stats["reference_s"], 1)
+        """The figures of every rank (a collective: every rank calls it): counts summed, seconds the slowest's."""
+        ranks = [self.stats]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, self.stats)
+        stats = {k: sum(r[k] for r in ranks) for k in self.stats}
+        stats["refreshes"] = max(r["refreshes"] for r in ranks)  # the same steps on every rank
+        for k in ("generation_s", "reference_s"):
+            stats[k] = round(max(r[k] for r in ranks), 1)
         return {"every": self.every, **stats}
 
 
 def block_rows(trainer, point: int, every: int) -> list[int]:
-    """The training rows of steps point … point + every − 1, as the trainer will draw them: each epoch's order from
-    its sampler (EpochSeededSampler: the seed and the epoch alone), `gradient_accumulation_steps` micro-batches a
-    step, the epoch's last step taking what is left (transformers' loop)."""
+    """This rank's training rows of steps point … point + every − 1, as the trainer will draw them: each epoch's order
+    from its sampler (EpochSeededSampler: the seed and the epoch alone, the same on every rank), its micro-batches
+    dealt to the ranks in turn (accelerate's BatchSamplerShard), `gradient_accumulation_steps` of them a step, the
+    epoch's last step taking what is left (transformers' loop). The rows accelerate repeats to even out the ranks'
+    last micro-batches are not foreseen: generated when they arrive (`late`)."""
     sampler, b, ga = trainer.train_order, trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
+    ranks, rank = trainer.args.world_size, trainer.args.process_index
     micro_batches = math.ceil(len(sampler) / b)
-    steps_per_epoch = math.ceil(micro_batches / ga)
+    own = math.ceil(micro_batches / ranks)  # this rank's micro-batches an epoch
+    steps_per_epoch = math.ceil(own / ga)
     orders, rows = {}, []
     for step in range(point, min(point + every, trainer.state.max_steps)):
         epoch, j = divmod(step, steps_per_epoch)
@@ -141,8 +156,8 @@ def block_rows(trainer, point: int, every: int) -> list[int]:
             sampler.set_epoch(epoch)
             orders[epoch] = list(iter(sampler))
             sampler.set_epoch(saved)
-        for mb in range(j * ga, min((j + 1) * ga, micro_batches)):
-            rows += orders[epoch][mb * b : (mb + 1) * b]
+        for mb in range(j * ga, min((j + 1) * ga, own)):
+            rows += orders[epoch][(mb * ranks + rank) * b : (mb * ranks + rank + 1) * b]
     return rows
 
 
