@@ -96,7 +96,7 @@ def stages(run: Path) -> dict:
     manifest = run / "manifest.json"
     if not manifest.exists():
         return {}
-    keep = ("wall_s", "peak_rss_mb", "peak_gpu_mb", "steps", "records")
+    keep = ("wall_s", "peak_rss_mb", "peak_gpu_mb", "steps", "records", "refresh", "teacher_dtype")
     return {name: {k: v for k, v in rec.items() if k in keep}
             for name, rec in json.loads(manifest.read_text())["stages"].items()}
 
@@ -140,6 +140,11 @@ def main() -> None:
         "lora": ("LoRA", [*trained, "student.lora.r=16", "warmup.learning_rate=2e-4", "distill.learning_rate=5e-5",
                           "--out", str(WORK / "lora")], 150, None),
         "demo_gad": ("demo: GAD", [*demo, "--method", "gad", "--out", str(WORK / "demo")], 240, None),
+        "dial": ("on-policy dial, a refresh every 2 steps", [*trained, "distill.refresh_every=2",
+                                                             "pairs.truncated_rejected=open",  # all 16 pairs: 8 steps
+                                                             "--out", str(WORK / "dial")], 150, None),
+        "opd": ("OPD, the student its own teacher (in bf16)", [*trained, "--method", "opd", f"opd.teacher_model={model}",
+                                                              "opd.max_new_tokens=32", "--out", str(WORK / "opd")], 150, None),
     }
     chosen = args.parts.split(",") if args.parts else list(plan)
     if unknown := set(chosen) - set(plan):
@@ -151,7 +156,7 @@ def main() -> None:
                          if name.startswith("zero") and not (has_deepspeed or args.dry)
                          else run_part(label, cmd, left(limit), env=env))
     results["demo_gad"]["stages"] = stages(WORK / "demo")  # SODA's and GAD's, in one run directory
-    for name in ("fsdp", "zero3", "zero2", "lora"):
+    for name in ("fsdp", "zero3", "zero2", "lora", "dial", "opd"):
         results[name]["stages"] = stages(WORK / name)
     throughput = ROOT / "bench" / "results" / "throughput.json"
     if results["throughput"]["ok"] and not toy and not args.dry:

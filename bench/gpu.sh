@@ -4,6 +4,7 @@
 # (default bench/results/gpu/). Prepare here first: bash bench/gpu_wheels.sh (→ .whl/, carried to the machine).
 #   device run:  bash bench/gpu.sh          with carry [".whl"]
 #   on a CPU, the same steps at toy size, to check the script:  bash bench/gpu.sh --smoke
+#   the on-policy dial and OPD (bf16 teacher) on a GPU:  bash bench/gpu.sh --parts dial,opd
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
