@@ -8,7 +8,7 @@ from conftest import write_jsonl
 
 from soda_distill.cli import main
 from soda_distill.config import load_config, save_config
-from soda_distill.errors import InputError
+from soda_distill.errors import InputError, SodaError
 from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
 from soda_distill.evaluation.metrics import normalize_answer, offline_metrics, rouge_l
 
@@ -102,6 +102,18 @@ def test_rows_evaluated_once_join_a_later_table_from_their_response_files(tmp_pa
     rows = {r["method"]: r["cells"]["qa"]["paired"] for r in run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "v"))["rows"]}
     assert "vs Warmup (q_w, v)" in rows["SODA (v)"] and "vs SODA (v)" not in rows["Warmup (q_w, v)"]
     assert rows["SODA (v)"]["vs Warmup (q_w, v)"]["rouge_l"] == first["rows"][1]["cells"]["qa"]["paired"]["vs Base"]["rouge_l"]
+    # two variants are not paired with each other unless evaluate.paired_with asks; then as any baseline is
+    two = {"a/SODA (v)": files["a/Base"], "a/SODA (w)": files["a/SODA"]}
+    for asked in ({}, {"SODA (w)": ["SODA (v)"]}):
+        cfg = load_config(None, settings + [f"evaluate.models.{name}={path}" for name, path in two.items()]
+                          + [f"evaluate.paired_with={json.dumps(asked)}"])
+        rows = {r["method"]: r["cells"]["qa"]["paired"] for r in run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "w"))["rows"]}
+        assert rows["SODA (v)"] == {} and list(rows["SODA (w)"]) == (["vs SODA (v)"] if asked else [])
+    assert rows["SODA (w)"]["vs SODA (v)"] == first["rows"][1]["cells"]["qa"]["paired"]["vs Base"]
+    cfg = load_config(None, settings + [f"evaluate.models.{name}={path}" for name, path in two.items()]
+                      + ['evaluate.paired_with={"SODA (w)": ["SODA (x)"]}'])
+    with pytest.raises(SodaError, match=r"evaluate.paired_with: no row is 'SODA \(x\)' \(the rows: SODA \(v\), SODA \(w\)\)"):
+        run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "typo"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(line.replace('"reference_nll": ', '"reference_nll": "x", "was": ') + "\n"
                            for line in Path(files["a/SODA"]).read_text().splitlines()))

@@ -415,6 +415,9 @@ class EvaluateConfig:
     runs: list[str] = field(default_factory=list)  # run directories; each gives Base and its finished methods (SeqKD, SODA, GAD)
     models: dict[str, str] = field(default_factory=dict)  # more rows, "Model/Method": a model or a .jsonl of responses
     methods: list[str] | None = added(None)  # which methods of each run are rows (registry names); null: every finished one
+    # more paired differences than each row's own baselines: method → the methods it is also compared with, in each
+    # model (seed) that has both, e.g. {"SODA (refresh4)": ["SODA"]}
+    paired_with: dict[str, list[str]] = field(default_factory=dict, metadata={"operational": True})  # no answer changes
     benchmarks: list[str] = field(default_factory=lambda: ["dolly", "selfinst", "vicuna"])  # names, builtin:NAME or paths
     lmsys: str | None = None  # JSONL of held-out LMSYS-style chat prompts; when set, the first column
     limit: int | None = None  # only the first N prompts of each benchmark

@@ -258,14 +258,16 @@ def _per_prompt(label: str, bench: Benchmark, responses: dict, judged: dict) -> 
             "preference_margin": preference_margins(answers), "preference_accuracy": _ranked(answers), "judge": judge}
 
 
-def baselines_of(method: str, others: list[str] = ()) -> list[str]:
+def baselines_of(method: str, others: list[str] = (), paired_with: dict[str, list[str]] | None = None) -> list[str]:
     """The baselines a row of `method` is compared with: those before it in the registry (Base, q_w, SeqKD, SODA
     for GAD; none for Base), every one for a method outside it (a model or file of `evaluate.models`), and of
-    `others`, the rows of the same variant before it (`Warmup (q_w, NAME)` for `SODA (NAME)`: a variant's own start)."""
+    `others`, the rows of the same variant before it (`Warmup (q_w, NAME)` for `SODA (NAME)`: a variant's own start)
+    and those `evaluate.paired_with` names for it."""
     columns = [m.column for m in METHODS.values()]
     baselines = [METHODS[name].column for name in BASELINES]
     mine = [b for b in baselines if method not in columns or columns.index(b) < columns.index(method)]
-    return mine + [other for other in others if _variant_order(other, method)]
+    mine += [other for other in others if _variant_order(other, method)]
+    return mine + [other for other in (paired_with or {}).get(method, []) if other in others and other not in mine]
 
 
 def _variant_order(earlier: str, later: str) -> bool:
@@ -280,11 +282,11 @@ def _variant_order(earlier: str, later: str) -> bool:
     return name_a == name_b and labels.index(label_a) < labels.index(label_b)
 
 
-def _paired(row: Row, rows: list[Row], bench: Benchmark, responses: dict, judged: dict) -> dict:
+def _paired(row: Row, rows: list[Row], bench: Benchmark, responses: dict, judged: dict, paired_with: dict) -> dict:
     """This row against the baselines of its own group (`baselines_of`) on the same prompts: mean differences
     (this − that) with paired bootstrap 95% intervals. For NLL lower is better, so a negative difference is an
     improvement."""
-    baselines = baselines_of(row.method, [r.method for r in rows if r.group == row.group])
+    baselines = baselines_of(row.method, [r.method for r in rows if r.group == row.group], paired_with)
     out = {}
     for other in rows:
         if other.group != row.group or other.method not in baselines or other is row or \
@@ -295,7 +297,8 @@ def _paired(row: Row, rows: list[Row], bench: Benchmark, responses: dict, judged
     return out
 
 
-def across_runs(rows: list[Row], benchmarks: list[Benchmark], responses: dict, judged: dict) -> list[dict]:
+def across_runs(rows: list[Row], benchmarks: list[Benchmark], responses: dict, judged: dict,
+                paired_with: dict) -> list[dict]:
     """Each method that several runs have (one per seed, say) against the baselines those runs have, on the same
     prompts: the mean difference over runs and prompts with a two-level bootstrap interval (runs and prompts
     resampled), and each run's own difference."""
@@ -308,7 +311,7 @@ def across_runs(rows: list[Row], benchmarks: list[Benchmark], responses: dict, j
             continue
         entry = {"method": method, "runs": runs, "cells": {}}
         for b in benchmarks:
-            for baseline in baselines_of(method, list(dict.fromkeys(r.method for r in rows))):
+            for baseline in baselines_of(method, list(dict.fromkeys(r.method for r in rows)), paired_with):
                 if not all((g, baseline) in by and (by[g, baseline].label, b.name) in responses
                                                  and (by[g, method].label, b.name) in responses for g in runs):
                     continue
@@ -335,6 +338,9 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
     and judgments) into `evaldir`, and return the results."""
     ev = cfg.evaluate
     rows = table_rows(cfg)
+    methods = {r.method for r in rows}
+    if unknown := [m for method, others in ev.paired_with.items() for m in [method, *others] if m not in methods]:
+        raise SodaError(f"evaluate.paired_with: no row is {unknown[0]!r} (the rows: {', '.join(sorted(methods))})")
     benchmarks = load_benchmarks(ev)
     with evaldir.stage("evaluate", fingerprint(ev)) as info:
         responses, generated = {}, 0
@@ -390,14 +396,14 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
                             **offline_metrics([it.reference for it in b.items], responses[row.label, b.name], ev.exact_match_max_words),
                             **_nll(responses[row.label, b.name]),
                             "judge": judged[row.label, b.name]["summary"] if (row.label, b.name) in judged else None,
-                            "paired": _paired(row, rows, b, responses, judged),
+                            "paired": _paired(row, rows, b, responses, judged, ev.paired_with),
                         }
                         for b in benchmarks if (row.label, b.name) in responses
                     },
                 }
                 for row in rows
             ],
-            "across_runs": across_runs(rows, benchmarks, responses, judged),
+            "across_runs": across_runs(rows, benchmarks, responses, judged, ev.paired_with),
         }
         atomic_write_text(evaldir.file("results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(evaldir.file("results.md"), render_markdown(results))
