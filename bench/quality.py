@@ -18,7 +18,9 @@ a session here, so each complete table also commits every row's answers and per-
 (bench/results/quality/rows/); a later session's `--with-committed` puts them beside the rows it trains (another
 seed, GAD, an ablation), paired on the same prompts. A --variant is SODA trained again with other settings in
 runs/quality-NAME/ (from the seed's own q_w and q0 answers where this session has them), its row `SODA (NAME)`
-compared with every other on the same prompts: Table 2's rejection sources, RPO, a sweep point. --quick is the regression check, the whole comparison on 24
+compared with every other on the same prompts — and paired with the variants named before it in the command (for
+the on-policy dial: `--variant norefresh --variant refresh4 distill.refresh_every=4`, SODA retrained beside it from
+the same q_w): Table 2's rejection sources, RPO, a sweep point. --quick is the regression check, the whole comparison on 24
 prompts, short answers and 10 prompts per benchmark, in about 20 minutes.
 Writes bench/results/quality[-quick].json (+ .md and .png once the evaluation is complete).
 """
@@ -169,7 +171,11 @@ def main() -> None:
     # then the comparison again with the variants' rows (the answers already generated are reused).
     steps = [(None, compare_with(extra))] if variants else []
     steps += [((source, path, overrides), command) for source, path, overrides, command in variants]
-    steps.append((None, compare_with({**extra, **variant_rows})))
+    # and each variant paired with those named before it (the dial's k = 4 against k = never, selection against random)
+    names = [f"SODA ({variant})" for variant, *_ in args.variant or []]
+    paired = {name: names[:i] for i, name in enumerate(names) if i}
+    steps.append((None, compare_with({**extra, **variant_rows})
+                  + ([f"evaluate.paired_with={json.dumps(paired)}"] if paired else [])))
     start = time.monotonic()
     for shared, command in steps:
         left = args.minutes * 60 - (time.monotonic() - start)
