@@ -284,6 +284,12 @@ class ResumableOrder:
         self.train_order = EpochSeededSampler(sampler, self.args.seed)  # refresh.py reads the coming steps' rows here
         return self.train_order
 
+    def _run_epoch(self, *args, **kwargs):
+        # A resumed epoch's loader under several processes wraps the sampler in SkipBatchSampler(BatchSamplerShard(…)),
+        # where neither accelerate's set_epoch nor transformers' reaches it: that epoch would be drawn in epoch 0's order.
+        self.train_order.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
+
 
 def last_checkpoint(folder: Path) -> str | None:
     """The newest checkpoint in `folder` that is whole: transformers writes one in place, its trainer_state.json last,
