@@ -145,3 +145,45 @@ def test_refresh_is_refused_where_a_rank_holds_a_shard_of_the_weights(tmp_path, 
     with pytest.raises(SodaError, match="needs the whole model on each rank: launch with DDP or DeepSpeed ZeRO-1/2"):
         run_distill(cfg, run, start=tiny_model_dir)
     assert "distill" not in run.manifest()["stages"]
+
+
+def test_block_rows_foresee_what_accelerate_deals_each_rank():
+    """block_rows against accelerate's own BatchSamplerShard (as the trainer's loader draws under N processes): each
+    rank's rows of every block of k steps, less the rows accelerate repeats to even out the ranks' last micro-batches
+    (those are generated when they arrive); a rank left with only repeated rows gets an empty block."""
+    import math
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from soda_distill.stages.refresh import block_rows
+    from soda_distill.training import EpochSeededSampler
+
+    empty_blocks = 0
+    for n, b, ranks, ga, k in [(12, 2, 2, 1, 2), (13, 2, 2, 2, 1), (10, 3, 3, 1, 1), (7, 2, 3, 2, 3), (2, 2, 2, 1, 1),
+                               (12, 2, 1, 2, 2)]:
+        order = EpochSeededSampler(RandomSampler(range(n)), seed=3)
+        micro_batches = math.ceil(n / b)
+        for rank in range(ranks):
+            args = SimpleNamespace(per_device_train_batch_size=b, gradient_accumulation_steps=ga, world_size=ranks,
+                                   process_index=rank)
+            dealt = {}
+            for epoch in (0, 1):
+                order.set_epoch(epoch)
+                dealt[epoch] = list(BatchSamplerShard(BatchSampler(order, b, drop_last=False), ranks, rank))
+            steps_per_epoch = math.ceil(len(dealt[0]) / ga)  # transformers' optimizer steps an epoch
+            foreseen = []  # per step: the rows of its micro-batches that are not accelerate's repeats
+            for step in range(2 * steps_per_epoch):
+                epoch, j = divmod(step, steps_per_epoch)
+                foreseen.append([row for m in range(j * ga, min((j + 1) * ga, len(dealt[epoch])))
+                                 if m * ranks + rank < micro_batches
+                                 for row in dealt[epoch][m][: min(b, n - (m * ranks + rank) * b)]])
+            order.set_epoch(0)
+            trainer = SimpleNamespace(train_order=order, args=args, state=SimpleNamespace(max_steps=2 * steps_per_epoch))
+            for point in range(0, 2 * steps_per_epoch, k):
+                rows = block_rows(trainer, point, k)
+                assert rows == [r for step in foreseen[point : point + k] for r in step], (n, b, ranks, ga, k, rank, point)
+                empty_blocks += not rows
+            assert order.epoch == 0  # left as the trainer set it
+    assert empty_blocks  # (2 rows, batch 2, 2 ranks: the second rank's only micro-batch is the first's rows again)

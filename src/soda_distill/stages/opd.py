@@ -104,16 +104,18 @@ def run_opd(cfg: Config, run: RunDir) -> Path:
     teacher_dir = resolve_model(o.teacher_model)
     if not Path(teacher_dir).is_dir():
         raise SodaError(f"opd.teacher_model {o.teacher_model}: not a model folder here (nothing is downloaded)")
+    bf16 = use_bf16(cfg.student.bf16)
+    teacher_bf16 = bf16 if o.teacher_bf16 is None else o.teacher_bf16  # the teacher is usually the larger model
     fp = combine(fingerprint(o), sha256_file(teacher_path), model_digest(start), model_digest(teacher_dir),
-                 *([fingerprint(cfg.student.lora)] if cfg.student.lora else []))
+                 *([fingerprint(cfg.student.lora)] if cfg.student.lora else []),
+                 *(["teacher in bf16"] if teacher_bf16 else []))  # a stage begun with an fp32 teacher stays so
     if run.done("opd", fp):
         return out
     with run.stage("opd", fp) as info:
-        trust, bf16 = cfg.student.trust_remote_code, use_bf16(cfg.student.bf16)
+        trust = cfg.student.trust_remote_code
         tokenizer = load_tokenizer(str(start), trust)
         teacher_tokenizer = load_tokenizer(teacher_dir, o.trust_remote_code)
         student = load_model(str(start), trust_remote_code=trust, quantize=cfg.student.quantize, bf16=bf16)
-        teacher_bf16 = bf16 if o.teacher_bf16 is None else o.teacher_bf16  # the teacher is usually the larger model
         teacher = load_model(teacher_dir, torch.bfloat16 if teacher_bf16 else torch.float32, o.trust_remote_code)
         same_vocabulary(tokenizer, teacher_tokenizer, student, teacher, o.teacher_model)
         teacher.requires_grad_(False)

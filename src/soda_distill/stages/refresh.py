@@ -11,8 +11,8 @@ before its step trains (the pair's line in pairs.jsonl, the new answer, its toke
 resumed run reads those up to its checkpoint's step and makes the later ones again.
 
 Under several processes (DDP, ZeRO-1/2: each rank holds the whole model) each rank generates the answers of its own
-micro-batches, at the same steps, into `refreshed/rank-R/`; the manifest's figures are summed over the ranks (the
-seconds: the slowest rank's).
+micro-batches, at the same steps, into `refreshed/rank-R/`; the manifest's counts are summed over the ranks (the
+refreshes: the steps refreshed; the seconds: the slowest rank's).
 """
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ class Refresh:
 
     def run(self, trainer, point: int, examples: list[dict]) -> None:
         """New rejected answers for `examples` from the policy as it is, their log-probabilities under q_w."""
+        if not examples:  # a rank whose block holds only rows accelerate repeats to even out the ranks: they come late
+            self.stats["refreshes"] += point not in self.points
+            self.points.add(point)
+            return
         model = trainer.accelerator.unwrap_model(trainer.model)
         tokenizer = trainer.processing_class
         prompts = [self.prompts[e["pair"]] for e in examples]
