@@ -3,7 +3,7 @@ configs/quality.yaml` — the embedded SmolLM2-135M from the 400 shipped Dolly a
 Dolly held-out, SelfInst and Vicuna, with paired bootstrap intervals (and across seeds, with several).
 
     python bench/quality.py [--quick] [--minutes M] [--seeds 42,43,44] [--methods base,warmup,soda] [--with-committed]
-                            [--variant NAME KEY=VALUE ...] [--out DIR]
+                            [--variant NAME KEY=VALUE ...] [--variant-method soda|warmup|seqkd] [--out DIR]
     python bench/quality.py --methods base,warmup,seqkd,soda --variant rpo 'distill.loss_type=[sigmoid, sft]'
     python bench/quality.py --methods base,warmup,soda --variant other_q0 pairs.rejected_source=other_q0   # Table 2
     python bench/quality.py --methods seqkd,opd --with-committed --set opd.teacher_model=runs/quality/seed-42/seqkd
@@ -20,7 +20,8 @@ seed, GAD, an ablation), paired on the same prompts. A --variant is SODA trained
 runs/quality-NAME/ (from the seed's own q_w and q0 answers where this session has them), its row `SODA (NAME)`
 compared with every other on the same prompts — and paired with the variants named before it in the command (for
 the on-policy dial: `--variant norefresh --variant refresh4 distill.refresh_every=4`, SODA retrained beside it from
-the same q_w): Table 2's rejection sources, RPO, a sweep point. --quick is the regression check, the whole comparison on 24
+the same q_w): Table 2's rejection sources, RPO, a sweep point. With --variant-method warmup a variant is the
+warmup alone, its row `Warmup (q_w, NAME)` (bench/greybox.sh: the grey-box teacher's KL term). --quick is the regression check, the whole comparison on 24
 prompts, short answers and 10 prompts per benchmark, in about 20 minutes.
 Writes bench/results/quality[-quick].json (+ .md and .png once the evaluation is complete).
 """
@@ -100,13 +101,20 @@ def keep_rows(evaldir: Path, evaluation: dict, rows: Path) -> None:
     (rows / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
-def reuse_stages(source: Path, path: Path, overrides: list[str]) -> None:
-    """Start a SODA variant in `path` from the stages of `source` it shares: teacher, snapshot, pairs and warmup,
-    less those whose config section an override sets and every stage that reads one of them."""
+def reuse_stages(source: Path, path: Path, settings: list[str]) -> None:
+    """Start a variant in `path` from the stages of `source` it shares: teacher, snapshot, pairs and warmup, less
+    those whose config section these settings change in the source run's config, and every stage that reads one.
+    (A stage copied that the variant would make otherwise is made again: its fingerprint differs.)"""
+    import dataclasses
+
+    from soda_distill.config import fingerprint, load_config
     from soda_distill.manifest import copy_stages
     from soda_distill.registry import shared_stages
 
-    copy_stages(source, path, shared_stages(overrides))
+    theirs, mine = load_config(source / "config.yaml"), load_config(source / "config.yaml", settings)
+    changed = [f"{f.name}." for f in dataclasses.fields(mine) if dataclasses.is_dataclass(getattr(mine, f.name))
+               and fingerprint(getattr(mine, f.name)) != fingerprint(getattr(theirs, f.name))]
+    copy_stages(source, path, shared_stages(changed))
 
 
 def main() -> None:
@@ -121,8 +129,11 @@ def main() -> None:
                         help="add the rows whose answers and figures are committed (bench/results/quality/rows/) and "
                              "that this call does not make: the table grows across sessions without their models")
     parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
-                        help="SODA again with these settings (from the seed's q_w and q0 answers where they exist), "
-                             "its row `SODA (NAME)` paired with the others: an ablation or sweep point")
+                        help="SODA (or --variant-method) again with these settings (from the stages of the seed's "
+                             "run it shares), its row `SODA (NAME)` paired with the others: an ablation or sweep point")
+    parser.add_argument("--variant-method", default="soda", choices=["soda", "warmup", "seqkd"],
+                        help="the method each --variant trains (default soda): `warmup` for a variant of the SFT "
+                             "alone, its row `Warmup (q_w, NAME)` (a grey-box teacher's KL term), `seqkd` likewise")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings for the compared methods' stages, such as OPD's teacher "
                              "(--methods seqkd,opd --set opd.teacher_model=runs/quality/seed-42/seqkd)")
@@ -149,19 +160,24 @@ def main() -> None:
         made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}
         index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
         extra.update({label: str(rows / file) for label, file in index.items() if label not in made})
-    variants, variant_rows = [], {}  # (its seed's runs, its runs, its overrides, its command), and its table rows
-    for variant, *overrides in args.variant or []:
-        from soda_distill.compare import SEEDED
-        from soda_distill.registry import shared_stages
+    variants, variant_rows = [], {}  # (its seed's runs, its runs, its settings, its command), and its table rows
+    from soda_distill.compare import SEEDED
+    from soda_distill.registry import METHODS, STAGES, shared_stages
 
+    method = METHODS[args.variant_method]
+
+    def variant_label(variant: str, m=method) -> str:  # `SODA (refresh4)`, `Warmup (q_w, greybox)`
+        return f"{m.label} ({', '.join(filter(None, [m.detail, variant]))})"
+
+    for variant, *overrides in args.variant or []:
         for seed in seeds:
             path = out.parent / f"{out.name}-{variant}" / f"seed-{seed}"
-            variants.append(((args.reuse_from or out) / f"seed-{seed}", path, overrides,
-                             [soda_distill, "run", str(CONFIG), "--method", "soda", "--out", str(path), *settings,
-                              *(f"{section}.seed={seed}" for section in SEEDED), "check.limit=0", *overrides]))
-            variant_rows[f"seed-{seed}/SODA ({variant})"] = str(path / "distill")
-            if "warmup" not in shared_stages(overrides):  # its own q_w: what its DPO started from
-                variant_rows[f"seed-{seed}/Warmup (q_w, {variant})"] = str(path / "warmup")
+            variant_settings = [*settings, *(f"{section}.seed={seed}" for section in SEEDED), "check.limit=0", *overrides]
+            variants.append(((args.reuse_from or out) / f"seed-{seed}", path, variant_settings,
+                             [soda_distill, "run", str(CONFIG), "--method", method.name, "--out", str(path), *variant_settings]))
+            variant_rows[f"seed-{seed}/{variant_label(variant)}"] = str(path / STAGES[method.stage].model)
+            if method.name == "soda" and "warmup" not in shared_stages(overrides):  # its own q_w: what its DPO started from
+                variant_rows[f"seed-{seed}/{variant_label(variant, METHODS['warmup'])}"] = str(path / "warmup")
 
     def compare_with(rows: dict) -> list[str]:
         return [*cmd, "evaluate.models={" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in rows.items())
@@ -170,9 +186,9 @@ def main() -> None:
     # The seeds' own runs first, so that a variant starts from their stages (q0's answers, q_w), then the variants,
     # then the comparison again with the variants' rows (the answers already generated are reused).
     steps = [(None, compare_with(extra))] if variants else []
-    steps += [((source, path, overrides), command) for source, path, overrides, command in variants]
+    steps += [((source, path, variant_settings), command) for source, path, variant_settings, command in variants]
     # and each variant paired with those named before it (the dial's k = 4 against k = never, selection against random)
-    names = [f"SODA ({variant})" for variant, *_ in args.variant or []]
+    names = [variant_label(variant) for variant, *_ in args.variant or []]
     paired = {name: names[:i] for i, name in enumerate(names) if i}
     steps.append((None, compare_with({**extra, **variant_rows})
                   + ([f"evaluate.paired_with={json.dumps(paired)}"] if paired else [])))
@@ -180,9 +196,9 @@ def main() -> None:
     for shared, command in steps:
         left = args.minutes * 60 - (time.monotonic() - start)
         if shared and left > 0:
-            source, path, overrides = shared
+            source, path, variant_settings = shared
             if not path.exists() and (source / "warmup").is_dir():  # start from its q_w and q0 answers
-                reuse_stages(source, path, overrides)
+                reuse_stages(source, path, variant_settings)
         code = run_for(command, left) if left > 0 else 130
         if code:
             break
@@ -190,6 +206,7 @@ def main() -> None:
     record = {
         "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
                    + (f" --methods {args.methods}" if args.methods else "") + (" --with-committed" if args.with_committed else "")
+                   + (f" --variant-method {method.name}" if method.name != "soda" else "")
                    + "".join(f" --variant {' '.join(v)}" for v in args.variant or [])
                    + (f" --reuse-from {args.reuse_from}" if args.reuse_from else "")
                    + (f" --set {' '.join(args.set)}" if args.set else ""),

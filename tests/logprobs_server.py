@@ -15,13 +15,13 @@ from loopback import LoopbackJSON
 
 
 class LogprobsServer(LoopbackJSON):
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, port: int = 0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True).eval()
         self.lock, self.requests = threading.Lock(), 0
-        super().__init__()
+        super().__init__(port)
 
     def answer(self, body: dict, headers) -> dict:
         with self.lock:  # one generation at a time

@@ -48,6 +48,7 @@ def test_a_variant_shares_the_stages_its_overrides_leave_alone():
     assert shared_stages(["snapshot.temperature=1.0"]) == ["teacher", "warmup"]  # the pairs read the snapshot
     assert shared_stages(["warmup.epochs=3", "distill.beta=0.5"]) == ["teacher", "snapshot", "pairs"]
     assert shared_stages(["student.model=other"]) == []
+    assert shared_stages(["data.limit=10"]) == []  # other prompts: another teacher stage
 
 
 def test_a_variant_starts_from_copies_or_links_of_the_shared_stages(tmp_path):

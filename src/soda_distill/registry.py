@@ -101,6 +101,8 @@ def shared_stages(overrides: list[str], stages: tuple[str, ...] = ("teacher", "s
     """Of `stages` (registry order), those a run with these `section.key=value` overrides can take from a run without
     them: their own config section untouched, and all they need kept too (a new student touches every one)."""
     touched = {override.split(".", 1)[0] for override in overrides}
+    if "data" in touched:  # the prompts the teacher answers
+        touched.add("teacher")
     kept: list[str] = []
     for name in stages:
         if "student" not in touched and name not in touched and all(need in kept for need in STAGES[name].needs):
