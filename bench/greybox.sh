@@ -4,6 +4,7 @@
 # and the warmup trains on those answers twice, from the same teacher stage: on their text alone (`greytext`) and
 # with the top-20 KL term (`greybox`, warmup.teacher_kl=LAMBDA); the two q_w paired in bench/results/quality.md.
 #   bash bench/greybox.sh [MINUTES] [LAMBDA]     (default 120, 1.0; resumable: run it again to go on)
+#   QUICK=1 bash bench/greybox.sh                (the same on --quick's 24 prompts: a check of the script)
 # Needs the seed-42 SeqKD: runs/quality/seed-42/seqkd (python bench/quality.py --methods seqkd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,11 +24,12 @@ until curl -s -o /dev/null "http://127.0.0.1:$PORT/"; do sleep 2; kill -0 $SERVE
 TEACHER_SETTINGS=(teacher.file=null data.prompts=builtin:dolly_train "teacher.base_url=http://127.0.0.1:$PORT/v1"
   teacher.model=seqkd teacher.api_key_env=null teacher.temperature=0 teacher.max_tokens=192 teacher.top_logprobs=20
   teacher.concurrency=2 teacher.timeout_s=600)
+QUALITY=(bench/quality.py --seeds 42 --methods none --with-committed --variant-method warmup)
+RUNS=runs/quality
+[ -n "${QUICK:-}" ] && QUALITY+=(--quick) RUNS=runs/quality-quick
 START=$(date +%s)
 # the teacher stage and the text-only warmup first, so that the KL variant takes its teacher answers from them
-$PYTHON bench/quality.py --seeds 42 --methods none --with-committed --minutes "$MINUTES" --variant-method warmup \
-  --variant greytext "${TEACHER_SETTINGS[@]}"
+$PYTHON "${QUALITY[@]}" --minutes "$MINUTES" --variant greytext "${TEACHER_SETTINGS[@]}"
 LEFT=$(( MINUTES - ($(date +%s) - START) / 60 ))
-$PYTHON bench/quality.py --seeds 42 --methods none --with-committed --minutes "$LEFT" --variant-method warmup \
-  --reuse-from runs/quality-greytext --variant greytext "${TEACHER_SETTINGS[@]}" \
+$PYTHON "${QUALITY[@]}" --minutes "$LEFT" --reuse-from "$RUNS-greytext" --variant greytext "${TEACHER_SETTINGS[@]}" \
   --variant greybox "${TEACHER_SETTINGS[@]}" "warmup.teacher_kl=$LAMBDA"

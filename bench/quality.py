@@ -109,9 +109,10 @@ def reuse_stages(source: Path, path: Path, settings: list[str]) -> None:
 
     from soda_distill.config import fingerprint, load_config
     from soda_distill.manifest import copy_stages
+    from soda_distill.pipeline import resolve_paths
     from soda_distill.registry import shared_stages
 
-    theirs, mine = load_config(source / "config.yaml"), load_config(source / "config.yaml", settings)
+    theirs, mine = load_config(source / "config.yaml"), resolve_paths(load_config(source / "config.yaml", settings))
     changed = [f"{f.name}." for f in dataclasses.fields(mine) if dataclasses.is_dataclass(getattr(mine, f.name))
                and fingerprint(getattr(mine, f.name)) != fingerprint(getattr(theirs, f.name))]
     copy_stages(source, path, shared_stages(changed))

@@ -57,6 +57,7 @@ def test_a_variant_starts_from_copies_or_links_of_the_shared_stages(tmp_path):
     source = tmp_path / "source"
     (source / "warmup" / "checkpoints" / "checkpoint-10").mkdir(parents=True)
     (source / "warmup" / "model.safetensors").write_text("weights")
+    (source / "warmup" / "config.json").write_text("{}")
     for name in ("teacher", "snapshot", "pairs"):
         (source / f"{name}.jsonl").write_text(name)
     stages = {name: {"status": "done", "fingerprint": name} for name in ("teacher", "snapshot", "pairs", "warmup")}
@@ -70,6 +71,13 @@ def test_a_variant_starts_from_copies_or_links_of_the_shared_stages(tmp_path):
     copy_stages(source, linked, shared_stages(["distill.beta=0.5"]), link=True)
     assert list(json.loads((linked / "manifest.json").read_text())["stages"]) == ["teacher", "snapshot", "pairs", "warmup"]
     assert (linked / "warmup" / "model.safetensors").stat().st_nlink == 2 and not (linked / "warmup" / "checkpoints").exists()
+    # a source run that stopped at its warmup (`--method warmup`) gives what it has: not its unfinished stages
+    stages["snapshot"]["status"] = "started"
+    del stages["pairs"]
+    (source / "manifest.json").write_text(json.dumps({"stages": stages}))
+    copy_stages(source, tmp_path / "partial", ["teacher", "snapshot", "pairs"])
+    assert list(json.loads((tmp_path / "partial" / "manifest.json").read_text())["stages"]) == ["teacher"]
+    assert not (tmp_path / "partial" / "snapshot.jsonl").exists()
 
 
 def test_every_training_stage_has_its_curves():

@@ -217,7 +217,7 @@ def copy_stages(source: Path, path: Path, stages: list[str], link: bool = False)
     manifest = json.loads((source / "manifest.json").read_text())
     own = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {**manifest, "stages": {}}
     copy = os.link if link else shutil.copy2
-    for name in (n for n in stages if n not in own["stages"]):
+    for name in (n for n in stages if n not in own["stages"] and finished(source, manifest["stages"], n)):
         for output in STAGES[name].outputs:
             src, dst = source / output.rstrip("/"), path / output.rstrip("/")
             if src.is_dir():

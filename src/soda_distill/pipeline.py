@@ -20,12 +20,18 @@ from .registry import DEFAULT_METHODS, STAGES, chain, methods_named
 from .tracking import log_scalars, scalars
 
 
-def prepare(cfg: Config, out: str | Path) -> RunDir:
-    """Resolve data paths, open the run directory and record the resolved config in it."""
+def resolve_paths(cfg: Config) -> Config:
+    """The data files as a run's config.yaml records them: `builtin:NAME` and relative paths made absolute."""
     cfg.data = dataclasses.replace(cfg.data, prompts=resolve_data_path(cfg.data.prompts))
     cfg.teacher = dataclasses.replace(cfg.teacher, file=resolve_data_path(cfg.teacher.file))
     if cfg.pairs.rejected_source.endswith(".jsonl"):  # another model's answers
         cfg.pairs = dataclasses.replace(cfg.pairs, rejected_source=resolve_data_path(cfg.pairs.rejected_source))
+    return cfg
+
+
+def prepare(cfg: Config, out: str | Path) -> RunDir:
+    """Resolve data paths, open the run directory and record the resolved config in it."""
+    resolve_paths(cfg)
     run = RunDir(out).lock()
     cfg.out = str(run.path)
     if is_main():
