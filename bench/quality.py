@@ -77,7 +77,7 @@ def run_for(cmd: list[str], seconds: float) -> int:
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         return process.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:  # a piece's time is up: stop, and the next call resumes
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):  # time is up, or Ctrl-C: stop it, and the next call resumes
         os.killpg(process.pid, signal.SIGINT)
         try:
             return process.wait(timeout=120)
@@ -101,21 +101,22 @@ def keep_rows(evaldir: Path, evaluation: dict, rows: Path) -> None:
     (rows / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
-def reuse_stages(source: Path, path: Path, settings: list[str]) -> None:
-    """Start a variant in `path` from the stages of `source` it shares: teacher, snapshot, pairs and warmup, less
-    those whose config section these settings change in the source run's config, and every stage that reads one.
-    (A stage copied that the variant would make otherwise is made again: its fingerprint differs.)"""
+def reuse_stages(source: Path, path: Path, settings: list[str], stage: str) -> None:
+    """Start a variant in `path` from the stages of `source` it shares: of teacher, snapshot, pairs and warmup, those
+    its `stage` needs whose config section is the same in both runs, and all they need likewise."""
     import dataclasses
 
     from soda_distill.config import fingerprint, load_config
     from soda_distill.manifest import copy_stages
     from soda_distill.pipeline import resolve_paths
-    from soda_distill.registry import shared_stages
+    from soda_distill.registry import chain, shared_stages
 
-    theirs, mine = load_config(source / "config.yaml"), resolve_paths(load_config(source / "config.yaml", settings))
-    changed = [f"{f.name}." for f in dataclasses.fields(mine) if dataclasses.is_dataclass(getattr(mine, f.name))
-               and fingerprint(getattr(mine, f.name)) != fingerprint(getattr(theirs, f.name))]
-    copy_stages(source, path, shared_stages(changed))
+    if not (source / "config.yaml").exists():
+        return
+    mine, theirs = (resolve_paths(load_config(c, o)) for c, o in ((CONFIG, settings), (source / "config.yaml", [])))
+    differ = [f"{f.name}." for f in dataclasses.fields(mine) if dataclasses.is_dataclass(getattr(mine, f.name))
+              and fingerprint(getattr(mine, f.name)) != fingerprint(getattr(theirs, f.name))]
+    copy_stages(source, path, [s for s in shared_stages(differ) if s in chain([stage])])
 
 
 def main() -> None:
@@ -131,7 +132,8 @@ def main() -> None:
                              "that this call does not make: the table grows across sessions without their models")
     parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                         help="SODA (or --variant-method) again with these settings (from the stages of the seed's "
-                             "run it shares), its row `SODA (NAME)` paired with the others: an ablation or sweep point")
+                             "run it shares), its row `SODA (NAME)` (`Warmup (q_w, NAME)`, ...) paired with the others: an "
+                             "ablation or sweep point")
     parser.add_argument("--variant-method", default="soda", choices=["soda", "warmup", "seqkd"],
                         help="the method each --variant trains (default soda): `warmup` for a variant of the SFT "
                              "alone, its row `Warmup (q_w, NAME)` (a grey-box teacher's KL term), `seqkd` likewise")
@@ -199,7 +201,7 @@ def main() -> None:
         if shared and left > 0:
             source, path, variant_settings = shared
             if not path.exists() and (source / "warmup").is_dir():  # start from its q_w and q0 answers
-                reuse_stages(source, path, variant_settings)
+                reuse_stages(source, path, variant_settings, method.stage)
         code = run_for(command, left) if left > 0 else 130
         if code:
             break
