@@ -9,7 +9,7 @@
 # Needs the seed-42 SeqKD: runs/quality/seed-42/seqkd (python bench/quality.py --methods seqkd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MINUTES=${1:-120} LAMBDA=${2:-1.0} PORT=${PORT:-8765}  # MINUTES: a whole number
+MINUTES=${1:-120} LAMBDA=${2:-1.0} PORT=${PORT:-8765}
 PYTHON=${PYTHON:-python}
 TEACHER=${TEACHER:-runs/quality/seed-42/seqkd}
 [ -f "$TEACHER/config.json" ] || { echo "greybox.sh: no teacher model at $TEACHER (train it: python bench/quality.py --methods seqkd)"; exit 2; }
@@ -27,12 +27,7 @@ TEACHER_SETTINGS=(teacher.file=null data.prompts=builtin:dolly_train "teacher.ba
   teacher.model=seqkd teacher.api_key_env=null teacher.temperature=0 teacher.max_tokens=192 teacher.top_logprobs=20
   teacher.concurrency=2 teacher.timeout_s=600)
 QUALITY=(bench/quality.py --seeds 42 --methods none --with-committed --variant-method warmup)
-RUNS=runs/quality
-if [ "${QUICK:-0}" = 1 ]; then QUALITY+=(--quick) RUNS=runs/quality-quick; fi
-START=$(date +%s)
-# the teacher stage and the text-only warmup first, so that the KL variant takes its teacher answers from them
-$PYTHON "${QUALITY[@]}" --minutes "$MINUTES" --variant greytext "${TEACHER_SETTINGS[@]}"
-LEFT=$(( MINUTES - ($(date +%s) - START) / 60 ))
-(( LEFT > 0 )) || { echo "greybox.sh: out of time before the KL variant; run it again to go on"; exit 0; }
-$PYTHON "${QUALITY[@]}" --minutes "$LEFT" --reuse-from "$RUNS-greytext" --variant greytext "${TEACHER_SETTINGS[@]}" \
+if [ "${QUICK:-0}" = 1 ]; then QUALITY+=(--quick); fi
+# the text-only warmup first: the KL variant then takes its teacher stage (the same settings) from it
+$PYTHON "${QUALITY[@]}" --minutes "$MINUTES" --variant greytext "${TEACHER_SETTINGS[@]}" \
   --variant greybox "${TEACHER_SETTINGS[@]}" "warmup.teacher_kl=$LAMBDA"

@@ -20,7 +20,8 @@ seed, GAD, an ablation), paired on the same prompts. A --variant is SODA trained
 runs/quality-NAME/ (from the seed's own q_w and q0 answers where this session has them), its row `SODA (NAME)`
 compared with every other on the same prompts — and paired with the variants named before it in the command (for
 the on-policy dial: `--variant norefresh --variant refresh4 distill.refresh_every=4`, SODA retrained beside it from
-the same q_w): Table 2's rejection sources, RPO, a sweep point. With --variant-method warmup a variant is the
+the same q_w): Table 2's rejection sources, RPO, a sweep point. A variant starts from the stages it shares with the
+seed's run or with a variant named before it, whichever shares more (their config sections compared). With --variant-method warmup a variant is the
 warmup alone, its row `Warmup (q_w, NAME)` (bench/greybox.sh: the grey-box teacher's KL term). --quick is the regression check, the whole comparison on 24
 prompts, short answers and 10 prompts per benchmark, in about 20 minutes.
 Writes bench/results/quality[-quick].json (+ .md and .png once the evaluation is complete).
@@ -101,22 +102,34 @@ def keep_rows(evaldir: Path, evaluation: dict, rows: Path) -> None:
     (rows / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
-def reuse_stages(source: Path, path: Path, settings: list[str], stage: str) -> None:
-    """Start a variant in `path` from the stages of `source` it shares: of teacher, snapshot, pairs and warmup, those
-    its `stage` needs whose config section is the same in both runs, and all they need likewise."""
+def shared_with(source: Path, settings: list[str], stage: str) -> list[str]:
+    """What a variant with these settings can take from the run `source`: of teacher, snapshot, pairs and warmup,
+    those its `stage` needs whose config section is the same in both runs, and all they need likewise."""
     import dataclasses
 
     from soda_distill.config import fingerprint, load_config
-    from soda_distill.manifest import copy_stages
+    from soda_distill.manifest import RunDir
     from soda_distill.pipeline import resolve_paths
     from soda_distill.registry import chain, shared_stages
 
     if not (source / "config.yaml").exists():
-        return
+        return []
     mine, theirs = (resolve_paths(load_config(c, o)) for c, o in ((CONFIG, settings), (source / "config.yaml", [])))
     differ = [f"{f.name}." for f in dataclasses.fields(mine) if dataclasses.is_dataclass(getattr(mine, f.name))
               and fingerprint(getattr(mine, f.name)) != fingerprint(getattr(theirs, f.name))]
-    copy_stages(source, path, [s for s in shared_stages(differ) if s in chain([stage])])
+    return [s for s in shared_stages(differ) if s in chain([stage]) and RunDir(source).finished(s)]
+
+
+def reuse_stages(sources: list[Path], path: Path, settings: list[str], stage: str) -> None:
+    """Start a variant in `path` from whichever of `sources` shares the most finished stages with it (the later of
+    equals: a variant named before it, say one with the same teacher)."""
+    from soda_distill.manifest import copy_stages
+
+    options = [(shared_with(source, settings, stage), source) for source in sources]
+    shared, source = max(reversed(options), key=lambda option: len(option[0]))  # max keeps the first of equals
+    if shared:
+        print(f"{path}: {', '.join(shared)} from {source}", flush=True)
+        copy_stages(source, path, shared)
 
 
 def main() -> None:
@@ -141,8 +154,8 @@ def main() -> None:
                         help="settings for the compared methods' stages, such as OPD's teacher "
                              "(--methods seqkd,opd --set opd.teacher_model=runs/quality/seed-42/seqkd)")
     parser.add_argument("--reuse-from", type=Path, metavar="DIR",
-                        help="the runs a --variant takes its shared stages from (default --out): another variant's "
-                             "runs, to share its warmup")
+                        help="the runs a --variant takes its shared stages from (default --out; the variants named "
+                             "before it are tried too): another command's variant's runs, to share its warmup")
     parser.add_argument("--out", type=Path, help="where the runs are kept (default runs/quality[-quick])")
     args = parser.parse_args()
     name = "quality-quick" if args.quick else "quality"
@@ -189,7 +202,9 @@ def main() -> None:
     # The seeds' own runs first, so that a variant starts from their stages (q0's answers, q_w), then the variants,
     # then the comparison again with the variants' rows (the answers already generated are reused).
     steps = [(None, compare_with(extra))] if variants else []
-    steps += [((source, path, variant_settings), command) for source, path, variant_settings, command in variants]
+    # each from the seed's run or a variant before it, whichever shares the most stages with it
+    steps += [(([source, *(v[1] for v in variants[:i] if v[0] == source)], path, variant_settings), command)
+              for i, (source, path, variant_settings, command) in enumerate(variants)]
     # and each variant paired with those named before it (the dial's k = 4 against k = never, selection against random)
     names = [variant_label(variant) for variant, *_ in args.variant or []]
     paired = {name: names[:i] for i, name in enumerate(names) if i}
@@ -199,9 +214,9 @@ def main() -> None:
     for shared, command in steps:
         left = args.minutes * 60 - (time.monotonic() - start)
         if shared and left > 0:
-            source, path, variant_settings = shared
-            if not path.exists() and (source / "warmup").is_dir():  # start from its q_w and q0 answers
-                reuse_stages(source, path, variant_settings, method.stage)
+            sources, path, variant_settings = shared
+            if not path.exists():
+                reuse_stages(sources, path, variant_settings, method.stage)
         code = run_for(command, left) if left > 0 else 130
         if code:
             break
