@@ -12,18 +12,20 @@ Dolly held-out, SelfInst and Vicuna, with paired bootstrap intervals (and across
 The replica takes hours here, so it runs in pieces: each call works for at most --minutes (default 60) and is then
 stopped (every stage and the evaluation resume where they were), and the results say which parts are done:
 each seed's and variant's finished stages with their seconds (and a DPO's `refresh` and `selection` figures: what
-the on-policy dial cost, which band selection kept), and the evaluation's table once it is complete. With --methods the table covers those
-methods (a later call with more adds rows; answers already generated are reused). Run directories do not outlive
-a session here, so each complete table also commits every row's answers and per-prompt figures
-(bench/results/quality/rows/); a later session's `--with-committed` puts them beside the rows it trains (another
-seed, GAD, an ablation), paired on the same prompts. A --variant is SODA trained again with other settings in
+the on-policy dial cost, which band selection kept), and the evaluation's table once it is complete. With --methods
+the table covers those methods (a later call with more adds rows; answers already generated are reused). Run
+directories do not outlive a session here, so each complete table also commits every row's answers and per-prompt
+figures (bench/results/quality/rows/); a later session's `--with-committed` puts them beside the rows it trains
+(another seed, GAD, an ablation), paired on the same prompts. A --variant is SODA trained again with other settings in
 runs/quality-NAME/ (from the seed's own q_w and q0 answers where this session has them), its row `SODA (NAME)`
 compared with every other on the same prompts — and paired with the variants named before it in the command (for
 the on-policy dial: `--variant norefresh --variant refresh4 distill.refresh_every=4`, SODA retrained beside it from
 the same q_w): Table 2's rejection sources, RPO, a sweep point. A variant starts from the stages it shares with the
-seed's run or with a variant named before it, whichever shares more (their config sections compared). With --variant-method warmup a variant is the
-warmup alone, its row `Warmup (q_w, NAME)` (bench/greybox.sh: the grey-box teacher's KL term). --quick is the regression check, the whole comparison on 24
-prompts, short answers and 10 prompts per benchmark, in about 20 minutes.
+seed's run or with a variant named before it, whichever shares more: those whose config sections (the registry's
+`reads`) are the same in both; its q_w is a row `Warmup (q_w, NAME)` where no earlier run had it. With
+--variant-method warmup a variant is the warmup alone, its row `Warmup (q_w, NAME)` (bench/greybox.sh: the grey-box
+teacher's KL term). --quick is the regression check, the whole comparison on 24 prompts, short answers and 10 prompts
+per benchmark, in about 20 minutes.
 Writes bench/results/quality[-quick].json (+ .md and .png once the evaluation is complete).
 """
 
@@ -104,7 +106,8 @@ def keep_rows(evaldir: Path, evaluation: dict, rows: Path) -> None:
 
 def shared_with(source: Path, settings: list[str], stage: str) -> list[str]:
     """What a variant with these settings can take from the run `source`: of teacher, snapshot, pairs and warmup,
-    those its `stage` needs whose config section is the same in both runs, and all they need likewise."""
+    those its `stage` needs whose config sections (the registry's `reads`) are the same in both runs, and all they need
+    likewise."""
     import dataclasses
 
     from soda_distill.config import fingerprint, load_config
@@ -118,6 +121,17 @@ def shared_with(source: Path, settings: list[str], stage: str) -> list[str]:
     differ = [f"{f.name}." for f in dataclasses.fields(mine) if dataclasses.is_dataclass(getattr(mine, f.name))
               and fingerprint(getattr(mine, f.name)) != fingerprint(getattr(theirs, f.name))]
     return [s for s in shared_stages(differ) if s in chain([stage]) and RunDir(source).finished(s)]
+
+
+def new_model(run: Path, stage: str, earlier: list[Path]) -> bool:
+    """Whether `stage` finished in `run` with another fingerprint than in each `earlier` run (the same: its model is
+    theirs, copied or trained again)."""
+    from soda_distill.manifest import RunDir
+
+    def fingerprint(path: Path) -> str | None:
+        return RunDir(path).manifest()["stages"].get(stage, {}).get("fingerprint")
+
+    return RunDir(run).finished(stage) and all(fingerprint(path) != fingerprint(run) for path in earlier)
 
 
 def reuse_stages(sources: list[Path], path: Path, settings: list[str], stage: str) -> None:
@@ -176,9 +190,10 @@ def main() -> None:
         made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}
         index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
         extra.update({label: str(rows / file) for label, file in index.items() if label not in made})
-    variants, variant_rows = [], {}  # (its seed's runs, its runs, its settings, its command), and its table rows
+    variants, variant_rows, own_warmups = [], {}, {}  # (its seed's runs, its runs, its settings, its command), its
+    # table rows, and a SODA variant's runs with those before it (its q_w may be new)
     from soda_distill.compare import SEEDED
-    from soda_distill.registry import METHODS, STAGES, shared_stages
+    from soda_distill.registry import METHODS, STAGES
 
     method = METHODS[args.variant_method]
 
@@ -192,8 +207,9 @@ def main() -> None:
             variants.append(((args.reuse_from or out) / f"seed-{seed}", path, variant_settings,
                              [soda_distill, "run", str(CONFIG), "--method", method.name, "--out", str(path), *variant_settings]))
             variant_rows[f"seed-{seed}/{variant_label(variant)}"] = str(path / STAGES[method.stage].model)
-            if method.name == "soda" and "warmup" not in shared_stages(overrides):  # its own q_w: what its DPO started from
-                variant_rows[f"seed-{seed}/{variant_label(variant, METHODS['warmup'])}"] = str(path / "warmup")
+            if method.name == "soda":  # its q_w, what its DPO started from: a row unless an earlier run's
+                earlier = [v[1] for v in variants[:-1] if v[0] == variants[-1][0]] + [variants[-1][0]]
+                own_warmups[f"seed-{seed}/{variant_label(variant, METHODS['warmup'])}"] = path, earlier
 
     def compare_with(rows: dict) -> list[str]:
         return [*cmd, "evaluate.models={" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in rows.items())
@@ -208,8 +224,14 @@ def main() -> None:
     # and each variant paired with those named before it (the dial's k = 4 against k = never, selection against random)
     names = [variant_label(variant) for variant, *_ in args.variant or []]
     paired = {name: names[:i] for i, name in enumerate(names) if i}
-    steps.append((None, compare_with({**extra, **variant_rows})
-                  + ([f"evaluate.paired_with={json.dumps(paired)}"] if paired else [])))
+
+    def final_comparison() -> list[str]:  # with every row; a variant's q_w once trained, and unlike those before it
+        trained = {label: str(path / "warmup") for label, (path, earlier) in own_warmups.items()
+                   if new_model(path, "warmup", earlier)}
+        return (compare_with({**extra, **variant_rows, **trained})
+                + ([f"evaluate.paired_with={json.dumps(paired)}"] if paired else []))
+
+    steps.append((None, final_comparison))
     start = time.monotonic()
     for shared, command in steps:
         left = args.minutes * 60 - (time.monotonic() - start)
@@ -217,10 +239,10 @@ def main() -> None:
             sources, path, variant_settings = shared
             if not path.exists():
                 reuse_stages(sources, path, variant_settings, method.stage)
-        code = run_for(command, left) if left > 0 else 130
+        code = run_for(command() if callable(command) else command, left) if left > 0 else 130
         if code:
             break
-    final = steps[-1][1]  # the comparison with every row
+    final = final_comparison()
     record = {
         "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
                    + (f" --methods {args.methods}" if args.methods else "") + (" --with-committed" if args.with_committed else "")

@@ -14,8 +14,14 @@ from soda_distill.registry import METHODS, STAGES, chain, expected_stages, finis
 
 
 def test_every_stage_runs_after_what_it_needs():
+    import dataclasses
+
+    from soda_distill.config import Config
+
+    sections = {f.name for f in dataclasses.fields(Config)}
     order = list(STAGES)
     for name, stage in STAGES.items():
+        assert stage.reads and set(stage.reads) <= sections, name
         assert all(order.index(need) < order.index(name) for need in stage.needs), name
         assert stage.outputs, name
         if stage.model:
@@ -47,7 +53,7 @@ def test_a_variant_shares_the_stages_its_overrides_leave_alone():
     assert shared_stages(["pairs.rejected_source=other_q0"]) == ["teacher", "snapshot", "warmup"]
     assert shared_stages(["snapshot.temperature=1.0"]) == ["teacher", "warmup"]  # the pairs read the snapshot
     assert shared_stages(["warmup.epochs=3", "distill.beta=0.5"]) == ["teacher", "snapshot", "pairs"]
-    assert shared_stages(["student.model=other"]) == []
+    assert shared_stages(["student.model=other"]) == ["teacher"]  # the teacher's answers do not depend on it
     assert shared_stages(["data.limit=10"]) == []  # other prompts: another teacher stage
 
 
@@ -107,3 +113,34 @@ def test_reading_results_imports_no_trainer():
             "assert not [m for m in sys.modules if m == 'trl' or m.startswith('trl.')], 'evaluation imports trl'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_quality_variant_takes_the_stages_its_settings_leave_alone(tmp_path, monkeypatch):
+    """bench/quality.py: what a variant copies from a run of configs/quality.yaml, and when its q_w is a row of its own."""
+    from pathlib import Path
+
+    from soda_distill.config import load_config, save_config
+    from soda_distill.pipeline import resolve_paths
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    import quality
+
+    def a_run(path: Path, settings: list[str], fingerprints: dict[str, str]) -> Path:
+        (path / "warmup").mkdir(parents=True)
+        (path / "warmup" / "config.json").write_text("{}")
+        save_config(resolve_paths(load_config(quality.CONFIG, settings)), path / "config.yaml")
+        stages = {name: {"status": "done", "fingerprint": fp} for name, fp in fingerprints.items()}
+        (path / "manifest.json").write_text(json.dumps({"stages": stages}))
+        return path
+
+    source = a_run(tmp_path / "seed-42", [], dict.fromkeys(("teacher", "snapshot", "pairs", "warmup"), "a"))
+    assert quality.shared_with(source, ["distill.refresh_every=4"], "distill") == ["teacher", "snapshot", "pairs", "warmup"]
+    assert quality.shared_with(source, ["warmup.epochs=3"], "distill") == ["teacher", "snapshot", "pairs"]
+    assert quality.shared_with(source, ["warmup.teacher_kl=1.0"], "warmup") == ["teacher"]
+    assert quality.shared_with(source, ["data.limit=10"], "distill") == []
+    assert quality.shared_with(tmp_path / "nothing", [], "distill") == []
+    # a variant's q_w is a row of its own once trained with settings no earlier run had
+    same, other = (a_run(tmp_path / name, [], {"warmup": fp}) for name, fp in (("same", "a"), ("other", "b")))
+    assert not quality.new_model(same, "warmup", [source]) and quality.new_model(other, "warmup", [source])
+    again = a_run(tmp_path / "again", [], {"warmup": "b"})  # the same settings as `other`, named after it
+    assert not quality.new_model(again, "warmup", [source, other]) and not quality.new_model(tmp_path / "x", "warmup", [])

@@ -21,6 +21,7 @@ class Stage:
     function: str  # "module:function" in soda_distill, called as function(cfg, run) -> the path it yields
     does: str  # one line, for the CLI's help and the README
     needs: tuple[str, ...] = ()  # the stages whose outputs it reads
+    reads: tuple[str, ...] = ()  # the config sections its fingerprint holds: changing one reruns it
     outputs: tuple[str, ...] = ()  # what a finished stage has left, relative to the run directory ("x/": a folder)
     model: str | None = None  # the model directory it yields (a Hugging Face model folder)
     metrics: str | None = None  # its per-step training metrics
@@ -33,26 +34,30 @@ class Stage:
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("teacher", "stages.teacher:run_teacher", "teacher answers y_t, from an OpenAI-compatible API or a file",
-          outputs=("teacher.jsonl",)),
+          reads=("teacher", "data"), outputs=("teacher.jsonl",)),
     Stage("snapshot", "stages.snapshot:run_snapshot", "the untouched student q0 answers every prompt once: y_s",
-          needs=("teacher",), outputs=("snapshot.jsonl",)),
+          needs=("teacher",), reads=("snapshot", "student"), outputs=("snapshot.jsonl",)),
     Stage("pairs", "stages.pairs:run_pairs", "preference pairs (x, chosen = y_t, rejected = y_s)",
-          needs=("teacher", "snapshot"), outputs=("pairs.jsonl",)),
+          needs=("teacher", "snapshot"), reads=("pairs",), outputs=("pairs.jsonl",)),
     Stage("warmup", "stages.warmup:run_warmup", "SFT of q0 on the teacher answers: q_w",
-          needs=("teacher",), outputs=("warmup/",), model="warmup", metrics="warmup/metrics.jsonl", trains=True),
+          needs=("teacher",), reads=("warmup", "student"), outputs=("warmup/",), model="warmup",
+          metrics="warmup/metrics.jsonl", trains=True),
     Stage("seqkd", "stages.seqkd:run_seqkd", "SeqKD: SFT on the teacher answers to its least held-out loss",
-          needs=("teacher",), outputs=("seqkd/",), model="seqkd", metrics="seqkd/metrics.jsonl", trains=True),
+          needs=("teacher",), reads=("seqkd", "student"), outputs=("seqkd/",), model="seqkd",
+          metrics="seqkd/metrics.jsonl", trains=True),
     Stage("distill", "stages.distill:run_distill", "DPO on the pairs from q_w, q_w the frozen reference",
-          needs=("pairs", "warmup"), outputs=("distill/",), model="distill", metrics="distill/metrics.jsonl",
-          trains=True),
+          needs=("pairs", "warmup"), reads=("distill", "student", "snapshot", "pairs"),  # its refreshes: q_t's answers
+          outputs=("distill/",), model="distill", metrics="distill/metrics.jsonl", trains=True),
     Stage("gad_warmup", "stages.gad:run_discriminator_warmup", "GAD's discriminator warmup: Bradley–Terry on the pairs",
-          needs=("pairs",), outputs=("gad/discriminator_warmup/",), metrics="gad/discriminator_warmup/metrics.jsonl",
-          trains=True),
+          needs=("pairs",), reads=("gad", "student"), outputs=("gad/discriminator_warmup/",),
+          metrics="gad/discriminator_warmup/metrics.jsonl", trains=True),
     Stage("gad", "stages.gad:run_adversarial", "GAD's adversarial phase: GRPO on the discriminator's scores",
-          needs=("teacher", "warmup", "gad_warmup"), outputs=("gad/generator/", "gad/discriminator/"),
-          model="gad/generator", metrics="gad/metrics.jsonl", trains=True),
+          needs=("teacher", "warmup", "gad_warmup"), reads=("gad", "student"),
+          outputs=("gad/generator/", "gad/discriminator/"), model="gad/generator", metrics="gad/metrics.jsonl",
+          trains=True),
     Stage("opd", "stages.opd:run_opd", "open-teacher distillation: on-policy JSD to a teacher model loaded here",
-          needs=("teacher", "warmup"), outputs=("opd/",), model="opd", metrics="opd/metrics.jsonl", trains=True),
+          needs=("teacher", "warmup"), reads=("opd", "student"), outputs=("opd/",), model="opd",
+          metrics="opd/metrics.jsonl", trains=True),
 )}
 
 
@@ -99,13 +104,11 @@ def chain(stages: list[str]) -> list[str]:
 
 def shared_stages(overrides: list[str], stages: tuple[str, ...] = ("teacher", "snapshot", "pairs", "warmup")) -> list[str]:
     """Of `stages` (registry order), those a run with these `section.key=value` overrides can take from a run without
-    them: their own config section untouched, and all they need kept too (a new student touches every one)."""
+    them: no config section they read touched, and all they need kept too."""
     touched = {override.split(".", 1)[0] for override in overrides}
-    if "data" in touched:  # the prompts the teacher answers
-        touched.add("teacher")
     kept: list[str] = []
     for name in stages:
-        if "student" not in touched and name not in touched and all(need in kept for need in STAGES[name].needs):
+        if not touched & set(STAGES[name].reads) and all(need in kept for need in STAGES[name].needs):
             kept.append(name)
     return kept
 
