@@ -1,7 +1,7 @@
 """The on-policy dial's curve on the replica: quality and cost against k, from bench/quality.py's committed results.
 
     python bench/quality.py --seeds 42 --methods none --with-committed --variant norefresh \
-        --variant refresh16 distill.refresh_every=16          # each k: a variant SODA (refreshK) beside SODA (norefresh)
+        --variant refresh16 distill.refresh_every=16        # each k: a variant SODA (refreshK) beside SODA (norefresh)
     python bench/dial_curve.py [--seed 42]
 
 Each `SODA (refreshK)` row of bench/results/quality/rows/ against `SODA (norefresh)` (k = never, trained beside them
@@ -15,8 +15,6 @@ import argparse
 import json
 import re
 from pathlib import Path
-
-from common import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = RESULTS / "quality" / "rows"
@@ -40,42 +38,52 @@ def figures(path: Path) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
-def dial(seed: int) -> dict:
+def versus(mine: dict, theirs: dict) -> dict:
+    """Per benchmark and metric, mine − theirs on the prompts both have (paired bootstrap; None without any)."""
     from soda_distill.stats import paired_difference
 
+    out: dict = {}
+    for bench in mine.keys() & theirs.keys():
+        for metric in METRICS:
+            ids = sorted(mine[bench][metric].keys() & theirs[bench][metric].keys())
+            out.setdefault(bench, {})[metric] = paired_difference([mine[bench][metric][i] for i in ids],
+                                                                  [theirs[bench][metric][i] for i in ids])
+    return dict(sorted(out.items()))
+
+
+def dial(seed: int, before: dict) -> dict:
+    """k -> the row, its refreshes' figures and its differences. Each call of bench/quality.py rewrites quality.json
+    with its own runs: a refresh's figures not there now are taken from the curve's previous record, `before`."""
     index = json.loads((ROWS / "index.json").read_text())
     runs = json.loads((RESULTS / "quality.json").read_text()).get("runs", {})
+    if f"seed-{seed}/{CONTROL}" not in index:
+        raise SystemExit(f"dial_curve.py: no `{CONTROL}` row of seed {seed} in {ROWS / 'index.json'}")
     control = figures(ROWS / index[f"seed-{seed}/{CONTROL}"])
     points = {}
     for label, file in index.items():
-        found = re.fullmatch(rf"seed-{seed}/SODA \(refresh(\d+)\)", label)
-        if not found:
-            continue
-        mine = figures(ROWS / file)
-        distill = runs.get(f"seed-{seed} (refresh{found[1]})", {}).get("distill", {})
-        points[int(found[1])] = {
-            "row": label, "refresh": distill.get("refresh"),
-            "versus_never": {bench: {metric: paired_difference([mine[bench][metric][i] for i in ids],
-                                                               [control[bench][metric][i] for i in ids])
-                                     for metric in METRICS for ids in [sorted(mine[bench][metric].keys()
-                                                                              & control[bench][metric].keys())]}
-                             for bench in control if bench in mine}}
+        if found := re.fullmatch(rf"seed-{seed}/SODA \(refresh(\d+)\)", label):
+            refresh = (runs.get(f"seed-{seed} (refresh{found[1]})", {}).get("distill", {}).get("refresh")
+                       or before.get(found[1], {}).get("refresh"))
+            points[int(found[1])] = {"row": label, "refresh": refresh,
+                                     "versus_never": versus(figures(ROWS / file), control)}
     return dict(sorted(points.items(), reverse=True))  # from the fewest refreshes
 
 
 def markdown(record: dict) -> str:
-    show = lambda d, digits: f"{d['difference']:+.{digits}f} [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}]"
-    benches = list(next(iter(record["points"].values()))["versus_never"]) if record["points"] else []
-    lines = [f"The on-policy dial on the replica (seed {record['seed']}, {record['date']}, {record['machine']}): "
-             f"SODA (refreshK) − {CONTROL}, same prompts, paired bootstrap 95% intervals.", "",
+    show = lambda d, n: "—" if not d else f"{d['difference']:+.{n}f} [{d['ci95'][0]:+.{n}f}, {d['ci95'][1]:+.{n}f}]"
+    benches = sorted({b for p in record["points"].values() for b in p["versus_never"]})
+    lines = [f"The on-policy dial on the replica (seed {record['seed']}; {record['date']}, from the committed rows: "
+             f"their commands and machine in bench/results/quality.json): SODA (refreshK) − {CONTROL}, same prompts, "
+             "paired bootstrap 95% intervals.", "",
              "| k | metric | " + " | ".join(benches) + " |", "| --- | --- |" + " ---: |" * len(benches)]
     for k, point in record["points"].items():
         for metric, (heading, digits) in METRICS.items():
             lines.append(f"| {k} | {heading} | "
-                         + " | ".join(show(point["versus_never"][b][metric], digits) for b in benches) + " |")
+                         + " | ".join(show(point["versus_never"].get(b, {}).get(metric), digits) for b in benches)
+                         + " |")
     lines += ["", "| k | refreshes | new answers (cut at their limit) |", "| --- | ---: | ---: |"]
-    lines += [f"| {k} | {r['refreshes']} | {r['answers']} ({r['truncated']}) |"
-              for k, p in record["points"].items() if (r := p["refresh"])]
+    lines += [f"| {k} | {r['refreshes']} | {r['answers']} ({r['truncated']}) |" if (r := p["refresh"]) else
+              f"| {k} | not in quality.json | |" for k, p in record["points"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -83,25 +91,26 @@ def plot(record: dict, path: Path) -> None:
     """Each metric's difference to k = never against k, one line per benchmark; then the new answers generated."""
     from soda_distill.plots import label_axes, panels, run_color, save_png
 
-    ks = ["never", *map(str, record["points"])]
+    ks, points = ["never", *map(str, record["points"])], list(record["points"].values())
+    benches = sorted({b for p in record["points"].values() for b in p["versus_never"]})
     fig, axes = panels(len(METRICS) + 1)
     for ax, (metric, (heading, _)) in zip(axes, METRICS.items()):
-        benches = list(next(iter(record["points"].values()))["versus_never"])
         for j, bench in enumerate(benches):
-            diffs = [{"difference": 0.0, "ci95": [0.0, 0.0]}] + [p["versus_never"][bench][metric]
-                                                                 for p in record["points"].values()]
-            x = [i + (j - 1) * 0.08 for i in range(len(ks))]
-            y = [d["difference"] for d in diffs]
-            errors = [[v - d["ci95"][0] for v, d in zip(y, diffs)], [d["ci95"][1] - v for v, d in zip(y, diffs)]]
-            ax.errorbar(x, y, yerr=errors, color=run_color(j), marker="o", capsize=3, label=bench)
+            shown = [(0, 0.0, [0.0, 0.0])] + [(i, d["difference"], d["ci95"]) for i, p in enumerate(points, 1)
+                                              if (d := p["versus_never"].get(bench, {}).get(metric))]
+            x, y, ci = zip(*shown)
+            errors = [[v - c[0] for v, c in zip(y, ci)], [c[1] - v for v, c in zip(y, ci)]]
+            ax.errorbar([i + (j - 1) * 0.08 for i in x], y, yerr=errors, color=run_color(j), marker="o", capsize=3,
+                        label=bench)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(range(len(ks)), ks)
         label_axes(ax, f"Δ {heading}\nvs k = never", "k (refresh every k steps)", "")
     axes[0].legend(fontsize=7)
-    answers = [0] + [(p["refresh"] or {}).get("answers", 0) for p in record["points"].values()]
-    axes[len(METRICS)].bar(range(len(ks)), answers, color=run_color(0))
-    axes[len(METRICS)].set_xticks(range(len(ks)), ks)
-    label_axes(axes[len(METRICS)], "cost: new answers generated\nduring DPO", "k (refresh every k steps)", "", grid="y")
+    cost = axes[len(METRICS)]  # a run quality.json no longer has: no bar
+    cost.bar(*zip(*[(i, p["refresh"]["answers"]) for i, p in enumerate(points, 1) if p["refresh"]]) or ([], []),
+             color=run_color(0))
+    cost.set_xticks(range(len(ks)), ks)
+    label_axes(cost, "cost: new answers generated\nduring DPO", "k (refresh every k steps)", "", grid="y")
     fig.suptitle(f"The on-policy dial on the replica (seed {record['seed']})", fontsize=9)
     save_png(fig, path)
 
@@ -112,10 +121,15 @@ def main() -> None:
     args = parser.parse_args()
     from datetime import datetime, timezone
 
+    path = RESULTS / "dial-replica.json"
+    before = json.loads(path.read_text()) if path.exists() else {}
+    points = dial(args.seed, before.get("points", {}) if before.get("seed") == args.seed else {})
+    if not points:
+        raise SystemExit(f"dial_curve.py: no `SODA (refreshK)` row of seed {args.seed} in {ROWS / 'index.json'}")
     record = {"command": f"python bench/dial_curve.py --seed {args.seed}",
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "seed": args.seed, "control": CONTROL, "points": dial(args.seed)}
-    (RESULTS / "dial-replica.json").write_text(json.dumps(record, indent=1) + "\n")
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "seed": args.seed, "control": CONTROL, "points": points}
+    path.write_text(json.dumps(record, indent=1) + "\n")
     (RESULTS / "dial-replica.md").write_text(markdown(record))
     plot(record, RESULTS / "dial-replica.png")
     print(markdown(record))

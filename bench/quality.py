@@ -125,13 +125,15 @@ def shared_with(source: Path, settings: list[str], stage: str) -> list[str]:
 
 def new_model(run: Path, stage: str, earlier: list[Path]) -> bool:
     """Whether `stage` finished in `run` with another fingerprint than in each `earlier` run (the same: its model is
-    theirs, copied or trained again)."""
-    from soda_distill.manifest import RunDir
+    theirs, copied or trained again). Reads the manifests only: creates no run directory."""
+    from soda_distill.registry import finished
 
-    def fingerprint(path: Path) -> str | None:
-        return RunDir(path).manifest()["stages"].get(stage, {}).get("fingerprint")
+    def stages(path: Path) -> dict:
+        return json.loads((path / "manifest.json").read_text())["stages"] if (path / "manifest.json").exists() else {}
 
-    return RunDir(run).finished(stage) and all(fingerprint(path) != fingerprint(run) for path in earlier)
+    mine = stages(run)
+    return (finished(run, mine, stage)
+            and all(stages(path).get(stage, {}).get("fingerprint") != mine[stage]["fingerprint"] for path in earlier))
 
 
 def reuse_stages(sources: list[Path], path: Path, settings: list[str], stage: str) -> None:
@@ -193,7 +195,7 @@ def main() -> None:
     variants, variant_rows, own_warmups = [], {}, {}  # (its seed's runs, its runs, its settings, its command), its
     # table rows, and a SODA variant's runs with those before it (its q_w may be new)
     from soda_distill.compare import SEEDED
-    from soda_distill.registry import METHODS, STAGES
+    from soda_distill.registry import METHODS, STAGES, shared_stages
 
     method = METHODS[args.variant_method]
 
@@ -204,12 +206,14 @@ def main() -> None:
         for seed in seeds:
             path = out.parent / f"{out.name}-{variant}" / f"seed-{seed}"
             variant_settings = [*settings, *(f"{section}.seed={seed}" for section in SEEDED), "check.limit=0", *overrides]
-            variants.append(((args.reuse_from or out) / f"seed-{seed}", path, variant_settings,
+            source = (args.reuse_from or out) / f"seed-{seed}"
+            if method.name == "soda" and "warmup" not in shared_stages(overrides):  # its q_w, what its DPO started
+                # from: a row unless an earlier run had it (another variant with the same warmup settings)
+                earlier = [out / f"seed-{seed}", source, *(v[1] for v in variants if v[0] == source)]
+                own_warmups[f"seed-{seed}/{variant_label(variant, METHODS['warmup'])}"] = path, earlier
+            variants.append((source, path, variant_settings,
                              [soda_distill, "run", str(CONFIG), "--method", method.name, "--out", str(path), *variant_settings]))
             variant_rows[f"seed-{seed}/{variant_label(variant)}"] = str(path / STAGES[method.stage].model)
-            if method.name == "soda":  # its q_w, what its DPO started from: a row unless an earlier run's
-                earlier = [v[1] for v in variants[:-1] if v[0] == variants[-1][0]] + [variants[-1][0]]
-                own_warmups[f"seed-{seed}/{variant_label(variant, METHODS['warmup'])}"] = path, earlier
 
     def compare_with(rows: dict) -> list[str]:
         return [*cmd, "evaluate.models={" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in rows.items())

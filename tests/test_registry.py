@@ -143,4 +143,5 @@ def test_a_quality_variant_takes_the_stages_its_settings_leave_alone(tmp_path, m
     same, other = (a_run(tmp_path / name, [], {"warmup": fp}) for name, fp in (("same", "a"), ("other", "b")))
     assert not quality.new_model(same, "warmup", [source]) and quality.new_model(other, "warmup", [source])
     again = a_run(tmp_path / "again", [], {"warmup": "b"})  # the same settings as `other`, named after it
-    assert not quality.new_model(again, "warmup", [source, other]) and not quality.new_model(tmp_path / "x", "warmup", [])
+    assert not quality.new_model(again, "warmup", [source, other])
+    assert not quality.new_model(tmp_path / "x", "warmup", []) and not (tmp_path / "x").exists()  # a variant not begun
