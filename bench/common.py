@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the demo's data as their committed results measured it, and how a result
-names the machine it ran on."""
+"""What the benchmark scripts share: the demo's data as their committed results measured it, how a result names the
+machine it ran on, and how two rows of an evaluation are paired prompt by prompt."""
 
 from __future__ import annotations
 
@@ -16,3 +16,23 @@ def machine() -> str:
     from soda_distill.models import bf16_supported
 
     return f"{platform.machine()}, {os.cpu_count()} cores, " + ("bf16" if bf16_supported() else "no bf16 (fp32 training)")
+
+
+def prompt_figures(records: list[dict]) -> dict[str, dict[str, float | None]]:
+    """metric -> prompt id -> value, from an evaluation's per-prompt records (`responses/ROW/BENCH.jsonl`, or a row of
+    bench/results/quality/rows/): ROUGE-L, reference NLL, the held-out preference margin, the answer's length in words."""
+    from soda_distill.evaluation.evaluate import preference_margins
+
+    ids = [r["id"] for r in records]
+    return {"rouge_l": {i: r["rouge_l"] for i, r in zip(ids, records)},
+            "reference_nll": {i: r["reference_nll"] for i, r in zip(ids, records)},
+            "preference_margin": dict(zip(ids, preference_margins(records))),
+            "words": {i: len(r["messages"][-1]["content"].split()) for i, r in zip(ids, records)}}
+
+
+def paired(mine: dict, theirs: dict) -> dict:
+    """Per metric, mine − theirs (`prompt_figures`) on the prompts both have: paired bootstrap (None without any)."""
+    from soda_distill.stats import paired_difference
+
+    return {metric: paired_difference([mine[metric][i] for i in ids], [theirs[metric][i] for i in ids])
+            for metric in mine if metric in theirs for ids in [sorted(mine[metric].keys() & theirs[metric].keys())]}

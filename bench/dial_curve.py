@@ -16,6 +16,8 @@ import json
 import re
 from pathlib import Path
 
+from common import paired, prompt_figures
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = RESULTS / "quality" / "rows"
 CONTROL = "SODA (norefresh)"
@@ -25,30 +27,16 @@ METRICS = {"rouge_l": ("ROUGE-L", 2), "reference_nll": ("reference NLL (lower is
 
 def figures(path: Path) -> dict[str, dict[str, dict[str, float]]]:
     """benchmark -> metric -> prompt id -> value, from a committed row's per-prompt records."""
-    from soda_distill.evaluation.evaluate import preference_margins
-
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    out: dict = {}
-    for record, margin in zip(records, preference_margins(records)):
-        bench = record["id"].rsplit("-", 1)[0]
-        values = {"rouge_l": record["rouge_l"], "reference_nll": record["reference_nll"], "preference_margin": margin,
-                  "words": len(record["messages"][-1]["content"].split())}
-        for metric, value in values.items():
-            out.setdefault(bench, {}).setdefault(metric, {})[record["id"]] = value
-    return out
+    by_bench: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        by_bench.setdefault(record["id"].rsplit("-", 1)[0], []).append(record)
+    return {bench: prompt_figures(records) for bench, records in by_bench.items()}
 
 
 def versus(mine: dict, theirs: dict) -> dict:
     """Per benchmark and metric, mine − theirs on the prompts both have (paired bootstrap; None without any)."""
-    from soda_distill.stats import paired_difference
-
-    out: dict = {}
-    for bench in mine.keys() & theirs.keys():
-        for metric in METRICS:
-            ids = sorted(mine[bench][metric].keys() & theirs[bench][metric].keys())
-            out.setdefault(bench, {})[metric] = paired_difference([mine[bench][metric][i] for i in ids],
-                                                                  [theirs[bench][metric][i] for i in ids])
-    return dict(sorted(out.items()))
+    return {bench: paired(mine[bench], theirs[bench]) for bench in sorted(mine.keys() & theirs.keys())}
 
 
 def dial(seed: int, before: dict) -> dict:

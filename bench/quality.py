@@ -54,17 +54,16 @@ QUICK = ["data.limit=24", "snapshot.max_new_tokens=96", "seqkd.epochs=2", "gad.m
 def progress(out: Path, runs_by_label: dict[str, Path]) -> dict:
     """What is done: each run's finished stages (their seconds, and what the on-policy dial and pair selection cost
     or kept), and how many answers the evaluation has generated."""
-    from soda_distill.manifest import RunDir
-    from soda_distill.registry import STAGES
+    from soda_distill.manifest import read_manifest
+    from soda_distill.registry import STAGES, finished
 
     runs = {}
     for label, path in runs_by_label.items():
-        run = RunDir(path) if path.exists() else None
-        stages = run.manifest()["stages"] if run else {}
-        runs[label] = {name: {"done": run.finished(name), **({k: v for k, v in stages[name].items()
-                                                            if k in ("wall_s", "refresh", "selection")}
-                                                           if run.finished(name) else {})}
-                       for name in STAGES} if run else "not started"
+        stages = read_manifest(path)["stages"]
+        runs[label] = {name: {"done": finished(path, stages, name),
+                              **({k: v for k, v in stages[name].items() if k in ("wall_s", "refresh", "selection")}
+                                 if finished(path, stages, name) else {})}
+                       for name in STAGES} if path.exists() else "not started"
     generations = out / "evaluation" / "generations.jsonl"
     return {"runs": runs, "evaluation_answers": sum(1 for _ in generations.open()) if generations.exists() else 0,
             "evaluation_complete": (out / "evaluation" / "results.json").exists()
@@ -111,29 +110,28 @@ def shared_with(source: Path, settings: list[str], stage: str) -> list[str]:
     import dataclasses
 
     from soda_distill.config import fingerprint, load_config
-    from soda_distill.manifest import RunDir
+    from soda_distill.manifest import read_manifest
     from soda_distill.pipeline import resolve_paths
-    from soda_distill.registry import chain, shared_stages
+    from soda_distill.registry import chain, finished, shared_stages
 
     if not (source / "config.yaml").exists():
         return []
     mine, theirs = (resolve_paths(load_config(c, o)) for c, o in ((CONFIG, settings), (source / "config.yaml", [])))
     differ = [f"{f.name}." for f in dataclasses.fields(mine) if dataclasses.is_dataclass(getattr(mine, f.name))
               and fingerprint(getattr(mine, f.name)) != fingerprint(getattr(theirs, f.name))]
-    return [s for s in shared_stages(differ) if s in chain([stage]) and RunDir(source).finished(s)]
+    stages = read_manifest(source)["stages"]
+    return [s for s in shared_stages(differ) if s in chain([stage]) and finished(source, stages, s)]
 
 
 def new_model(run: Path, stage: str, earlier: list[Path]) -> bool:
     """Whether `stage` finished in `run` with another fingerprint than in each `earlier` run (the same: its model is
     theirs, copied or trained again). Reads the manifests only: creates no run directory."""
+    from soda_distill.manifest import read_manifest
     from soda_distill.registry import finished
 
-    def stages(path: Path) -> dict:
-        return json.loads((path / "manifest.json").read_text())["stages"] if (path / "manifest.json").exists() else {}
-
-    mine = stages(run)
-    return (finished(run, mine, stage)
-            and all(stages(path).get(stage, {}).get("fingerprint") != mine[stage]["fingerprint"] for path in earlier))
+    mine = read_manifest(run)["stages"]
+    return (finished(run, mine, stage) and all(read_manifest(path)["stages"].get(stage, {}).get("fingerprint")
+                                               != mine[stage]["fingerprint"] for path in earlier))
 
 
 def reuse_stages(sources: list[Path], path: Path, settings: list[str], stage: str) -> None:

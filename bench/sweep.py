@@ -22,7 +22,7 @@ import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import DEMO_DATA, machine
+from common import DEMO_DATA, machine, paired, prompt_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,20 +76,13 @@ def learned(run: Path) -> dict:
 def versus(evaldir: Path, mine: str, theirs: str, bench: str) -> dict:
     """Row `mine` − row `theirs` (MODEL/METHOD labels) on the same held-out prompts (paired bootstrap), from the
     evaluation's per-prompt records: two points' SODA models side by side, or one against the demo's SeqKD."""
-    from soda_distill.evaluation.evaluate import preference_margins, slug
-    from soda_distill.stats import paired_difference
+    from soda_distill.evaluation.evaluate import slug
 
     def figures(label: str) -> dict[str, dict]:
         path = evaldir / "responses" / slug(label) / f"{slug(bench)}.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        ids = [r["id"] for r in records]
-        return {"rouge_l": {i: r["rouge_l"] for i, r in zip(ids, records)},
-                "reference_nll": {i: r["reference_nll"] for i, r in zip(ids, records)},
-                "preference_margin": dict(zip(ids, preference_margins(records)))}
+        return prompt_figures([json.loads(line) for line in path.read_text().splitlines()])
 
-    mine, theirs = figures(mine), figures(theirs)
-    return {metric: paired_difference([mine[metric][i] for i in ids], [theirs[metric][i] for i in ids])
-            for metric in mine for ids in [sorted(mine[metric].keys() & theirs[metric].keys())]}
+    return paired(figures(mine), figures(theirs))
 
 
 def summarize(results: dict, out: Path, points: dict) -> dict:

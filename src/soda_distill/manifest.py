@@ -133,9 +133,7 @@ class RunDir:
         return self.path / (s.model or s.outputs[0].rstrip("/"))
 
     def manifest(self) -> dict:
-        if not self.manifest_path.exists():
-            return {"stages": {}, "inputs": {}}
-        return json.loads(self.manifest_path.read_text())
+        return read_manifest(self.path)
 
     def _update(self, fn) -> None:
         if not is_main():  # launched as several processes, the main one keeps the record
@@ -209,13 +207,20 @@ class RunDir:
         self._update(finish)
 
 
+def read_manifest(path: Path) -> dict:
+    """A run directory's manifest.json (no stages where there is none yet), creating nothing: a RunDir creates its
+    directory, and an empty one where a run was looked for would be taken for a run started there."""
+    manifest = Path(path) / "manifest.json"
+    return json.loads(manifest.read_text()) if manifest.exists() else {"stages": {}, "inputs": {}}
+
+
 def copy_stages(source: Path, path: Path, stages: list[str], link: bool = False) -> None:
     """Start the run directory `path` (or add to it) from the finished `stages` of `source` it lacks: their outputs
     (without checkpoints) and their manifest records, so that a run with other settings for later stages reuses them.
     With `link` the outputs are hard links: for runs on one disk that only read them (a sweep's points)."""
     path.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((source / "manifest.json").read_text())
-    own = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {**manifest, "stages": {}}
+    manifest = read_manifest(source)
+    own = read_manifest(path) if (path / "manifest.json").exists() else {**manifest, "stages": {}}
     copy = os.link if link else shutil.copy2
     for name in (n for n in stages if n not in own["stages"] and finished(source, manifest["stages"], n)):
         for output in STAGES[name].outputs:
