@@ -145,3 +145,37 @@ def test_a_quality_variant_takes_the_stages_its_settings_leave_alone(tmp_path, m
     again = a_run(tmp_path / "again", [], {"warmup": "b"})  # the same settings as `other`, named after it
     assert not quality.new_model(again, "warmup", [source, other])
     assert not quality.new_model(tmp_path / "x", "warmup", []) and not (tmp_path / "x").exists()  # a variant not begun
+
+
+def test_reads_name_every_section_a_fingerprint_reads(tmp_path, monkeypatch):
+    """Each stage's fingerprint reads only the config sections its `reads` names (its own first): one outside them
+    would let a variant reuse a stage whose settings it changed, which then stops on its fingerprint."""
+    import dataclasses
+    import importlib
+
+    from soda_distill.config import load_config
+
+    class Fingerprinted(Exception):
+        pass
+
+    for model in ("warmup", "gad/discriminator_warmup", "teacher_model"):  # weights enough for a model's digest
+        (tmp_path / "run" / model).mkdir(parents=True)
+        (tmp_path / "run" / model / "model.safetensors").write_bytes(b"")
+        (tmp_path / "run" / model / "config.json").write_text("{}")
+    for name in ("teacher.jsonl", "snapshot.jsonl", "pairs.jsonl"):
+        (tmp_path / "run" / name).write_text("{}\n")
+    cfg = load_config(None, [f"teacher.file={tmp_path / 'run' / 'teacher.jsonl'}", "distill.refresh_every=4",
+                             f"opd.teacher_model={tmp_path / 'run' / 'teacher_model'}", "student.lora={r: 8}"])
+    section_of = {}  # a section's type, or its own sections' (student.lora: student) -> its name in the config
+    for name, section in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)):
+        inner = [getattr(section, f.name) for f in dataclasses.fields(section)] if dataclasses.is_dataclass(section) else []
+        section_of |= {type(value): name for value in (section, *inner) if dataclasses.is_dataclass(value)}
+
+    for stage in STAGES.values():
+        module = importlib.import_module(f"soda_distill.{stage.function.split(':')[0]}")
+        seen = set()
+        monkeypatch.setattr(module, "fingerprint", lambda section: seen.add(section_of[type(section)]) or "fp")
+        monkeypatch.setattr(module, "combine", lambda *parts: (_ for _ in ()).throw(Fingerprinted()))
+        with pytest.raises(Fingerprinted):
+            stage.run(cfg, RunDir(tmp_path / "run"))
+        assert stage.reads[0] in seen and seen <= set(stage.reads), (stage.name, seen)
