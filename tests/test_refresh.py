@@ -116,7 +116,9 @@ def test_a_run_stopped_after_a_refresh_resumes_to_the_same_weights(tmp_path, qa_
     assert (refreshed / "step-000004.jsonl").exists()  # made after the last checkpoint (step 3): made again on resume
     monkeypatch.setattr(distill, "build_dpo_trainer", build)
     resumed = run_distill(cfg, runs["stopped"], start=tiny_model_dir)
-    assert runs["stopped"].manifest()["stages"]["distill"]["resumed_from_step"] == 3
+    record = runs["stopped"].manifest()["stages"]["distill"]
+    assert record["resumed_from_step"] == 3
+    assert record["pieces"] == 2 and record["wall_s"] > record["last_piece_s"] > 0  # the stopped piece's seconds count
     counts = [r.manifest()["stages"]["distill"]["refresh"] for r in (runs["uninterrupted"], runs["stopped"])]
     for key in ("refreshes", "answers", "truncated"):  # the refreshes before the stop counted too
         assert counts[0][key] == counts[1][key], (key, counts)

@@ -180,3 +180,29 @@ def test_a_full_disk_or_read_only_directory_is_one_line_and_leaves_earlier_artif
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name in before} == before
     monkeypatch.setattr(records.os, "fsync", real)
     assert main(args) == 0 and (run / "snapshot.jsonl").exists()
+
+
+def test_a_stage_run_in_pieces_records_what_all_its_pieces_took(tmp_path):
+    """A stage stopped by an interrupt and resumed (bench/quality.py's time limit) reports its whole cost: the seconds
+    of every piece with its settings, not only the last one's; a piece with other settings does not count."""
+    import time
+
+    from soda_distill.manifest import RunDir
+
+    run = RunDir(tmp_path / "run")
+    for fingerprint, seconds in (("a", 0.3), ("a", 0.2)):
+        with pytest.raises(KeyboardInterrupt), run.stage("warmup", fingerprint):
+            time.sleep(seconds)
+            raise KeyboardInterrupt
+    assert run.manifest()["pieces"]["warmup"]["count"] == 2
+    with run.stage("warmup", "a"):
+        time.sleep(0.1)
+    record = run.manifest()["stages"]["warmup"]
+    assert record["pieces"] == 3 and 0.1 <= record["last_piece_s"] < 0.3 and record["wall_s"] >= 0.6
+    assert "warmup" not in run.manifest()["pieces"]
+    with pytest.raises(KeyboardInterrupt), run.stage("distill", "a"):
+        time.sleep(0.3)
+        raise KeyboardInterrupt
+    with run.stage("distill", "b"):  # other settings: the stage starts afresh
+        pass
+    assert "pieces" not in run.manifest()["stages"]["distill"] and run.manifest()["stages"]["distill"]["wall_s"] < 0.3

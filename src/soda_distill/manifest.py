@@ -177,32 +177,45 @@ class RunDir:
 
     @contextmanager
     def stage(self, name: str, fingerprint: str):
-        """Time a stage and track its peak memory; the body fills `info` (counts etc.), recorded on success."""
+        """Time a stage and track its peak memory; the body fills `info` (counts etc.), recorded on success. A piece
+        ended by an error or an interrupt (Ctrl-C, bench/quality.py's time limit) leaves its seconds in `pieces`, so
+        that the finished stage's wall_s is what all its pieces took (a process killed outright leaves none)."""
         info: dict = {}
+        earlier = self.manifest().get("pieces", {}).get(name, {})
+        earlier = earlier if earlier.get("fingerprint") == fingerprint else {"wall_s": 0.0, "count": 0}
         start = time.perf_counter()
         try:
             with PeakMemory() as peak:
                 yield info
-        except SodaError as e:  # why it stopped (a spend limit, failed requests, bad input), beside the records
-            self._update(lambda m: m.setdefault("stopped", {}).__setitem__(
-                name, {"reason": str(e), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+        except BaseException as e:
+            piece = {"fingerprint": fingerprint, "wall_s": round(earlier["wall_s"] + time.perf_counter() - start, 2),
+                     "count": earlier["count"] + 1}
+
+            def stop(m):
+                m.setdefault("pieces", {})[name] = piece
+                if isinstance(e, SodaError):  # why it stopped (a spend limit, failed requests, bad input)
+                    m.setdefault("stopped", {})[name] = {"reason": str(e),
+                                                         "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            self._update(stop)
             raise
         wall = time.perf_counter() - start
         record = {
             "status": "done",
             "fingerprint": fingerprint,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "wall_s": round(wall, 2),
+            "wall_s": round(earlier["wall_s"] + wall, 2),
+            **({"pieces": earlier["count"] + 1, "last_piece_s": round(wall, 2)} if earlier["count"] else {}),
             **peak.result,
             **info,
         }
         count = next((info[k] for k in PROMPT_COUNTS if isinstance(info.get(k), int) and info[k] > 0), None)
         if count:  # what the stage costs at another size: its time per 1,000 of the prompts it worked on
-            record["wall_s_per_1k_prompts"] = round(wall * 1000 / count, 1)
+            record["wall_s_per_1k_prompts"] = round(record["wall_s"] * 1000 / count, 1)
 
         def finish(m):
             m["stages"][name] = record
             m.get("stopped", {}).pop(name, None)  # a stop before this run of it no longer holds
+            m.get("pieces", {}).pop(name, None)
 
         self._update(finish)
 
