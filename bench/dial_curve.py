@@ -6,8 +6,8 @@
 
 Each `SODA (refreshK)` row of bench/results/quality/rows/ against `SODA (norefresh)` (k = never, trained beside it
 from the same q_w and pairs), paired on the same prompts per benchmark and seed, with what its refreshes cost (the
-runs' `distill.refresh` figures and, where neither stage was resumed after a stop, the DPO stage's seconds against
-k = never's, in bench/results/quality.json); where several seeds have a k, their pooled difference
+runs' `distill.refresh` figures and the DPO stage's seconds against k = never's, in bench/results/quality.json,
+where both count every piece); where several seeds have a k, their pooled difference
 (seeds and prompts resampled: the interval holds the seed-to-seed spread). Writes
 bench/results/dial-replica.{json,md,png}.
 """
@@ -70,8 +70,9 @@ def dial(seeds: list[int], before: dict) -> dict:
                 dpo = runs.get(f"seed-{seed} (refresh{found[1]})", {}).get("distill", {})
                 earlier = before.get(str(seed), {}).get(found[1], {})
                 never = runs.get(f"seed-{seed} (norefresh)", {}).get("distill", {})
-                whole = all("resumed_from_step" in r and r["resumed_from_step"] is None for r in (dpo, never))
-                seconds = [dpo["wall_s"], never["wall_s"]] if whole else None  # a resumed stage's are its last piece's
+                whole = all("pieces" in r or "resumed_from_step" in r and r["resumed_from_step"] is None
+                            for r in (dpo, never))  # a stage resumed before its pieces were counted: its last one's
+                seconds = [dpo["wall_s"], never["wall_s"]] if whole else None
                 points[found[1]] = {"row": label, "refresh": dpo.get("refresh") or earlier.get("refresh"),
                                     "dpo_s": seconds or earlier.get("dpo_s"),
                                     "mine": figures(ROWS / file), "control": control}

@@ -52,8 +52,8 @@ QUICK = ["data.limit=24", "snapshot.max_new_tokens=96", "seqkd.epochs=2", "gad.m
 
 
 def progress(out: Path, runs_by_label: dict[str, Path]) -> dict:
-    """What is done: each run's finished stages (their seconds — of the last piece where a stage resumed — and what the
-    on-policy dial and pair selection cost or kept), and how many answers the evaluation has generated."""
+    """What is done: each run's finished stages (their seconds, of every piece where the stage was resumed after a
+    stop, and what the on-policy dial and pair selection cost or kept), and how many answers the evaluation has generated."""
     from soda_distill.manifest import read_manifest
     from soda_distill.registry import STAGES, finished
 
@@ -61,7 +61,7 @@ def progress(out: Path, runs_by_label: dict[str, Path]) -> dict:
     for label, path in runs_by_label.items():
         stages = read_manifest(path)["stages"]
         runs[label] = {name: {"done": finished(path, stages, name),
-                              **({k: v for k, v in stages[name].items() if k in ("wall_s", "resumed_from_step", "refresh", "selection")}
+                              **({k: v for k, v in stages[name].items() if k in ("wall_s", "resumed_from_step", "pieces", "refresh", "selection")}
                                  if finished(path, stages, name) else {})}
                        for name in STAGES} if path.exists() else "not started"
     generations = out / "evaluation" / "generations.jsonl"
