@@ -7,7 +7,7 @@
 Each `SODA (refreshK)` row of bench/results/quality/rows/ against `SODA (norefresh)` (k = never, trained beside it
 from the same q_w and pairs), paired on the same prompts per benchmark and seed, with what its refreshes cost (the
 runs' `distill.refresh` figures and the DPO stage's seconds against k = never's, in bench/results/quality.json,
-where both count every piece); where several seeds have a k, their pooled difference
+where both count all their pieces: a resumed stage's include the steps it redid); where several seeds have a k, their pooled difference
 (seeds and prompts resampled: the interval holds the seed-to-seed spread). Writes
 bench/results/dial-replica.{json,md,png}.
 """
@@ -67,14 +67,13 @@ def dial(seeds: list[int], before: dict) -> dict:
         control, points = figures(ROWS / index[f"seed-{seed}/{CONTROL}"]), {}
         for label, file in index.items():
             if found := re.fullmatch(rf"seed-{seed}/SODA \(refresh(\d+)\)", label):
-                dpo = runs.get(f"seed-{seed} (refresh{found[1]})", {}).get("distill", {})
-                earlier = before.get(str(seed), {}).get(found[1], {})
-                never = runs.get(f"seed-{seed} (norefresh)", {}).get("distill", {})
-                whole = all("pieces" in r or "resumed_from_step" in r and r["resumed_from_step"] is None
-                            for r in (dpo, never))  # a stage resumed before its pieces were counted: its last one's
-                seconds = [dpo["wall_s"], never["wall_s"]] if whole else None
-                points[found[1]] = {"row": label, "refresh": dpo.get("refresh") or earlier.get("refresh"),
-                                    "dpo_s": seconds or earlier.get("dpo_s"),
+                dpo, never = (r.get("distill", {}) if isinstance(r := runs.get(f"seed-{seed} ({name})"), dict) else {}
+                              for name in (f"refresh{found[1]}", "norefresh"))
+                whole = all(r.get("wall_s") and not r.get("pieces_uncounted") and ("pieces" in r or "resumed_from_step"
+                            in r and r["resumed_from_step"] is None) for r in (dpo, never))  # else a last piece's
+                cost = {"refresh": dpo.get("refresh"), "dpo_s": [dpo["wall_s"], never["wall_s"]] if whole else None} \
+                    if dpo else before.get(str(seed), {}).get(found[1], {})  # not in this quality.json: as recorded
+                points[found[1]] = {"row": label, "refresh": cost.get("refresh"), "dpo_s": cost.get("dpo_s"),
                                     "mine": figures(ROWS / file), "control": control}
         by_seed[str(seed)] = dict(sorted(points.items(), key=lambda p: -int(p[0])))  # from the fewest refreshes
     return by_seed
@@ -98,7 +97,7 @@ def markdown(record: dict) -> str:
                 show(points[k]["versus_never"].get(b, {}).get(metric), digits) for b in benches) + " |"
                 for seed, points in record["by_seed"].items() if k in points and k not in record["pooled"]]
     seconds = lambda s: f"{s[0]:.0f} s, {s[0] / s[1]:.1f}× k = never's" if s else "—"
-    lines += ["", "| k | seed | refreshes | new answers (cut at their limit) | DPO stage, uninterrupted |",
+    lines += ["", "| k | seed | refreshes | new answers (cut at their limit) | DPO stage, all its pieces |",
               "| --- | --- | ---: | ---: | ---: |"]
     lines += [f"| {k} | {seed} | {r['refreshes']} | {r['answers']} ({r['truncated']}) | {seconds(points[k]['dpo_s'])} |"
               if (r := points[k]["refresh"]) else f"| {k} | {seed} | not in quality.json | | |"
@@ -119,13 +118,13 @@ def plot(record: dict, path: Path) -> None:
             offset = (j - 1) * 0.08
             shown = [(0, 0.0, [0.0, 0.0])]
             for i, k in enumerate(record["ks"], 1):
-                seeds = [points[k]["versus_never"].get(bench, {}).get(metric)
-                         for points in record["by_seed"].values() if k in points]
-                d = record["pooled"][k].get(bench, {}).get(metric) if k in record["pooled"] else seeds[0]
+                seeds = [d for points in record["by_seed"].values()
+                         if k in points and (d := points[k]["versus_never"].get(bench, {}).get(metric))]
+                d = record["pooled"][k].get(bench, {}).get(metric) if k in record["pooled"] else next(iter(seeds), None)
                 if d:
                     shown.append((i, d["difference"], d["ci95"]))
                 if k in record["pooled"]:
-                    ax.scatter([i + offset] * len(seeds), [s["difference"] for s in seeds if s], s=12,
+                    ax.scatter([i + offset] * len(seeds), [s["difference"] for s in seeds], s=12,
                                facecolors="none", edgecolors=run_color(j))
             x, y, ci = zip(*shown)
             errors = [[v - c[0] for v, c in zip(y, ci)], [c[1] - v for v, c in zip(y, ci)]]

@@ -51,6 +51,9 @@ QUICK = ["data.limit=24", "snapshot.max_new_tokens=96", "seqkd.epochs=2", "gad.m
          "evaluate.limit=10", "evaluate.max_new_tokens=96"]
 
 
+KEPT = ("wall_s", "resumed_from_step", "pieces", "pieces_uncounted", "refresh", "selection")  # of a stage's record
+
+
 def progress(out: Path, runs_by_label: dict[str, Path]) -> dict:
     """What is done: each run's finished stages (their seconds, of every piece where the stage was resumed after a
     stop, and what the on-policy dial and pair selection cost or kept), and how many answers the evaluation has generated."""
@@ -61,8 +64,7 @@ def progress(out: Path, runs_by_label: dict[str, Path]) -> dict:
     for label, path in runs_by_label.items():
         stages = read_manifest(path)["stages"]
         runs[label] = {name: {"done": finished(path, stages, name),
-                              **({k: v for k, v in stages[name].items() if k in ("wall_s", "resumed_from_step", "pieces", "refresh", "selection")}
-                                 if finished(path, stages, name) else {})}
+                              **({k: v for k, v in stages[name].items() if k in KEPT} if finished(path, stages, name) else {})}
                        for name in STAGES} if path.exists() else "not started"
     generations = out / "evaluation" / "generations.jsonl"
     return {"runs": runs, "evaluation_answers": sum(1 for _ in generations.open()) if generations.exists() else 0,

@@ -148,8 +148,9 @@ def test_a_quality_variant_takes_the_stages_its_settings_leave_alone(tmp_path, m
 
 
 def test_reads_name_every_section_a_fingerprint_reads(tmp_path, monkeypatch):
-    """Each stage's fingerprint reads only the config sections its `reads` names (its own first): one outside them
-    would let a variant reuse a stage whose settings it changed, which then stops on its fingerprint."""
+    """Each section a stage's fingerprint takes whole is one its `reads` names (its own first): one outside them would
+    let a variant reuse a stage whose settings it changed, which then stops on its fingerprint. (Single settings read
+    directly, such as data.limit for the teacher, are not seen here.)"""
     import dataclasses
     import importlib
 

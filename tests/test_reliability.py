@@ -184,7 +184,8 @@ def test_a_full_disk_or_read_only_directory_is_one_line_and_leaves_earlier_artif
 
 def test_a_stage_run_in_pieces_records_what_all_its_pieces_took(tmp_path):
     """A stage stopped by an interrupt and resumed (bench/quality.py's time limit) reports its whole cost: the seconds
-    of every piece with its settings, not only the last one's; a piece with other settings does not count."""
+    of every piece with its settings, not only the last one's; a piece with other settings does not count, and one
+    killed outright is counted as uncounted."""
     import time
 
     from soda_distill.manifest import RunDir
@@ -206,3 +207,9 @@ def test_a_stage_run_in_pieces_records_what_all_its_pieces_took(tmp_path):
     with run.stage("distill", "b"):  # other settings: the stage starts afresh
         pass
     assert "pieces" not in run.manifest()["stages"]["distill"] and run.manifest()["stages"]["distill"]["wall_s"] < 0.3
+    killed = run.stage("snapshot", "a")  # a process killed outright: its piece never ends (a name keeps it open)
+    killed.__enter__()
+    with run.stage("snapshot", "a"):
+        pass
+    assert run.manifest()["stages"]["snapshot"]["pieces"] == 2
+    assert run.manifest()["stages"]["snapshot"]["pieces_uncounted"] == 1

@@ -14,7 +14,7 @@ import platform
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -177,18 +177,22 @@ class RunDir:
 
     @contextmanager
     def stage(self, name: str, fingerprint: str):
-        """Time a stage and track its peak memory; the body fills `info` (counts etc.), recorded on success. A piece
-        ended by an error or an interrupt (Ctrl-C, bench/quality.py's time limit) leaves its seconds in `pieces`, so
-        that the finished stage's wall_s is what all its pieces took (a process killed outright leaves none)."""
+        """Time a stage and track its peak memory; the body fills `info` (counts etc.), recorded on success. A stage
+        run in pieces (stopped by an error or an interrupt — Ctrl-C, bench/quality.py's time limit — and resumed) is
+        recorded with the seconds of all its pieces, each redoing the steps since its last checkpoint; a piece killed
+        outright leaves no seconds, and is counted in `pieces_uncounted`."""
         info: dict = {}
-        earlier = self.manifest().get("pieces", {}).get(name, {})
-        earlier = earlier if earlier.get("fingerprint") == fingerprint else {"wall_s": 0.0, "count": 0}
+        before = self.manifest().get("pieces", {}).get(name, {})
+        before = before if before.get("fingerprint") == fingerprint else {}
+        earlier = {"fingerprint": fingerprint, "wall_s": before.get("wall_s", 0.0), "count": before.get("count", 0),
+                   "uncounted": before.get("uncounted", 0) + bool(before.get("open"))}  # still open: killed
+        self._update(lambda m: m.setdefault("pieces", {}).__setitem__(name, {**earlier, "open": True}))
         start = time.perf_counter()
         try:
             with PeakMemory() as peak:
                 yield info
         except BaseException as e:
-            piece = {"fingerprint": fingerprint, "wall_s": round(earlier["wall_s"] + time.perf_counter() - start, 2),
+            piece = {**earlier, "wall_s": round(earlier["wall_s"] + time.perf_counter() - start, 2),
                      "count": earlier["count"] + 1}
 
             def stop(m):
@@ -196,15 +200,18 @@ class RunDir:
                 if isinstance(e, SodaError):  # why it stopped (a spend limit, failed requests, bad input)
                     m.setdefault("stopped", {})[name] = {"reason": str(e),
                                                          "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            self._update(stop)
+            with suppress(Exception):  # a full disk: the error that stopped the stage is the one to report
+                self._update(stop)
             raise
         wall = time.perf_counter() - start
+        earlier_pieces = earlier["count"] + earlier["uncounted"]
         record = {
             "status": "done",
             "fingerprint": fingerprint,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_s": round(earlier["wall_s"] + wall, 2),
-            **({"pieces": earlier["count"] + 1, "last_piece_s": round(wall, 2)} if earlier["count"] else {}),
+            **({"pieces": earlier_pieces + 1, "last_piece_s": round(wall, 2)} if earlier_pieces else {}),
+            **({"pieces_uncounted": earlier["uncounted"]} if earlier["uncounted"] else {}),
             **peak.result,
             **info,
         }
@@ -233,7 +240,8 @@ def copy_stages(source: Path, path: Path, stages: list[str], link: bool = False)
     With `link` the outputs are hard links: for runs on one disk that only read them (a sweep's points)."""
     path.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(source)
-    own = read_manifest(path) if (path / "manifest.json").exists() else {**manifest, "stages": {}}
+    own = read_manifest(path) if (path / "manifest.json").exists() else \
+        {**{k: v for k, v in manifest.items() if k not in ("pieces", "stopped")}, "stages": {}}  # the source's own
     copy = os.link if link else shutil.copy2
     for name in (n for n in stages if n not in own["stages"] and finished(source, manifest["stages"], n)):
         for output in STAGES[name].outputs:
@@ -243,5 +251,6 @@ def copy_stages(source: Path, path: Path, stages: list[str], link: bool = False)
             elif src.exists() and not dst.exists():
                 copy(src, dst)
         own["stages"][name] = manifest["stages"][name]
+        own.get("pieces", {}).pop(name, None)
     own["inputs"] = {**manifest.get("inputs", {}), **own.get("inputs", {})}
     atomic_write_text(path / "manifest.json", json.dumps(own, indent=2) + "\n")
