@@ -69,8 +69,9 @@ def dial(seeds: list[int], before: dict) -> dict:
             if found := re.fullmatch(rf"seed-{seed}/SODA \(refresh(\d+)\)", label):
                 dpo, never = (r.get("distill", {}) if isinstance(r := runs.get(f"seed-{seed} ({name})"), dict) else {}
                               for name in (f"refresh{found[1]}", "norefresh"))
-                whole = all(r.get("wall_s") and not r.get("pieces_uncounted") and ("pieces" in r or "resumed_from_step"
-                            in r and r["resumed_from_step"] is None) for r in (dpo, never))  # else a last piece's
+                whole = all(r.get("wall_s") and not r.get("pieces_uncounted") and not r.get("contended")
+                            and ("pieces" in r or "resumed_from_step" in r and r["resumed_from_step"] is None)
+                            for r in (dpo, never))  # else a last piece's seconds, or a run slowed by another
                 cost = {"refresh": dpo.get("refresh"), "dpo_s": [dpo["wall_s"], never["wall_s"]] if whole else None} \
                     if dpo else before.get(str(seed), {}).get(found[1], {})  # not in this quality.json: as recorded
                 points[found[1]] = {"row": label, "refresh": cost.get("refresh"), "dpo_s": cost.get("dpo_s"),
