@@ -63,8 +63,9 @@ def progress(out: Path, runs_by_label: dict[str, Path]) -> dict:
     runs = {}
     for label, path in runs_by_label.items():
         stages = read_manifest(path)["stages"]
-        runs[label] = {name: {"done": finished(path, stages, name),
-                              **({k: v for k, v in stages[name].items() if k in KEPT} if finished(path, stages, name) else {})}
+        done = [name for name in STAGES if finished(path, stages, name)]
+        runs[label] = {name: {"done": name in done, **({k: v for k, v in stages[name].items() if k in KEPT}
+                                                       if name in done else {})}
                        for name in STAGES} if path.exists() else "not started"
     generations = out / "evaluation" / "generations.jsonl"
     return {"runs": runs, "evaluation_answers": sum(1 for _ in generations.open()) if generations.exists() else 0,
