@@ -1,16 +1,18 @@
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import ANSWERS, QA, write_jsonl
 
 from soda_distill.cli import main
 from soda_distill.config import load_config, save_config
 from soda_distill.errors import InputError, SodaError
 from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
 from soda_distill.evaluation.metrics import normalize_answer, offline_metrics, rouge_l
+from soda_distill.stats import paired_difference
 
 
 def test_rouge_l_on_known_strings():
@@ -62,14 +64,15 @@ def test_results_table_from_two_runs_offline(tmp_path, tiny_model_dir, qa_file, 
     # every trained row against its own run's Base on the same prompts; these copies of one model answer alike
     paired = cell["paired"]
     assert list(paired) == ["vs Base"] and list(results["rows"][1]["cells"]["qa"]["paired"]) == ["vs Base"]
-    assert paired["vs Base"]["rouge_l"] == {"difference": 0.0, "ci95": [0.0, 0.0], "prompts": 4}
+    assert paired["vs Base"]["rouge_l"] == {"difference": 0.0, "ci95": [0.0, 0.0], "prompts": 4, "length_controlled": {
+        "difference": 0.0, "ci95": [0.0, 0.0], "per_doubling": 0.0}}
     assert paired["vs Base"]["reference_nll"]["difference"] == 0.0 and paired["vs Base"]["judge"] is None
     assert cell["reference_nll"] > 0 and len(cell["rouge_l_ci95"]) == 2
     responses = [json.loads(line) for line in (out / "responses" / "b_SODA" / "qa.jsonl").read_text().splitlines()]
     assert all(r["reference_nll"] > 0 and r["rouge_l"] is not None for r in responses)
     markdown = (out / "results.md").read_text()
     assert "| Model | Method | qa |" in markdown and "| a | Base |" in markdown and "|  | SODA |" in markdown
-    assert "### Paired differences" in markdown and "| b | SODA | vs Base | +0.00 [+0.00, +0.00] |" in markdown
+    assert "### Paired differences" in markdown and "| b | SODA | vs Base | +0.00 [+0.00, +0.00]; LC +0.00 [+0.00, +0.00] |" in markdown
     assert markdown in capsys.readouterr().out
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     responses = (out / "responses/b_SODA/qa.jsonl").read_text().splitlines()
@@ -169,7 +172,8 @@ def test_held_out_preference_margin_against_q0s_own_answers(tmp_path, embedded_p
     results = json.loads((out / "results.json").read_text())
     base, soda = (row["cells"]["qa"] for row in results["rows"])
     assert base["preference_margin"] is not None and base["preference_margin"] == soda["preference_margin"]
-    assert soda["paired"]["vs Base"]["preference_margin"] == {"difference": 0.0, "ci95": [0.0, 0.0], "prompts": 3}
+    assert {k: v for k, v in soda["paired"]["vs Base"]["preference_margin"].items() if k != "length_controlled"} == {
+        "difference": 0.0, "ci95": [0.0, 0.0], "prompts": 3}
     rows = [json.loads(line) for line in (out / "responses" / "r_Base" / "qa.jsonl").read_text().splitlines()]
     assert all(r["q0_answer_nll"] > 0 and r["reference_nll"] > 0 for r in rows)
     # the accuracy: the share of prompts whose reference is more likely per token than q0's greedy answer
@@ -178,3 +182,25 @@ def test_held_out_preference_margin_against_q0s_own_answers(tmp_path, embedded_p
     assert soda["paired"]["vs Base"]["preference_accuracy"]["difference"] == 0.0
     assert "Held-out preference margin" in (out / "results.md").read_text()
     assert "Held-out preference accuracy" in (out / "results.md").read_text()
+
+
+def test_paired_differences_at_equal_length(tmp_path, qa_file):
+    """Each paired difference is also given at equal answer length: fitted against the log ratio of the two rows'
+    answers' words, prompt by prompt, as stats.paired_difference does from those answers."""
+    rng = random.Random(0)
+    pad = "and that is the whole answer to the question"
+    texts = {"Base": [a for a in ANSWERS], "SODA": [a + (" " + pad) * rng.randint(0, 3) for a in ANSWERS]}
+    files = {}
+    for method, answers in texts.items():
+        files[f"x/{method}"] = str(write_jsonl(tmp_path / f"{method}.jsonl", [
+            {"id": q["id"], "messages": q["messages"][:1] + [{"role": "assistant", "content": t}]} for q, t in zip(QA, answers)]))
+    cfg = load_config(None, [f"evaluate.benchmarks=[{qa_file}]", "student.bf16=false"]
+                      + [f"evaluate.models.{name}={path}" for name, path in files.items()])
+    results = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))
+    got = results["rows"][1]["cells"]["qa"]["paired"]["vs Base"]["rouge_l"]
+    scores = {m: [rouge_l(a, t) for a, t in zip(ANSWERS, texts[m])] for m in texts}
+    words = {m: [len(t.split()) for t in texts[m]] for m in texts}
+    expected = paired_difference(scores["SODA"], scores["Base"], lengths=(words["SODA"], words["Base"]))
+    assert got == expected and got["difference"] < -10  # padding costs ROUGE-L ...
+    assert got["length_controlled"]["per_doubling"] < -10  # ... and the fit puts it on the length ratio
+    assert f"LC {got['length_controlled']['difference']:+.2f}" in (tmp_path / "eval" / "results.md").read_text()

@@ -1,6 +1,7 @@
 """Summary statistics: bootstrap intervals that cover what they should, paired differences that cancel what two
 rows share."""
 
+import math
 import random
 
 import pytest
@@ -61,3 +62,25 @@ def test_across_seeds_the_interval_holds_the_seed_to_seed_spread():
     # a prompt that one run lacks is left out of every run
     gappy = seeded_paired_difference([[1.0, None, 3.0], [2.0, 2.0, 2.0]], [[0.0, 0.0, 0.0]] * 2)
     assert gappy["prompts"] == 2 and gappy["per_seed"] == [2.0, 2.0]
+
+
+def test_length_control_removes_a_difference_made_only_by_length():
+    rng = random.Random(4)
+    base_len = [rng.randint(20, 400) for _ in range(300)]
+    lengths = [round(n * math.exp(rng.gauss(0.3, 0.5))) for n in base_len]  # the row answers longer, mostly
+    base = [rng.gauss(30, 5) for _ in range(300)]
+    # its score gains 4 points per unit of log length ratio, and nothing else
+    longer = [b + 4 * math.log((n + 1) / (m + 1)) + rng.gauss(0, 2) for b, n, m in zip(base, lengths, base_len)]
+    raw = paired_difference(longer, base, lengths=(lengths, base_len))
+    assert raw["ci95"][0] > 0.5  # the raw difference is length
+    lc = raw["length_controlled"]
+    assert lc["ci95"][0] < 0 < lc["ci95"][1] and lc["per_doubling"] == pytest.approx(4 * math.log(2), abs=0.6)
+    # a real gain beside the length effect survives it, across seeds too
+    seeds = [[v + 1.0 + rng.gauss(0, 0.5) for v in longer] for _ in range(3)]
+    across = seeded_paired_difference(seeds, [base] * 3, lengths=([lengths] * 3, [base_len] * 3))
+    assert across["length_controlled"]["difference"] == pytest.approx(1.0, abs=0.35)
+    assert across["length_controlled"]["ci95"][0] > 0.3
+    # no lengths, no length control; equal lengths: the same as the raw difference
+    assert "length_controlled" not in paired_difference(longer, base)
+    same = paired_difference(longer, base, lengths=(base_len, base_len))["length_controlled"]
+    assert same["difference"] == pytest.approx(raw["difference"], abs=1e-3) and same["per_doubling"] == 0

@@ -40,21 +40,25 @@ def bootstrap_ci(values: list, resamples: int = RESAMPLES, seed: int = 0) -> lis
     return [round(float(v), 4) for v in np.percentile(means, [2.5, 97.5])]
 
 
-def paired_difference(x: list, y: list, resamples: int = RESAMPLES, seed: int = 0) -> dict | None:
+def paired_difference(x: list, y: list, resamples: int = RESAMPLES, seed: int = 0,
+                      lengths: tuple[list, list] | None = None) -> dict | None:
     """mean(x − y) over the prompts both have, with a paired percentile bootstrap 95% interval: prompts are resampled
-    together, so what the two share (a prompt's difficulty) cancels. None when no prompt has both."""
+    together, so what the two share (a prompt's difficulty) cancels. None when no prompt has both. With `lengths`
+    (each answer's length in x and in y), also the difference at equal length (`length_controlled`)."""
     a, b = _usable(x, y)
     if not len(a):
         return None
     diff = (a - b).tolist()
-    return {"difference": round(float((a - b).mean()), 4), "ci95": bootstrap_ci(diff, resamples, seed), "prompts": len(diff)}
+    out = {"difference": round(float((a - b).mean()), 4), "ci95": bootstrap_ci(diff, resamples, seed), "prompts": len(diff)}
+    return {**out, **_length_controlled([x], [y], lengths and ([lengths[0]], [lengths[1]]), resamples, seed, seeds=False)}
 
 
 def seeded_paired_difference(x_by_seed: list[list], y_by_seed: list[list], resamples: int = RESAMPLES,
-                             seed: int = 0) -> dict | None:
+                             seed: int = 0, lengths: tuple[list[list], list[list]] | None = None) -> dict | None:
     """mean(x − y) over several seeds' runs on the same prompts, with a two-level bootstrap 95% interval: the seeds
     are resampled, and the prompts (the same draw for every seed), so the interval holds the seed-to-seed spread as
-    well as the prompts'. Each seed's own mean difference is listed. None when no prompt has a value in every run."""
+    well as the prompts'. Each seed's own mean difference is listed. None when no prompt has a value in every run.
+    With `lengths` (each seed's answer lengths of x and of y), also the difference at equal length."""
     import numpy as np
 
     columns = _usable(*x_by_seed, *y_by_seed)
@@ -68,4 +72,45 @@ def seeded_paired_difference(x_by_seed: list[list], y_by_seed: list[list], resam
     per_seed = diff[:, prompts].mean(axis=2)  # seeds × resamples: each seed's mean over each prompt draw
     means = np.take_along_axis(per_seed.T, seeds, axis=1).mean(axis=1)
     return {"difference": round(float(diff.mean()), 4), "ci95": [round(float(v), 4) for v in np.percentile(means, [2.5, 97.5])],
-            "prompts": diff.shape[1], "seeds": n, "per_seed": [round(float(d), 4) for d in diff.mean(axis=1)]}
+            "prompts": diff.shape[1], "seeds": n, "per_seed": [round(float(d), 4) for d in diff.mean(axis=1)],
+            **_length_controlled(x_by_seed, y_by_seed, lengths, resamples, seed, seeds=True)}
+
+
+def _fit_at_equal_length(diff, log_ratio):
+    """Intercept and slope of the least-squares line diff = a + b·log_ratio over the last two axes (seeds × prompts)
+    of each leading index: a is the difference where both answers have the same length. The slope is 0 where the log
+    ratios do not vary."""
+    import numpy as np
+
+    d = diff.reshape(*diff.shape[:-2], -1)
+    r = log_ratio.reshape(*log_ratio.shape[:-2], -1)
+    centred = r - r.mean(axis=-1, keepdims=True)
+    variance = (centred ** 2).sum(axis=-1)
+    covariance = (centred * (d - d.mean(axis=-1, keepdims=True))).sum(axis=-1)
+    slope = np.where(variance > 1e-12, covariance / np.maximum(variance, 1e-12), 0.0)
+    return d.mean(axis=-1) - slope * r.mean(axis=-1), slope
+
+
+def _length_controlled(x_by_seed, y_by_seed, lengths, resamples: int, seed: int, seeds: bool) -> dict:
+    """AlpacaEval's length control applied to a paired difference: each prompt's difference fitted against the log
+    ratio of the two answers' lengths, reported at ratio 1 (`difference`) with a bootstrap 95% interval (prompts, and
+    seeds where `seeds`, resampled and the line fitted again), and the fitted change per doubling of the ratio
+    (`per_doubling`). {} without lengths."""
+    import numpy as np
+
+    if lengths is None:
+        return {}
+    n = len(x_by_seed)
+    columns = _usable(*x_by_seed, *y_by_seed, *lengths[0], *lengths[1])
+    if not len(columns[0]):
+        return {}
+    x, y, lx, ly = (np.stack(columns[k * n:(k + 1) * n]) for k in range(4))  # each seeds × prompts
+    diff, log_ratio = x - y, np.log((lx + 1) / (ly + 1))  # +1: an empty answer has a length
+    at_equal, slope = _fit_at_equal_length(diff, log_ratio)
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, diff.shape[1], (resamples, 1, diff.shape[1]))
+    runs = rng.integers(0, n, (resamples, n, 1)) if seeds else np.arange(n)[None, :, None]
+    fits, _ = _fit_at_equal_length(diff[runs, prompts], log_ratio[runs, prompts])  # resamples × seeds × prompts
+    return {"length_controlled": {"difference": round(float(at_equal), 4),
+                                  "ci95": [round(float(v), 4) for v in np.percentile(fits, [2.5, 97.5])],
+                                  "per_doubling": round(float(slope) * float(np.log(2)), 4)}}

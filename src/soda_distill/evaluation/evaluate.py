@@ -282,10 +282,15 @@ def _variant_order(earlier: str, later: str) -> bool:
     return name_a == name_b and labels.index(label_a) < labels.index(label_b)
 
 
+def _words(label: str, bench: Benchmark, responses: dict) -> list[int]:
+    """Each answer's length in words: what the length-controlled differences are fitted against."""
+    return [len(r["text"].split()) for r in responses[label, bench.name]]
+
+
 def _paired(row: Row, rows: list[Row], bench: Benchmark, responses: dict, judged: dict, paired_with: dict) -> dict:
     """This row against the baselines of its own group (`baselines_of`) on the same prompts: mean differences
-    (this − that) with paired bootstrap 95% intervals. For NLL lower is better, so a negative difference is an
-    improvement."""
+    (this − that) with paired bootstrap 95% intervals, and each at equal answer length (`length_controlled`). For NLL
+    lower is better, so a negative difference is an improvement."""
     baselines = baselines_of(row.method, [r.method for r in rows if r.group == row.group], paired_with)
     out = {}
     for other in rows:
@@ -293,7 +298,9 @@ def _paired(row: Row, rows: list[Row], bench: Benchmark, responses: dict, judged
                 (other.label, bench.name) not in responses:
             continue
         mine, theirs = (_per_prompt(r.label, bench, responses, judged) for r in (row, other))
-        out[f"vs {other.method}"] = {metric: paired_difference(mine[metric], theirs[metric]) for metric in mine}
+        lengths = tuple(_words(r.label, bench, responses) for r in (row, other))
+        out[f"vs {other.method}"] = {metric: paired_difference(mine[metric], theirs[metric], lengths=lengths)
+                                     for metric in mine}
     return out
 
 
@@ -317,8 +324,9 @@ def across_runs(rows: list[Row], benchmarks: list[Benchmark], responses: dict, j
                     continue
                 mine = [_per_prompt(by[g, method].label, b, responses, judged) for g in runs]
                 theirs = [_per_prompt(by[g, baseline].label, b, responses, judged) for g in runs]
+                lengths = tuple([_words(by[g, m].label, b, responses) for g in runs] for m in (method, baseline))
                 entry["cells"].setdefault(b.name, {})[f"vs {baseline}"] = {
-                    metric: seeded_paired_difference([m[metric] for m in mine], [t[metric] for t in theirs])
+                    metric: seeded_paired_difference([m[metric] for m in mine], [t[metric] for t in theirs], lengths=lengths)
                     for metric in mine[0]}
         if entry["cells"]:
             out.append(entry)

@@ -82,11 +82,14 @@ PAIRED = (("rouge_l", "ROUGE-L"), ("reference_nll", "reference NLL (negative: cl
 
 
 def _difference(c: dict | None, digits: int) -> str:
-    """A paired difference with its interval, and each run's own difference where there are several runs."""
+    """A paired difference with its interval, each run's own difference where there are several runs, and the
+    difference at equal length with its interval."""
     if c is None:
         return "—"
     text = f"{c['difference']:+.{digits}f}" + _interval(c["ci95"], digits, signed=True)
-    return text + (" (" + ", ".join(f"{d:+.{digits}f}" for d in c["per_seed"]) + ")" if "per_seed" in c else "")
+    text += " (" + ", ".join(f"{d:+.{digits}f}" for d in c["per_seed"]) + ")" if "per_seed" in c else ""
+    lc = c.get("length_controlled")
+    return text + (f"; LC {lc['difference']:+.{digits}f}" + _interval(lc["ci95"], digits, signed=True) if lc else "")
 
 
 def _difference_tables(heading: str, columns: list[str], names: list[str], rows: list[tuple[list[str], callable]]) -> str:
@@ -112,7 +115,8 @@ def paired_tables(results: dict) -> str:
     comparisons = [(row, vs) for row in results["rows"] for vs in dict.fromkeys(
         k for c in row["cells"].values() for k in (c.get("paired") or {}))]
     return _difference_tables(
-        "### Paired differences (this row − the named one, same prompts; bootstrap 95% interval over prompts)\n",
+        "### Paired differences (this row − the named one, same prompts; bootstrap 95% interval over prompts; LC: at "
+        "equal answer length, the per-prompt differences fitted against the log ratio of the two answers' words)\n",
         ["Model", "Method", "against"], [b["name"] for b in results["benchmarks"]],
         [([row["model"], row["method"], vs],
           lambda n, metric, row=row, vs=vs: ((row["cells"].get(n, {}).get("paired") or {}).get(vs) or {}).get(metric))
