@@ -78,7 +78,8 @@ def run_for(cmd: list[str], seconds: float) -> int:
     print("$", " ".join(cmd[1:]), flush=True)
     # SIGINT as Python expects it: a shell starting this in the background (`cmd &`) leaves it ignored, and then the
     # stop at the end of a piece would not reach the command.
-    process = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True,
+    process = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True, cwd=ROOT,  # the
+                               # configs' relative data paths are the checkout's
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         return process.wait(timeout=seconds)
@@ -106,7 +107,7 @@ def keep_rows(evaldir: Path, evaluation: dict, rows: Path) -> None:
     (rows / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
-def shared_with(source: Path, settings: list[str], stage: str) -> list[str]:
+def shared_with(source: Path, settings: list[str], stage: str, config: Path = CONFIG) -> list[str]:
     """What a variant with these settings can take from the run `source`: of teacher, snapshot, pairs and warmup,
     those its `stage` needs whose config sections (the registry's `reads`) are the same in both runs, and all they need
     likewise."""
@@ -119,7 +120,7 @@ def shared_with(source: Path, settings: list[str], stage: str) -> list[str]:
 
     if not (source / "config.yaml").exists():
         return []
-    mine, theirs = (resolve_paths(load_config(c, o)) for c, o in ((CONFIG, settings), (source / "config.yaml", [])))
+    mine, theirs = (resolve_paths(load_config(c, o)) for c, o in ((config, settings), (source / "config.yaml", [])))
     differ = [f"{f.name}." for f in dataclasses.fields(mine) if dataclasses.is_dataclass(getattr(mine, f.name))
               and fingerprint(getattr(mine, f.name)) != fingerprint(getattr(theirs, f.name))]
     stages = read_manifest(source)["stages"]
@@ -137,12 +138,12 @@ def new_model(run: Path, stage: str, earlier: list[Path]) -> bool:
                                                != mine[stage]["fingerprint"] for path in earlier))
 
 
-def reuse_stages(sources: list[Path], path: Path, settings: list[str], stage: str) -> None:
+def reuse_stages(sources: list[Path], path: Path, settings: list[str], stage: str, config: Path = CONFIG) -> None:
     """Start a variant in `path` from whichever of `sources` shares the most finished stages with it (the later of
     equals: a variant named before it, say one with the same teacher)."""
     from soda_distill.manifest import copy_stages
 
-    options = [(shared_with(source, settings, stage), source) for source in sources]
+    options = [(shared_with(source, settings, stage, config), source) for source in sources]
     shared, source = max(reversed(options), key=lambda option: len(option[0]))  # max keeps the first of equals
     if shared:
         print(f"{path}: {', '.join(shared)} from {source}", flush=True)
@@ -173,14 +174,18 @@ def main() -> None:
     parser.add_argument("--reuse-from", type=Path, metavar="DIR",
                         help="the runs a --variant takes its shared stages from (default --out; the variants named "
                              "before it are tried too): another command's variant's runs, to share its warmup")
-    parser.add_argument("--out", type=Path, help="where the runs are kept (default runs/quality[-quick])")
+    parser.add_argument("--out", type=Path, help="where the runs are kept (default runs/NAME[-quick])")
+    parser.add_argument("--config", type=Path, default=CONFIG,
+                        help="the replica's config (default configs/quality.yaml, NAME quality; configs/alpaca_eval.yaml: "
+                             "the AlpacaEval replica, NAME alpaca_eval, its data made by bench/alpaca_eval_data.py)")
     args = parser.parse_args()
-    name = "quality-quick" if args.quick else "quality"
+    config = args.config.resolve()
+    name = ("quality" if config == CONFIG else config.stem) + ("-quick" if args.quick else "")
     out = args.out or ROOT / "runs" / name
     seeds = [int(s) for s in args.seeds.split(",")]
     soda_distill = str(Path(sys.executable).parent / "soda-distill")
     settings = [*(QUICK if args.quick else [])]
-    cmd = [soda_distill, "compare", str(CONFIG), "--out", str(out), f"compare.seeds=[{','.join(map(str, seeds))}]",
+    cmd = [soda_distill, "compare", str(config), "--out", str(out), f"compare.seeds=[{','.join(map(str, seeds))}]",
            *settings, *([f"compare.methods=[{'' if args.methods == 'none' else args.methods}]"] if args.methods else []),
            *args.set]
     rows = RESULTS / name / "rows"
@@ -189,7 +194,7 @@ def main() -> None:
         from soda_distill.config import load_config
         from soda_distill.registry import METHODS
 
-        methods = ([] if args.methods == "none" else args.methods.split(",")) if args.methods else load_config(CONFIG).compare.methods
+        methods = ([] if args.methods == "none" else args.methods.split(",")) if args.methods else load_config(config).compare.methods
         made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}
         index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
         extra.update({label: str(rows / file) for label, file in index.items() if label not in made})
@@ -213,7 +218,7 @@ def main() -> None:
                 earlier = [out / f"seed-{seed}", source, *(v[1] for v in variants if v[0] == source)]
                 own_warmups[f"seed-{seed}/{variant_label(variant, METHODS['warmup'])}"] = path, earlier
             variants.append((source, path, variant_settings,
-                             [soda_distill, "run", str(CONFIG), "--method", method.name, "--out", str(path), *variant_settings]))
+                             [soda_distill, "run", str(config), "--method", method.name, "--out", str(path), *variant_settings]))
             variant_rows[f"seed-{seed}/{variant_label(variant)}"] = str(path / STAGES[method.stage].model)
 
     def compare_with(rows: dict) -> list[str]:
@@ -243,13 +248,14 @@ def main() -> None:
         if shared and left > 0:
             sources, path, variant_settings = shared
             if not path.exists():
-                reuse_stages(sources, path, variant_settings, method.stage)
+                reuse_stages(sources, path, variant_settings, method.stage, config)
         code = run_for(command() if callable(command) else command, left) if left > 0 else 130
         if code:
             break
     final = final_comparison()
     record = {
-        "command": "python bench/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
+        "command": "python bench/quality.py" + (f" --config {config.relative_to(ROOT)}" if config != CONFIG else "")
+                   + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
                    + (f" --methods {args.methods}" if args.methods else "") + (" --with-committed" if args.with_committed else "")
                    + (f" --variant-method {method.name}" if method.name != "soda" else "")
                    + "".join(f" --variant {' '.join(v)}" for v in args.variant or [])
@@ -257,7 +263,7 @@ def main() -> None:
                    + (f" --set {' '.join(args.set)}" if args.set else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "config": "configs/quality.yaml", "overrides": [o.replace(f"{ROOT}/", "") for o in final[5:]],  # the same on every machine
+        "config": str(config.relative_to(ROOT)), "overrides": [o.replace(f"{ROOT}/", "") for o in final[5:]],  # the same on every machine
         "variants": [" ".join(c[6:]).replace(f"{ROOT}/", "") for *_, c in variants],
         "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
         **progress(out, {**{f"seed-{seed}": out / f"seed-{seed}" for seed in seeds},
