@@ -20,6 +20,21 @@ def test_rouge_l_on_known_strings():
     assert rouge_l("the cat sat on the mat", "the cat was on the mat") == pytest.approx(100 * 5 / 6)  # LCS 5 of 6 each way
     assert rouge_l("the cat sat on the mat", "dogs bark loudly") == 0
     assert rouge_l("he runs quickly", "he running quickly") == pytest.approx(100)  # Porter stemming, as MiniLLM
+    assert rouge_l("", "anything") == 0 and rouge_l("!!", "?") == 0  # no tokens on one side
+
+
+def test_rouge_l_equals_rouge_scores_own_score():
+    """The longest common subsequence by rapidfuzz, on rouge-score's tokens: the same F1 as rouge-score's own table,
+    on long answers (the AlpacaEval references' words) and short ones, repeated words included."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rng = random.Random(0)
+    words = [w for a in ANSWERS for w in a.split()] + ["the", "runs", "running", "Paris,", "2", "x"] * 3
+    texts = [" ".join(rng.choices(words, k=rng.randint(1, 400))) for _ in range(40)]
+    for reference, prediction in zip(texts, reversed(texts)):
+        assert rouge_l(reference, prediction) == pytest.approx(100 * scorer.score(reference, prediction)["rougeL"].fmeasure,
+                                                               abs=1e-9)
 
 
 def test_offline_metrics():
