@@ -6,7 +6,8 @@ A seeded split of AlpacaEval's 805 instructions, stratified by its source (helpf
 vicuna): HELDOUT prompts never trained on, the rest to train on (in a seeded random order, so that `data.limit`
 takes a random draw of them). It writes, as `messages` JSONL with AlpacaEval's ids:
 - `train-<MODEL>.jsonl`: the training prompts with MODEL's answers — the teacher (`teacher.file`) and the other
-  rejected sources of Table 2 (`pairs.rejected_source`: a cross-family student's answers, a weaker teacher's);
+  rejected sources of Table 2 (`pairs.rejected_source`: a cross-family student's answers, a weaker teacher's, and
+  `train-gpt-4o-mini-2024-07-18-degraded.jsonl`, the weaker teacher's made poor: sentences shuffled, cut to half);
 - `AE-gpt-4o.jsonl`, `AE-gpt4-1106.jsonl`: the held-out prompts with gpt-4o's and gpt4_1106_preview's answers as the
   references (`evaluate.benchmarks`: two columns over the same prompts, so each answer is generated once);
 - `split.json`: the held-out and training ids, and the counts per source.
@@ -21,12 +22,15 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from soda_distill.stages.pairs import degraded
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT.parent / "shared" / "data" / "alpaca_eval"
 OUT = ROOT / "runs" / "alpaca_eval" / "data"
 TEACHER = "gpt-4o-2024-05-13"
 REFERENCES = {"AE-gpt-4o": TEACHER, "AE-gpt4-1106": "gpt4_1106_preview"}  # benchmark column -> reference model
-TRAIN_ANSWERS = (TEACHER, "gemma-2b-it", "Qwen1.5-1.8B-Chat", "gpt-4o-mini-2024-07-18")  # teacher, Table 2's sources
+WEAK_TEACHER = "gpt-4o-mini-2024-07-18"
+TRAIN_ANSWERS = (TEACHER, "gemma-2b-it", "Qwen1.5-1.8B-Chat", WEAK_TEACHER)  # the teacher, and Table 2's sources
 HELDOUT, SPLIT_SEED = 240, 0
 
 
@@ -76,6 +80,11 @@ def prepare(source: Path, out: Path, heldout: int = HELDOUT, seed: int = SPLIT_S
         answers = answers_of(source, model)
         # a prompt the model left unanswered (two models lack a few) is left out of its file
         write(out / f"train-{model}.jsonl", [conversation(by_id[i], answers[i]) for i in train_ids if answers.get(i, "").strip()])
+    # Table 2's "bad GPT-4o-mini" as far as a fixed answer set allows (the paper: high temperature, truncated):
+    # its answers with their sentences shuffled and cut to half their words, as pairs.rejected_source=degraded_teacher
+    rng, weak = random.Random(seed), answers_of(source, WEAK_TEACHER)
+    write(out / f"train-{WEAK_TEACHER}-degraded.jsonl",
+          [conversation(by_id[i], degraded(weak[i], rng)) for i in train_ids if weak.get(i, "").strip()])
     for column, model in REFERENCES.items():
         answers = answers_of(source, model)
         write(out / f"{column}.jsonl", [conversation(by_id[i], answers[i]) for i in heldout_ids])
