@@ -24,6 +24,7 @@ from ..config import Config, EvaluateConfig, fingerprint, load_config, save_conf
 from ..errors import InputError, SodaError
 from ..generation import Sampling, generate_transformers, generate_vllm, prompt_tokens, vllm_engine
 from ..manifest import RunDir
+from ..model_card import add_evaluation
 from ..models import context_length, load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from ..plots import plot_results
 from ..records import (AppendLog, atomic_write_jsonl, atomic_write_text, read_examples, read_jsonl, resolve_data_path,
@@ -414,6 +415,9 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
             "across_runs": across_runs(rows, benchmarks, responses, judged, ev.paired_with),
         }
         atomic_write_text(evaldir.file("results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        for row, figures in zip(rows, results["rows"]):  # a trained model's card shows its figures on the Hub
+            if row.model and not row.responses:
+                add_evaluation(Path(row.model), f"{row.group} {row.method}", figures["cells"])
         atomic_write_text(evaldir.file("results.md"), render_markdown(results))
         plot_results(results, evaldir.file("results.png"))
         log_scalars(cfg, evaldir.path / "evaluate", evaluation_scalars(results))
