@@ -12,6 +12,13 @@ DEMO_DATA = ["data.limit=64", "pairs.max_length=640", "warmup.max_length=640", "
              "distill.max_length=640"]
 
 
+def versions() -> dict[str, str]:
+    """The versions a result depends on, as each run's manifest records them."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "trl", "soda-distill")}
+
+
 def machine() -> str:
     from soda_distill.models import bf16_supported
 

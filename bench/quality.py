@@ -42,7 +42,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import machine
+from common import machine, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,19 +92,35 @@ def run_for(cmd: list[str], seconds: float) -> int:
             return process.wait()
 
 
-def keep_rows(evaldir: Path, evaluation: dict, rows: Path) -> None:
+def keep_rows(evaldir: Path, evaluation: dict, rows: Path, made: set[str], provenance: dict) -> None:
     """Each row's answers and per-prompt figures, every benchmark in one file (the benchmarks' ids are distinct),
-    and rows/index.json naming each file's row: what `--with-committed` adds to a later table."""
+    rows/index.json naming each file's row: what `--with-committed` adds to a later table; and for the rows this call
+    made (`made`), rows/provenance.json: the machine, precision and versions they were trained and evaluated with."""
     from soda_distill.evaluation.evaluate import slug
 
     rows.mkdir(parents=True, exist_ok=True)
     index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
+    made_by = json.loads((rows / "provenance.json").read_text()) if (rows / "provenance.json").exists() else {}
     for row in evaluation["rows"]:
         label = f"{row['model']}/{row['method']}"
         records = [(evaldir / "responses" / slug(label) / f"{slug(b['name'])}.jsonl").read_text() for b in evaluation["benchmarks"]]
         (rows / f"{slug(label)}.jsonl").write_text("".join(records))
         index[label] = f"{slug(label)}.jsonl"
+        if label in made:
+            made_by[label] = provenance
     (rows / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    (rows / "provenance.json").write_text(json.dumps(made_by, indent=1, sort_keys=True) + "\n")
+
+
+def committed_rows(rows: Path, leave_out: set[str], precision: str) -> dict[str, str]:
+    """The committed rows (label -> file) for `--with-committed`, but those this call makes, and those made in
+    another precision than this call's: no comparison mixes precisions."""
+    index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
+    made_by = json.loads((rows / "provenance.json").read_text()) if (rows / "provenance.json").exists() else {}
+    other = sorted(label for label in index if made_by.get(label, {}).get("precision", precision) != precision)
+    if other:
+        print(f"left out, made in another precision than {precision}: {', '.join(other)}", flush=True)
+    return {label: str(rows / file) for label, file in index.items() if label not in leave_out and label not in other}
 
 
 def shared_with(source: Path, settings: list[str], stage: str, config: Path = CONFIG) -> list[str]:
@@ -189,19 +205,18 @@ def main() -> None:
            *settings, *([f"compare.methods=[{'' if args.methods == 'none' else args.methods}]"] if args.methods else []),
            *args.set]
     rows = RESULTS / name / "rows"
-    extra = {}  # more rows of the table: the committed ones
-    if args.with_committed:
-        from soda_distill.config import load_config
-        from soda_distill.registry import METHODS
+    from soda_distill.config import load_config
+    from soda_distill.models import use_bf16
+    from soda_distill.registry import METHODS
 
-        methods = ([] if args.methods == "none" else args.methods.split(",")) if args.methods else load_config(config).compare.methods
-        made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}
-        index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
-        extra.update({label: str(rows / file) for label, file in index.items() if label not in made})
+    precision = "bf16" if use_bf16(load_config(config, [*settings, *args.set]).student.bf16) else "fp32"
+    methods = ([] if args.methods == "none" else args.methods.split(",")) if args.methods else load_config(config).compare.methods
+    made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}  # the rows this call makes
+    extra = committed_rows(rows, made, precision) if args.with_committed else {}  # more rows: the committed ones
     variants, variant_rows, own_warmups = [], {}, {}  # (its seed's runs, its runs, its settings, its command), its
     # table rows, and a SODA variant's runs with those before it (its q_w may be new)
     from soda_distill.compare import SEEDED
-    from soda_distill.registry import METHODS, STAGES, shared_stages
+    from soda_distill.registry import STAGES, shared_stages
 
     method = METHODS[args.variant_method]
 
@@ -262,7 +277,7 @@ def main() -> None:
                    + (f" --reuse-from {args.reuse_from}" if args.reuse_from else "")
                    + (f" --set {' '.join(args.set)}" if args.set else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": machine(), "precision": precision, "versions": versions(),
         "config": str(config.relative_to(ROOT)), "overrides": [o.replace(f"{ROOT}/", "") for o in final[5:]],  # the same on every machine
         "variants": [" ".join(c[6:]).replace(f"{ROOT}/", "") for *_, c in variants],
         "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
@@ -279,7 +294,8 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         for suffix in ("md", "png"):
             shutil.copyfile(out / "evaluation" / f"results.{suffix}", RESULTS / f"{name}.{suffix}")
-        keep_rows(out / "evaluation", evaluation, rows)
+        keep_rows(out / "evaluation", evaluation, rows, made | set(variant_rows) | set(own_warmups),
+                  {"machine": record["machine"], "precision": precision, "versions": record["versions"], "date": record["date"]})
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("this_piece", "evaluation_answers", "evaluation_complete")}, indent=1))
 

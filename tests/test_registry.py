@@ -180,3 +180,20 @@ def test_reads_name_every_section_a_fingerprint_reads(tmp_path, monkeypatch):
         with pytest.raises(Fingerprinted):
             stage.run(cfg, RunDir(tmp_path / "run"))
         assert stage.reads[0] in seen and seen <= set(stage.reads), (stage.name, seen)
+
+
+def test_committed_rows_of_another_precision_are_left_out(tmp_path, monkeypatch):
+    """bench/quality.py --with-committed: a committed row made in another precision than this call's does not join
+    its table (nor does a row this call makes again); a row with no provenance recorded (made before) does."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    import quality
+
+    (tmp_path / "index.json").write_text(json.dumps({"seed-42/SODA": "a.jsonl", "seed-43/SODA": "b.jsonl",
+                                                     "seed-44/SODA": "c.jsonl", "seed-44/Base": "d.jsonl"}))
+    (tmp_path / "provenance.json").write_text(json.dumps({"seed-42/SODA": {"precision": "fp32"},
+                                                          "seed-43/SODA": {"precision": "bf16"}}))
+    kept = quality.committed_rows(tmp_path, {"seed-44/Base"}, "bf16")
+    assert kept == {"seed-43/SODA": str(tmp_path / "b.jsonl"), "seed-44/SODA": str(tmp_path / "c.jsonl")}
