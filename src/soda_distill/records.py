@@ -6,6 +6,7 @@ responses, `prompt`/`chosen`/`rejected` for preference pairs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,8 +22,14 @@ from .errors import InputError, SodaError, position
 ROLES = ("system", "user", "assistant")
 # One record's line at most: a longer one is refused after reading this much, never read whole into memory.
 MAX_LINE_BYTES = 16 << 20
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask (reading it means setting it: done once, when a file is first written, not at import)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_text_file(path: Path, what: str, max_bytes: int) -> str:
@@ -46,7 +53,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the permissions open() would
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes files private; give them the permissions open() would
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
