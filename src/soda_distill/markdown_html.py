@@ -1,11 +1,10 @@
-"""The Markdown that report.py writes (and evaluate's results.md) as one self-contained HTML page: headings,
-paragraphs, pipe tables, bullet lists, fenced code, and images embedded as data URIs; no scripts."""
+"""The Markdown that report.py writes (and evaluate's results.md) as one self-contained HTML page, rendered by
+markdown-it-py, its images embedded as data URIs; no scripts."""
 
 from __future__ import annotations
 
 import base64
 import html
-import re
 from pathlib import Path
 
 CSS = """
@@ -20,44 +19,15 @@ table { border-collapse: collapse; margin: 12px 0; font-size: 13px; display: blo
 th, td { border: 1px solid #d5dae0; padding: 4px 9px; vertical-align: top; }
 th { background: #eef2f6; text-align: left; }
 tr:nth-child(even) td { background: #f8fafb; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td, th { font-variant-numeric: tabular-nums; }
 code { font: 12.5px ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; background: #f1f3f5;
        padding: 1px 4px; border-radius: 3px; }
 pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: 10px 12px; overflow-x: auto; max-height: 420px; }
 pre code { background: none; padding: 0; }
 img { max-width: 100%; height: auto; border: 1px solid #e1e4e8; }
-p.figure { margin: 14px 0 2px; }
-p.figure + p em { color: #57606a; font-size: 13px; }
+p:has(> img) { margin: 14px 0 2px; }
+p:has(> img) + p em { color: #57606a; font-size: 13px; }
 """
-
-
-def _inline(text: str) -> str:
-    """Inline Markdown (`code`, **bold**, *italic*) as HTML, everything else escaped; code spans are set aside
-    first, so emphasis may enclose them but never reaches into them."""
-    codes: list[str] = []
-
-    def set_aside(m) -> str:
-        codes.append(m[1])
-        return f"\x00{len(codes) - 1}\x00"
-
-    text = html.escape(re.sub(r"`([^`]*)`", set_aside, text))
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    text = re.sub(r"(?<![\w*])\*(?![\s*])(.+?)(?<![\s*])\*(?![\w*])", r"<em>\1</em>", text)
-    return re.sub("\x00(\\d+)\x00", lambda m: f"<code>{html.escape(codes[int(m[1])])}</code>", text)
-
-
-def _cells(line: str) -> list[str]:
-    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
-
-
-def _html_table(lines: list[str]) -> str:
-    header, body = _cells(lines[0]), lines[1:]
-    align = [""] * len(header)
-    if body and re.fullmatch(r"\|?(\s*:?-+:?\s*\|)*\s*:?-+:?\s*\|?", body[0].strip()):
-        align = [' class="num"' if c.endswith(":") else "" for c in _cells(body.pop(0))]
-    row = lambda cells, tag: "<tr>" + "".join(f"<{tag}{a}>{_inline(c)}</{tag}>" for c, a in zip(cells, align)) + "</tr>"
-    return ("<table><thead>" + row(header, "th") + "</thead><tbody>"
-            + "".join(row(_cells(line), "td") for line in body) + "</tbody></table>")
 
 
 def _css_width(png: bytes) -> str:
@@ -71,42 +41,21 @@ def _css_width(png: bytes) -> str:
 def _image_html(alt: str, src: str, base: Path) -> str:
     path = base / src
     if src.startswith(("/", "http:", "https:", "data:")) or not path.is_file():
-        return f"<p>[image not embedded: {html.escape(src)}]</p>"
+        return f"[image not embedded: {html.escape(src)}]"
     png = path.read_bytes()
     data = base64.b64encode(png).decode("ascii")
-    return f'<p class="figure"><img alt="{html.escape(alt)}"{_css_width(png)} src="data:image/png;base64,{data}"></p>'
+    return f'<img alt="{html.escape(alt)}"{_css_width(png)} src="data:image/png;base64,{data}">'
 
 
 def markdown_to_html(markdown: str, base: Path) -> str:
-    """The Markdown this module writes (and evaluate's results.md) as HTML: headings, paragraphs, pipe tables,
-    bullet lists, fenced code and images on their own line, read from `base` and embedded as data URIs."""
-    lines, out, i = markdown.splitlines(), [], 0
-    starts = ("#", "|", "- ", "```", "![")
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("```"):
-            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), len(lines))
-            out.append("<pre><code>" + html.escape("\n".join(lines[i + 1:end])) + "</code></pre>")
-            i = end + 1
-        elif m := re.match(r"(#{1,6}) (.*)", line):
-            out.append(f"<h{len(m[1])}>{_inline(m[2])}</h{len(m[1])}>")
-            i += 1
-        elif m := re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", line.strip()):
-            out.append(_image_html(m[1], m[2], base))
-            i += 1
-        elif line.startswith(("|", "- ")):
-            end = next((j for j in range(i, len(lines)) if not lines[j].startswith(line[0])), len(lines))
-            block = lines[i:end]
-            out.append(_html_table(block) if line[0] == "|" else
-                       "<ul>" + "".join(f"<li>{_inline(item[2:])}</li>" for item in block) + "</ul>")
-            i = end
-        elif not line.strip():
-            i += 1
-        else:
-            end = next((j for j in range(i + 1, len(lines)) if not lines[j].strip() or lines[j].startswith(starts)), len(lines))
-            out.append("<p>" + _inline(" ".join(lines[i:end])) + "</p>")
-            i = end
-    return "\n".join(out)
+    """Markdown (CommonMark and pipe tables, by markdown-it-py) as HTML, raw HTML in it escaped, images read from
+    `base` and embedded as data URIs."""
+    from markdown_it import MarkdownIt
+
+    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
+    renderer.add_render_rule("image", lambda rules, tokens, i, options, env: _image_html(
+        rules.renderInlineAsText(tokens[i].children or [], options, env), tokens[i].attrGet("src"), base))
+    return renderer.render(markdown)
 
 
 def html_document(title: str, markdown: str, base: Path) -> str:
