@@ -5,7 +5,8 @@ recorded whether it passed or not, so one failure does not cost the others.
 
 The student has the embedded SmolLM2-135M's shapes and tokenizer with random weights (`.whl/student`, or the
 embedded model itself where it is installed): times and memory are the real student's, quality is not measured.
---smoke runs the same parts at toy size (on a CPU, to check this script). Writes DIR/gpu.json and DIR/throughput.json.
+--smoke runs the same parts at toy size (on a CPU, to check this script). Writes DIR/gpu.json, DIR/throughput.json and
+DIR/shapes.json (the part `shapes`, bench/gpu_shapes.py: SFT and DPO at 0.5B–3B parameters).
 """
 
 from __future__ import annotations
@@ -145,6 +146,9 @@ def main() -> None:
                                                              "--out", str(WORK / "dial")], 150, None),
         "opd": ("OPD, the student its own teacher (in bf16)", [*trained, "--method", "opd", f"opd.teacher_model={model}",
                                                               "opd.max_new_tokens=32", "--out", str(WORK / "opd")], 150, None),
+        # last: it takes the whole budget (run it alone: --parts shapes); its JSON is written after every measurement
+        "shapes": ("SFT and DPO at 0.5B, 1.5B and 3B parameters", [python, "bench/gpu_shapes.py", "--student", model,
+                   "--out", str(args.out), *(["--smoke"] if toy else [])], 480, None),
     }
     chosen = args.parts.split(",") if args.parts else list(plan)
     if unknown := set(chosen) - set(plan):
@@ -158,6 +162,10 @@ def main() -> None:
     results["demo_gad"]["stages"] = stages(WORK / "demo")  # SODA's and GAD's, in one run directory
     for name in ("fsdp", "zero3", "zero2", "lora", "dial", "opd"):
         results[name]["stages"] = stages(WORK / name)
+    shapes = args.out / "shapes.json"
+    if "shapes" in chosen and shapes.exists() and not args.dry:  # each shape's parameters and figures
+        results["shapes"]["shapes"] = {name: {k: v for k, v in shape.items() if k != "measurements"}
+                                       for name, shape in json.loads(shapes.read_text())["shapes"].items()}
     throughput = ROOT / "bench" / "results" / "throughput.json"
     if results["throughput"]["ok"] and not toy and not args.dry:
         results["throughput"]["ratios"] = json.loads(throughput.read_text())["ratios"]

@@ -5,10 +5,11 @@
 #   device run:  bash bench/gpu.sh          with carry [".whl"]
 #   on a CPU, the same steps at toy size, to check the script:  bash bench/gpu.sh --smoke
 #   the on-policy dial and OPD (bf16 teacher) on a GPU:  bash bench/gpu.sh --parts dial,opd
+#   SFT and DPO at 0.5B, 1.5B and 3B parameters, soda against stock TRL (≤ 8 minutes):  bash bench/gpu.sh --parts shapes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ -d .whl ] && ! $PYTHON -c "import trl, transformers; from packaging.version import Version as V; assert V(transformers.__version__) >= V('5.24')" 2>/dev/null; then
+if [ -d .whl ] && ! $PYTHON -c "import trl, transformers, rapidfuzz, importlib.util; from packaging.version import Version as V; assert V(transformers.__version__) >= V('5.24') and importlib.util.find_spec('liger_kernel')" 2>/dev/null; then
   $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi

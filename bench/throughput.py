@@ -28,8 +28,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STUDENT = os.environ.get("SODA_BENCH_STUDENT", "embedded")  # --student sets it for the measurements' processes
 
 
-def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
-    """Chat prompts with chosen/rejected answers of 100–400 tokens (≈ 0.75 words a token)."""
+def synthetic_pairs(n: int, seed: int = 0, answer_tokens: tuple[int, int] = (100, 400),
+                    max_prompt_words: int | None = None) -> list[dict]:
+    """Chat prompts (of at most `max_prompt_words` words) with chosen/rejected answers of `answer_tokens` tokens
+    (≈ 0.75 words a token)."""
     from soda_distill.records import read_examples, resolve_data_path
 
     rng = random.Random(seed)
@@ -37,9 +39,11 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
     words = " ".join(ex.response for ex in examples).split()
 
     def answer():
-        start = rng.randrange(len(words) - 400)
-        return " ".join(words[start : start + int(rng.randint(100, 400) * 0.75)])
+        start = rng.randrange(len(words) - answer_tokens[1])
+        return " ".join(words[start : start + int(rng.randint(*answer_tokens) * 0.75)])
 
+    if max_prompt_words is not None:
+        examples = [ex for ex in examples if sum(len(m["content"].split()) for m in ex.prompt) <= max_prompt_words]
     rows = []
     for ex in rng.sample(examples, n):
         rows.append({"prompt": ex.prompt, "chosen": [{"role": "assistant", "content": answer()}],
@@ -82,16 +86,16 @@ def synchronized_clock() -> float:
 
 
 class StepTimer:
-    """Times optimizer steps after the first (which pays one-off costs) and counts the non-pad tokens seen."""
+    """Times optimizer steps after the first `untimed` (which pay one-off costs)."""
 
-    def __init__(self):
+    def __init__(self, untimed: int = 1):
         from transformers import TrainerCallback
 
         timer = self
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                if state.global_step == 1:
+                if state.global_step == untimed:
                     timer.start = synchronized_clock()
 
             def on_train_end(self, args, state, control, **kw):
@@ -100,7 +104,22 @@ class StepTimer:
         self.callback, self.start, self.end = Callback(), None, None
 
 
-def soda_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, out: Path):
+def timed_training(trainer, n_steps: int, untimed: int = 1) -> dict:
+    """Train `trainer` through its one epoch of `n_steps` optimizer steps, timing the steps after the first
+    `untimed`: their non-pad `tokens` (the epoch's in proportion), `seconds`, the epoch's mean `tokens_per_sequence`
+    and the wall time with the trainer's own setup."""
+    timer = StepTimer(untimed)
+    trainer.add_callback(timer.callback)
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    masks = [b["attention_mask"] for b in trainer.get_train_dataloader()]
+    tokens = sum(int(m.sum()) for m in masks)
+    return {"tokens": tokens * (n_steps - untimed) / n_steps, "seconds": timer.end - timer.start,
+            "tokens_per_sequence": tokens / sum(len(m) for m in masks), "wall_s_incl_setup": round(total, 1)}
+
+
+def soda_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, out: Path, max_length: int = 1024):
     """`stage` (sft|dpo) as soda's warmup and distill stages build it."""
     from datasets import Dataset
 
@@ -110,13 +129,13 @@ def soda_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, out
 
     section = "warmup" if stage == "sft" else "distill"
     cfg = load_config(None, [f"{section}.{k}" for k in
-                             (f"batch_size={batch}", "max_length=1024", "save_steps=100000", "logging_steps=100000", "epochs=1")])
+                             (f"batch_size={batch}", f"max_length={max_length}", "save_steps=100000", "logging_steps=100000", "epochs=1")])
     if stage == "sft":
         data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
         return build_sft_trainer(model, tokenizer, data, cfg, out, out / "metrics.jsonl")
     pairs = out / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return build_dpo_trainer(model, tokenizer, dpo_dataset(pairs, tokenizer, 1024)[0], cfg, out, out / "metrics.jsonl")
+    return build_dpo_trainer(model, tokenizer, dpo_dataset(pairs, tokenizer, max_length)[0], cfg, out, out / "metrics.jsonl")
 
 
 def train(stage: str, variant: str, quick: bool) -> dict:
@@ -137,20 +156,11 @@ def train(stage: str, variant: str, quick: bool) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     with PeakMemory() as peak, tempfile.TemporaryDirectory() as out:
         make = stock_trainer if variant == "stock" else soda_trainer
-        trainer = make(stage, model, tokenizer, rows, batch, Path(out))
-        timer = StepTimer()
-        trainer.add_callback(timer.callback)
-        start = time.perf_counter()
-        trainer.train()
-        total = time.perf_counter() - start
-    loader = trainer.get_train_dataloader()
-    tokens = sum(int(b["attention_mask"].sum()) for b in loader)  # non-pad tokens of one epoch
-    seconds = timer.end - timer.start
-    steady_tokens = tokens * (n_steps - 1) / n_steps
+        timed = timed_training(make(stage, model, tokenizer, rows, batch, Path(out)), n_steps)
     return {
-        "tokens_per_s": round(steady_tokens / seconds, 1),
-        "model_gflops": round(6 * n_params * steady_tokens / seconds / 1e9, 1),
-        "wall_s_incl_setup": round(total, 1),
+        "tokens_per_s": round(timed["tokens"] / timed["seconds"], 1),
+        "model_gflops": round(6 * n_params * timed["tokens"] / timed["seconds"] / 1e9, 1),
+        "wall_s_incl_setup": timed["wall_s_incl_setup"],
         **peak.result,
         "steps": n_steps, "batch": batch,
     }
@@ -199,19 +209,23 @@ def profile_sft_step(quick: bool) -> dict:
             "lm_head_share": round(head / total, 3), "threads": torch.get_num_threads()}
 
 
-def stock_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, out: Path):
-    """The same stage the way a TRL example script sets it up: defaults everywhere except what CPU needs."""
+def stock_trainer(stage: str, model, tokenizer, rows: list[dict], batch: int, out: Path, max_length: int = 1024,
+                  ref_model=None, **settings):
+    """The same stage the way a TRL example script sets it up: defaults everywhere except what CPU needs, and
+    `settings` (SFTConfig's or DPOConfig's). DPO's reference: `ref_model`, or (None) TRL's, loaded again from where
+    the model was."""
     import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     on_cpu = {} if torch.cuda.is_available() else {"bf16": False, "use_cpu": True}  # on a GPU, where soda trains
     common = dict(output_dir=str(out / "stock"), per_device_train_batch_size=batch, num_train_epochs=1, **on_cpu,
-                  report_to="none", save_strategy="no", logging_steps=100000, max_length=1024)
+                  report_to="none", save_strategy="no", logging_steps=100000, max_length=max_length, **settings)
     if stage == "sft":
         data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
         return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer)
-    return DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    return DPOTrainer(model=model, ref_model=ref_model, args=DPOConfig(**common), train_dataset=Dataset.from_list(rows),
+                      processing_class=tokenizer)
 
 
 def snapshot_workload(quick: bool, prompts: int):

@@ -225,7 +225,7 @@ def test_the_gpu_check_runs_dry_and_refuses_a_bad_part(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
     subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--dry"], env=env, check=True, capture_output=True, timeout=300)
     parts = json.loads((tmp_path / "gpu.json").read_text())["parts"]
-    assert {"demo_soda", "throughput", "fsdp", "zero3", "zero2", "lora", "demo_gad"} <= set(parts)
+    assert {"demo_soda", "throughput", "fsdp", "zero3", "zero2", "lora", "demo_gad", "shapes"} <= set(parts)
     assert all(p["returncode"] == "dry: checked" for p in parts.values() if isinstance(p, dict)), parts
     subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--dry", "--parts", "zero3,demo_gad"], env=env, check=True,
                    capture_output=True, timeout=300)
@@ -244,6 +244,27 @@ def test_the_gpu_check_runs_dry_and_refuses_a_bad_part(tmp_path):
     refused = gpu.dry_check([sys.executable, "-m", "soda_distill", "run", "configs/demo.yaml", "student.lora.rank=16"])
     assert not refused["ok"] and "rank" in refused["output_tail"]
     assert not gpu.dry_check([sys.executable, "-m", "soda_distill", "run", "configs/demo.yaml", "--method", "sodaa"])["ok"]
+
+
+def test_the_shapes_figures_are_soda_over_stock_and_a_missing_measurement_leaves_none():
+    """bench/gpu_shapes.py: MFU is model FLOP/s over the peak, the speedups soda's tokens/s over stock TRL's."""
+    root = Path(__file__).parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        import gpu_shapes
+    finally:
+        sys.path.remove(str(root / "bench"))
+    def run(tokens_per_s, peak_gpu_mb):
+        return {"ok": True, "tokens_per_s": tokens_per_s, "flops_per_token": 6e9, "peak_gpu_mb": [peak_gpu_mb]}
+
+    measured = {"sft_soda": run(20_000, 30_000), "sft_stock": run(16_000, 40_000), "dpo_soda": run(10_000, 50_000),
+                "dpo_stock": {"ok": False, "returncode": 1}}
+    figures = gpu_shapes.figures(measured, peak_tflops=989)
+    assert figures["sft_mfu"] == round(20_000 * 6e9 / 989e12, 4)
+    assert measured["sft_stock"]["mfu"] == round(16_000 * 6e9 / 989e12, 4)
+    assert figures["sft_speedup"] == 1.25 and figures["sft_memory_ratio"] == 0.75
+    assert figures["dpo_mfu"] is not None and figures["dpo_speedup"] is None and figures["dpo_memory_ratio"] is None
+    assert gpu_shapes.figures(measured, peak_tflops=None)["sft_mfu"] is None
 
 
 def test_the_paper_setting_is_a_config_and_a_launch_command():
