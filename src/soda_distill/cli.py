@@ -134,7 +134,8 @@ def _push(args) -> None:
         print(f"pushed: {made}" if args.to_dir is None else f"staged: {made}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `soda-distill` command line (docs/reference/cli.md is rendered from it)."""
     stages = "\n".join(f"  {s.name:<11} {s.does}" for s in STAGES.values())
     methods = "\n".join(f"  {m.name:<11} {m.label}: " + (" -> ".join(m.chain) if m.chain else "the untouched student")
                          for m in METHODS.values())
@@ -159,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to-dir", help="for push: write what would be uploaded to this folder instead")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the requests an endpoint stage would send and their cost at most, and stop there")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     try:
         if args.dry_run:
