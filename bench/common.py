@@ -28,7 +28,7 @@ def machine() -> str:
 def prompt_figures(records: list[dict]) -> dict[str, dict[str, float | None]]:
     """metric -> prompt id -> value, from an evaluation's per-prompt records (`responses/ROW/BENCH.jsonl`, or a row of
     bench/results/quality/rows/): ROUGE-L, reference NLL, the held-out preference margin, the answer's length in words."""
-    from soda_distill.evaluation.evaluate import preference_margins
+    from soda_distill.evaluation.paired import preference_margins
 
     ids = [r["id"] for r in records]
     return {"rouge_l": {i: r["rouge_l"] for i, r in zip(ids, records)},
