@@ -8,7 +8,7 @@ the optimizer); `bf16_grid_masters`, that path as it was before 2026-12-06, its 
 already rounded to bf16; `autocast`, fp32 weights under bf16 autocast (what the package does on a GPU or across
 processes). Each mode is a run directory under --out (resumable: a finished one is read, not trained again), each in
 a process of its own. Every mode's losses against fp32's, step by step: the mean difference with a paired bootstrap
-interval over the steps. Writes bench/results/precision.{json,png}.
+interval over the steps. Writes bench/results/precision.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -51,8 +51,24 @@ def summary(out: Path) -> dict:
     from soda_distill.manifest import read_manifest
 
     losses = [m["loss"] for m in map(json.loads, (out / "warmup" / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-    return {"losses": losses, "mean_loss": round(sum(losses) / len(losses), 4),
-            "wall_s": read_manifest(out)["stages"]["warmup"]["wall_s"]}
+    stage = read_manifest(out)["stages"]["warmup"]
+    return {"losses": losses, "mean_loss": round(sum(losses) / len(losses), 4), "wall_s": stage["wall_s"],
+            "trained": stage["finished"]}  # a finished run is read, not trained again: when it was
+
+
+def render(record: dict) -> str:
+    lines = ["# Does bf16 train as fp32 does?", "", f"The demo's warmup ({record['config']}), trained from the same seed "
+             "and data in each precision; each mode's per-step SFT loss against fp32's, paired over the steps (bootstrap "
+             "95% interval).", "", "| mode | mean loss | − fp32, per step | stage wall time (s) | trained |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for mode, run in record["modes"].items():
+        d = run.get("minus_fp32")
+        lines.append(f"| {mode} | {run['mean_loss']:.3f} | "
+                     + (f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "—")
+                     + f" | {run['wall_s']:.0f} | {run['trained']} |")
+    lines += ["", "![per-step losses](precision.png)", "",
+              f"`{record['command']}` — {record['date']}, {record['machine']}.", ""]
+    return "\n".join(lines)
 
 
 def plot(record: dict, path: Path) -> None:
@@ -91,13 +107,16 @@ def main() -> None:
     for mode, run in runs.items():
         if reference and mode != "fp32":
             run["minus_fp32"] = paired_difference(run["losses"], reference["losses"])
-    record = {"command": "python bench/precision.py" + (f" --modes {args.modes}" if args.modes != ",".join(MODES) else ""),
+    default_out = ROOT / "runs" / "precision"
+    record = {"command": "python bench/precision.py" + (f" --modes {args.modes}" if args.modes != ",".join(MODES) else "")
+                         + (f" --out {args.out}" if args.out.resolve() != default_out else ""),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "versions": versions(), "config": "configs/demo.yaml (warmup stage: 48 prompts, 3 epochs, 18 steps)",
               "modes": runs}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "precision.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(record, RESULTS / "precision.png")
+    (RESULTS / "precision.md").write_text(render(record))
     print(json.dumps({m: {k: v for k, v in r.items() if k != "losses"} for m, r in runs.items()}, indent=1))
 
 

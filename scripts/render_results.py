@@ -290,6 +290,9 @@ PAGES = (
     Page("metric-trust", "How far the offline metrics can be trusted",
          "ROUGE-L and answer length against the AlpacaEval 2.0 leaderboard, across its models.",
          (("metric-trust.json", bench_markdown),)),
+    Page("precision", "Does bf16 train as fp32 does?",
+         "The demo's warmup trained from the same seed and data in fp32, in bf16 and as bf16 trained before its fix.",
+         (("precision.json", bench_markdown),)),
     Page("gpu", "The GPU check",
          "`bash bench/gpu.sh` on one GPU: the demo's SODA and GAD, FSDP and DeepSpeed launches, LoRA and the "
          "throughput bench, with a student of SmolLM2-135M's shapes at random weights (times and memory, not quality).",
