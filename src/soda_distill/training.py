@@ -126,8 +126,8 @@ class MasterWeightsAdamW(torch.optim.AdamW):
     """AdamW over fp32 master copies of a model's weights, which it turns to bf16.
 
     Under autocast around fp32 weights, every step casts each weight to bf16, runs the residual stream, norms and
-    activations in fp32 and casts their gradients back; with bf16 weights the model computes in bf16 throughout, and
-    an SFT or DPO step of the 135M student took 13.6 s instead of 18.5 s here. Each backward's bf16 gradient is added
+    activations in fp32 and casts their gradients back; with bf16 weights the model computes in bf16 throughout, which
+    is faster on a CPU (docs/results/precision.md). Each backward's bf16 gradient is added
     into the master's fp32 one as soon as it is complete, so micro-batches of gradient accumulation add up in fp32, and
     the update is made on the masters: at a learning rate of 5e-6 most steps are far below bf16's resolution for a
     weight and would round away. The masters are saved with the optimizer's state, so a resumed run continues from
