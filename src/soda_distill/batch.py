@@ -19,9 +19,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import EndpointConfig
-from .endpoint import token_logprobs
 from .errors import SodaError
-from .records import AppendLog, atomic_write_jsonl, atomic_write_text
+from .records import AppendLog, atomic_write_jsonl, atomic_write_text, token_logprobs
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 CHAT = "/v1/chat/completions"

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from .config import EndpointConfig, redact_url
 from .errors import SodaError
-from .records import AppendLog, atomic_write_jsonl
+from .batch import collect_batch, state_path
+from .records import AppendLog, atomic_write_jsonl, token_logprobs
 
 # Status codes worth asking again: timeouts, conflicts, rate limits and server-side failures.
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -136,16 +137,6 @@ async def ask(client, body: dict, section: EndpointConfig, name: str) -> dict:
             backoff = min(section.backoff_initial_s * 2**attempt, section.backoff_max_s) * random.uniform(0.5, 1.0)
             await asyncio.sleep(min(wait, section.backoff_max_s) if wait is not None else backoff)
     raise RequestFailed(f"{reason} (after {section.max_retries + 1} attempts)")
-
-
-def token_logprobs(logprobs: dict | None) -> dict:
-    """An answer's tokens as the endpoint scored them (a chat completion's `logprobs`, asked for with `top_logprobs`):
-    {"logprobs": [[token, logprob, [[alternative, logprob], ...]], ...]}, or nothing where there are none."""
-    content = (logprobs or {}).get("content")
-    if not content:
-        return {}
-    return {"logprobs": [[t["token"], t["logprob"], [[a["token"], a["logprob"]] for a in t.get("top_logprobs") or []]]
-                         for t in content]}
 
 
 def sum_usage(answers) -> dict:
@@ -267,8 +258,6 @@ def collect(
         announce(section, name, [body for _, _, body in todo], len(jobs) - len(todo))
         spend = Spend(section, [cache.records[k] for k in jobs if k in cache])
     if todo and section.mode == "batch":
-        from .batch import collect_batch, state_path
-
         total = {k: sum(estimated_usage(body)[k] for _, _, body in todo) for k in ("prompt_tokens", "completion_tokens")}
         limit = spend.limit_reached(total)
         if limit and not state_path(cache).exists():  # a batch is all or nothing: it is not submitted past a limit

@@ -392,3 +392,13 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return steps
+
+
+def token_logprobs(logprobs: dict | None) -> dict:
+    """An answer's tokens as the endpoint scored them (a chat completion's `logprobs`, asked for with `top_logprobs`):
+    {"logprobs": [[token, logprob, [[alternative, logprob], ...]], ...]}, or nothing where there are none."""
+    content = (logprobs or {}).get("content")
+    if not content:
+        return {}
+    return {"logprobs": [[t["token"], t["logprob"], [[a["token"], a["logprob"]] for a in t.get("top_logprobs") or []]]
+                         for t in content]}
