@@ -143,9 +143,7 @@ class MasterWeightsAdamW(torch.optim.AdamW):
         groups = list(params)
         groups = groups if isinstance(groups[0], dict) else [{"params": groups}]
         self.model_params = [p for group in groups for p in group["params"]]
-        super().__init__([{**group, "params": [p.__dict__.pop("_soda_fp32", None) if hasattr(p, "_soda_fp32")
-                                               else p.detach().to(torch.float32, copy=True) for p in group["params"]]}
-                          for group in groups], **kwargs)
+        super().__init__([{**group, "params": [_master(p) for p in group["params"]]} for group in groups], **kwargs)
         self.masters = [m for group in self.param_groups for m in group["params"]]
         for p in self.model_params:
             p.data = p.data.to(torch.bfloat16)
@@ -198,6 +196,13 @@ class MasterWeightsAdamW(torch.optim.AdamW):
         with torch.no_grad():
             for master, saved in zip(self.masters, masters, strict=True):
                 master.copy_(saved)
+
+
+def _master(param: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 master of a weight: the value `adamw_for` kept before rounding it (a tensor no one else holds), else
+    a copy of the weight in fp32."""
+    kept = param.__dict__.pop("_soda_fp32", None)
+    return kept if kept is not None else param.detach().to(torch.float32, copy=True)
 
 
 @torch.no_grad()
