@@ -1,7 +1,7 @@
 """Render the documentation's reference pages from the code they describe, so that they cannot drift from it:
 
-    docs/reference/config.md   every config key: type, default and help, from the dataclasses in soda_distill/config.py
-                               (the help is each field's comment: the lines right above it and the one after it)
+    docs/reference/config.md   every config key: type, default and help, from the dataclasses of the soda_distill.config
+                               package (each field's `help` metadata, each section's docstring)
     docs/reference/cli.md      the `soda-distill` command line, from soda_distill.cli.build_parser()
     docs/design/internals.md   the private TRL/transformers internals relied on, from soda_distill/internals.py
 
@@ -13,19 +13,16 @@ Deterministic: the same code gives the same pages byte for byte (scripts/docs.sh
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import io
+import inspect
 import os
 import re
-import tokenize
 import tomllib
 import types
 import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "src" / "soda_distill"
 HELP_WIDTH = "100"  # argparse wraps its help to the terminal's width: fixed, so the page does not depend on it
 
 
@@ -37,36 +34,11 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def comments_by_field(source: str) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
-    """For each class of `source`: its fields' help (the comment lines right above a field and the comment after it,
-    joined); and each class's docstring."""
-    comment_at: dict[int, str] = {}
-    code_lines: set[int] = set()
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            comment_at[token.start[0]] = token.string.lstrip("#").strip()
-        elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
-            code_lines.update(range(token.start[0], token.end[0] + 1))
-    comment_only_lines = set(comment_at) - code_lines
-    helps: dict[str, dict[str, str]] = {}
-    docstrings: dict[str, str] = {}
-    for node in ast.parse(source).body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        docstrings[node.name] = " ".join((ast.get_docstring(node) or "").split())
-        fields = helps.setdefault(node.name, {})
-        for statement in node.body:
-            if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
-                continue
-            above = []
-            line = statement.lineno - 1
-            while line in comment_only_lines:
-                above.insert(0, comment_at[line])
-                line -= 1
-            after = [comment_at[statement.end_lineno]] if statement.end_lineno in comment_at and \
-                statement.end_lineno not in comment_only_lines else []
-            fields[statement.target.id] = " ".join(above + after)
-    return helps, docstrings
+def docstring(cls) -> str:
+    """A section's own docstring on one line; "" when it has none (a dataclass without one is given its signature as
+    `__doc__`, which says nothing more than the table)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    return "" if doc.startswith(f"{cls.__name__}(") else " ".join(inspect.cleandoc(doc).split())
 
 
 def type_name(tp) -> str:
@@ -106,27 +78,27 @@ def nested_section(tp):
 def render_config() -> str:
     from soda_distill import config
 
-    source = (PACKAGE / "config.py").read_text()
-    helps, docstrings = comments_by_field(source)
     constants = {name: value for name, value in vars(config).items()
                  if name.isupper() and isinstance(value, tuple) and all(isinstance(v, str) for v in value)}
 
     def help_of(cls, name: str) -> str:
-        text = next((helps[c.__name__][name] for c in cls.__mro__ if helps.get(c.__name__, {}).get(name)), "")
-        # A field's comment may name a module constant (`one of REJECTED_SOURCES`): say its values instead.
+        # A field's own help, or (where a subclass redefines the field without help) its base class's.
+        text = config.field_help(cls, name)
+        # Help may name a constant of the package (`each of COLUMNS`): say its values instead.
         return re.sub(r"\b[A-Z][A-Z_]+\b", lambda m: ", ".join(constants[m[0]]) if m[0] in constants else m[0], text)
 
-    lines = ["# Config reference\n\n", generated_by("src/soda_distill/config.py"),
+    lines = ["# Config reference\n\n", generated_by("the soda_distill.config package (src/soda_distill/config/)"),
              "Every key of the config, with its type, its default and what it does. A config file is YAML with these "
              "sections; any key can be overridden on the command line as `section.key=value` (values read as YAML: "
              "`1e-5`, `true`, `null`, `[a, b]`). *Operational* keys change how fast or how safely a stage runs, not "
              "what it produces: they may change between a run and its resumption, while changing any other key of "
              "a finished stage is refused.\n"]
 
-    def section(cls, prefix: str, level: int) -> None:
+    def section(cls, prefix: str, level: int, summary: str) -> None:
+        """The table of `cls`'s keys under its docstring, or where it has none the help of the key holding it."""
         lines.append(f"\n{'#' * level} `{prefix}`\n\n")
-        if docstrings.get(cls.__name__):
-            lines.append(docstrings[cls.__name__] + "\n\n")
+        if docstring(cls) or summary:
+            lines.append((docstring(cls) or summary[0].upper() + summary[1:] + ".") + "\n\n")
         lines.append("| key | type | default | operational | help |\n| --- | --- | --- | --- | --- |\n")
         hints = typing.get_type_hints(cls)
         nested = []
@@ -137,15 +109,15 @@ def render_config() -> str:
             lines.append(f"| `{prefix}.{f.name}` | {cell(type_name(hints[f.name]))} | {shown} | "
                          f"{'yes' if f.metadata.get('operational') else ''} | {cell(help_of(cls, f.name)) or '—'} |\n")
             if inner:
-                nested.append((inner, f"{prefix}.{f.name}"))
-        for inner, name in nested:
-            section(inner, name, level + 1)
+                nested.append((inner, f"{prefix}.{f.name}", help_of(cls, f.name)))
+        for inner, name, summary in nested:
+            section(inner, name, level + 1, summary)
 
     hints = typing.get_type_hints(config.Config)
     top = [f for f in dataclasses.fields(config.Config) if not dataclasses.is_dataclass(hints[f.name])]
     for f in dataclasses.fields(config.Config):
         if dataclasses.is_dataclass(hints[f.name]):
-            section(hints[f.name], f.name, 2)
+            section(hints[f.name], f.name, 2, help_of(config.Config, f.name))
     lines.append("\n## Top level\n\n| key | type | default | help |\n| --- | --- | --- | --- |\n")
     for f in top:
         lines.append(f"| `{f.name}` | {cell(type_name(hints[f.name]))} | `{yaml_value(f.default)}` | "
@@ -155,15 +127,20 @@ def render_config() -> str:
 
 def render_cli() -> str:
     from soda_distill import cli
+    from soda_distill.registry import STAGES
 
     os.environ["COLUMNS"] = HELP_WIDTH
     synopsis = cli.__doc__.split("\n\n", 1)[1]
+    parser, commands = cli.build_parsers()
     return ("# Command line\n\n" + generated_by("src/soda_distill/cli.py")
             + "`soda-distill` (also `python -m soda_distill`, as `torchrun` and `accelerate launch` start it). "
             "Stages and evaluations resume: run the same command again after an error or a kill and it continues "
             "where it stopped.\n\n"
             "## Synopsis\n\n```text\n" + synopsis.strip("\n") + "\n```\n\n"
-            "## `soda-distill --help`\n\n```text\n" + cli.build_parser().format_help().rstrip() + "\n```\n")
+            "## `soda-distill --help`\n\n```text\n" + parser.format_help().rstrip() + "\n```\n"
+            + "".join(f"\n## `soda-distill {name}`\n\n" + (f"Every stage ({', '.join(STAGES)}) takes these options; "
+                      f"`{name}` is shown.\n\n" if name in STAGES else "") + f"```text\n{command.format_help().rstrip()}\n```\n"
+                      for name, command in commands.items() if name not in STAGES or name == next(iter(STAGES))))
 
 
 def render_internals() -> str:

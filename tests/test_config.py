@@ -154,3 +154,23 @@ def test_a_changed_default_of_an_added_key_keeps_old_runs_at_their_value():
     assert fingerprint(load_config(None, ["pairs.truncated_rejected=open"]).pairs) == "728acebe6d98f4e5"
     assert fingerprint(load_config(None, []).pairs) != "728acebe6d98f4e5"
     assert load_config(None, []).pairs.truncated_rejected == "drop" and load_config(None, []).warmup.epochs == 3
+
+
+def test_keys_shows_each_key_with_its_value_and_help(capsys):
+    assert main(["keys", "--section", "distill", "--section", "evaluate", "distill.beta=0.3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    keys = [line.split(" = ")[0] for line in out if not line.startswith(" ")]
+    assert "distill.beta = 0.3" in out and "evaluate.judge.template" in keys and "warmup.epochs" not in keys
+    assert all(out[i + 1].startswith("    ") and out[i + 1].strip() for i, line in enumerate(out) if not line.startswith(" "))
+    assert main(["keys", "--section", "nope"]) == 2
+    assert "--section nope: no such section" in capsys.readouterr().err
+
+
+def test_arguments_are_told_apart_by_shape_not_by_the_disk(tmp_path, monkeypatch, capsys):
+    """A settings-like argument is a setting even where a file of that name exists, and a path is never a setting."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "distill.beta=0.5").write_text("")
+    assert main(["keys", "--section", "distill", "distill.beta=0.5"]) == 0
+    assert "distill.beta = 0.5" in capsys.readouterr().out
+    assert main(["run", "one.yaml", "two.yaml", "--dry-run"]) == 2
+    assert "two.yaml: one CONFIG file at most" in capsys.readouterr().err

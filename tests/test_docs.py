@@ -1,21 +1,22 @@
 """The documentation: every generated page is what its source gives (the code, or bench/results/), a changed results
-file changes its page, and the hand-written pages keep up with the package (every module in the architecture, every
-results page in the site's nav, the README short and its example config valid)."""
+file changes its page, every config key has its help, and the hand-written pages keep up with the package (every
+module in the architecture, every results page in the site's nav, the README short and its example config valid)."""
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import re
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from soda_distill.config import load_config
+from soda_distill.config import Config, field_help, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "soda_distill"
@@ -71,26 +72,32 @@ def test_a_results_file_no_page_names_gets_its_own(tmp_path):
     assert "[`new-bench.json`](new-bench.md)" in (tmp_path / "docs" / "results" / "index.md").read_text()
 
 
-def test_field_help_is_the_comment_above_and_after_the_field():
-    spec = importlib.util.spec_from_file_location("render_reference", ROOT / "scripts" / "render_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    source = '''
-class Section:
-    """What it is."""
+def test_every_config_key_has_help():
+    """Every field of every section, nested ones included, says what it does: the config reference prints it."""
+    def without_help(cls, prefix: str) -> list[str]:
+        hints, missing = typing.get_type_hints(cls), []
+        for f in dataclasses.fields(cls):
+            if not str(f.metadata.get("help") or "").strip():
+                missing.append(prefix + f.name)
+            inner = next((t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)), None)
+            if inner is not None:
+                missing += without_help(inner, f"{prefix}{f.name}.")
+        return missing
 
-    plain: int = 1
-    # Why it is so,
-    # over two lines
-    commented: str = "a"  # and a note
-    # a comment for the group, then a blank line
+    assert len(dataclasses.fields(Config)) > 10
+    assert not without_help(Config, "")
 
-    trailing: float = 0.5  # only this
-'''
-    helps, docstrings = module.comments_by_field(source)
-    assert helps["Section"] == {"plain": "", "commented": "Why it is so, over two lines and a note",
-                                "trailing": "only this"}
-    assert docstrings["Section"] == "What it is."
+
+def test_a_key_redefined_without_help_keeps_its_base_sections_help():
+    @dataclasses.dataclass
+    class Base:
+        size: int = dataclasses.field(default=1, metadata={"help": "how many"})
+
+    @dataclasses.dataclass
+    class Sub(Base):
+        size: int = 2
+
+    assert field_help(Sub, "size") == "how many" and field_help(Sub, "other") == ""
 
 
 def test_the_architecture_names_every_module():

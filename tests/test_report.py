@@ -170,7 +170,8 @@ def test_report_names_what_is_missing(tiny_run, tmp_path):
 
 def test_report_of_nothing_is_refused(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
-    assert "give one or more run directories" in capsys.readouterr().err
+    assert "nowhere: no such directory (a run directory was expected)" in capsys.readouterr().err
+    assert main(["report", "--out", str(tmp_path / "r")]) == 2
 
 
 def test_markdown_to_html_escapes_and_embeds(tmp_path):

@@ -27,18 +27,32 @@ def teacher_args(run, prompts_file, responder, *extra):
             "teacher.price_output_per_1m=8.0", *extra]
 
 
-def test_a_dry_run_prints_the_requests_and_their_cost_and_sends_nothing(tmp_path, prompts_file, responder, capsys,
-                                                                          monkeypatch):
-    monkeypatch.setattr(endpoint, "DRY_RUN", False)  # main sets it; undone after the test
+def test_a_dry_run_prints_the_requests_and_their_cost_and_sends_nothing(tmp_path, prompts_file, responder, capsys):
     assert main([*teacher_args(tmp_path / "run", prompts_file, responder), "--dry-run"]) == 0
-    err = capsys.readouterr().err
-    assert "teacher: 12 requests to send to m at" in err and "(0 answered before)" in err
+    out = capsys.readouterr().out
+    assert "teacher: 12 requests to send to m at" in out and "(0 answered before)" in out
     bodies = [{"messages": [{"role": "user", "content": q}], "max_tokens": 5}
               for q in (json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines())]
     worst = {k: sum(endpoint.estimated_usage(b)[k] for b in bodies) for k in ("prompt_tokens", "completion_tokens")}
-    assert f"≤ {(worst['prompt_tokens'] * 2 + worst['completion_tokens'] * 8) / 1e6:.4f} USD" in err
-    assert "dry run, nothing sent" in err and responder.times == []
-    assert not (tmp_path / "run" / "teacher_cache.jsonl").exists()
+    assert f"≤ {(worst['prompt_tokens'] * 2 + worst['completion_tokens'] * 8) / 1e6:.4f} USD" in out
+    assert out.startswith("teacher: to run: ") and responder.times == []
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_dry_run_of_compare_counts_every_seed_and_every_judgment(tmp_path, prompts_file, responder, capsys):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                   {"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(3)))
+    args = ["compare", "--out", str(tmp_path / "cmp"), "--dry-run", *teacher_args(tmp_path, prompts_file, responder)[3:],
+            "compare.seeds=[1,2]", "compare.methods=[base,seqkd,soda]", f"evaluate.benchmarks=[{qa}]",
+            f"evaluate.judge.base_url={responder.url}", "evaluate.judge.model=j", "evaluate.judge.api_key_env=null"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stages = ("teacher", "snapshot", "pairs", "warmup", "seqkd", "distill")
+    assert [line.split(": ")[:2] for line in lines[:12]] == [[f"seed-{s}/{stage}", "to run"] for s in (1, 2) for stage in stages]
+    assert any(line.startswith("evaluate: 6 rows on qa (3 prompts)") for line in lines)
+    assert any(line.startswith("evaluate.judge: 36 requests") for line in lines)  # 6 rows × 3 prompts × 2 orders
+    assert responder.times == [] and not (tmp_path / "cmp").exists()
 
 
 def test_a_spend_limit_stops_cleanly_and_a_higher_one_goes_on(tmp_path, prompts_file, responder, capsys):

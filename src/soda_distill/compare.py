@@ -53,3 +53,14 @@ def run_compare(cfg: Config, out: str | Path) -> dict | None:
     results = run_evaluate(cfg, evaldir)
     write_report([*runs, str(evaldir.path)], out / "report")
     return results
+
+
+def plan_compare(cfg: Config, out: str | Path) -> list[str]:
+    """--dry-run: what each seed's run and the evaluation would do; nothing is run, written or sent."""
+    from .evaluation.evaluate import plan_evaluation
+    from .pipeline import plan
+
+    out, methods = Path(out), methods_named(cfg.compare.methods)
+    lines = [f"seed-{seed}/{line}" for seed in cfg.compare.seeds
+             for line in plan(seeded(cfg, seed), out / f"seed-{seed}", [m.stage for m in methods if m.stage])]
+    return lines + plan_evaluation(cfg, out / "evaluation", rows=len(methods) * len(cfg.compare.seeds))

@@ -161,13 +161,6 @@ def estimated_usage(body: dict) -> dict:
     return {"prompt_tokens": text // 4 + 1, "completion_tokens": int(body.get("max_tokens") or 0)}
 
 
-class DryRun(SodaError):
-    """`--dry-run`: the estimate is printed, nothing is sent."""
-
-
-DRY_RUN = False  # set by the command line's --dry-run
-
-
 class Spend:
     """A collection's spending against the section's limits: what its cached answers cost, plus the most that the
     requests in flight can still add, so that a limit is never passed."""
@@ -221,15 +214,13 @@ class RateLimit:
         self.sent.append((time.monotonic(), tokens))
 
 
-def announce(section: EndpointConfig, name: str, todo: list[dict], cached: int) -> None:
-    """Before sending: how many requests, and what they may cost at most."""
+def estimate(section: EndpointConfig, name: str, todo: list[dict], cached: int) -> str:
+    """How many requests are to be sent, and what they may cost at most: printed before sending, and by --dry-run."""
     usage = {k: sum(estimated_usage(b)[k] for b in todo) for k in ("prompt_tokens", "completion_tokens")}
     cost = cost_usd(usage, section)
-    print(f"{name}: {len(todo)} requests to send to {section.model} at {redact_url(section.base_url or '')} "
-          f"({cached} answered before); at most ~{usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
-          f"completion tokens" + (f", ≤ {cost:.4f} USD" if cost is not None else " (no prices set)"), file=sys.stderr)
-    if DRY_RUN:
-        raise DryRun(f"{name}: dry run, nothing sent")
+    return (f"{name}: {len(todo)} requests to send to {section.model} at {redact_url(section.base_url or '')} "
+            f"({cached} answered before); at most ~{usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
+            f"completion tokens" + (f", ≤ {cost:.4f} USD" if cost is not None else " (no prices set)"))
 
 
 def collect(
@@ -247,7 +238,7 @@ def collect(
     appending `{"key", "id", **answer}` as each answer arrives. `await call(client, body)` makes one answer (default:
     `ask`); with `mode: batch` the Batch API does (batch.py), and `record(answer)` makes what is cached of an answer it
     got.
-    Prints the requests to make and their cost at most first (`--dry-run` stops there); keeps to the section's spend
+    Prints the requests to make and their cost at most first (`estimate`); keeps to the section's spend
     and rate limits. Requests that fail after their retries are listed in `failed_path` and reported in one error
     ("N of M {what} after retries ...") once the others are done; a spend limit reached is an error too, once the
     requests in flight are in. Returns how many requests were made."""
@@ -255,7 +246,7 @@ def collect(
     todo = [(key, rid, body) for key, (rid, body) in jobs.items() if key not in cache]
     failures, stopped, sent = [], None, 0
     if todo:
-        announce(section, name, [body for _, _, body in todo], len(jobs) - len(todo))
+        print(estimate(section, name, [body for _, _, body in todo], len(jobs) - len(todo)), file=sys.stderr)
         spend = Spend(section, [cache.records[k] for k in jobs if k in cache])
     if todo and section.mode == "batch":
         total = {k: sum(estimated_usage(body)[k] for _, _, body in todo) for k in ("prompt_tokens", "completion_tokens")}

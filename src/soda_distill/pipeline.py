@@ -13,10 +13,10 @@ from pathlib import Path
 
 from .config import Config, save_config
 from .distributed import is_main, main_first, wait_for_everyone, world_size
-from .manifest import RunDir
+from .manifest import RunDir, read_manifest
 from .model_card import write_model_card
 from .records import resolve_data_path
-from .registry import DEFAULT_METHODS, STAGES, chain, methods_named
+from .registry import DEFAULT_METHODS, STAGES, chain, finished, methods_named
 from .tracking import log_scalars, scalars
 
 
@@ -78,3 +78,13 @@ def run_methods(cfg: Config, run: RunDir, methods: list[str] | tuple[str, ...] =
 def run_all(cfg: Config, run: RunDir) -> Path:
     """SODA from the start; finished stages are skipped, so this also resumes an interrupted run."""
     return run_methods(cfg, run, ["soda"])["soda"]
+
+
+def plan(cfg: Config, out: str | Path, stages: list[str]) -> list[str]:
+    """--dry-run: what running these stages (and the unfinished ones they need) in `out` would do; nothing is run,
+    written or sent."""
+    resolve_paths(cfg)
+    path = Path(out).resolve()
+    records = read_manifest(path)["stages"]
+    return [f"{name}: finished" if finished(path, records, name) else f"{name}: to run: {STAGES[name].planned(cfg, path)}"
+            for name in chain(stages)]

@@ -26,15 +26,24 @@ class Stage:
     model: str | None = None  # the model directory it yields (a Hugging Face model folder)
     metrics: str | None = None  # its per-step training metrics
     trains: bool = False  # launched as several processes, every rank trains its share; else the main process runs it
+    plan: str | None = None  # "module:function" (cfg, run path) -> what it would send and cost, for --dry-run
 
     def run(self, cfg, run) -> Path:
-        module, function = self.function.split(":")
-        return getattr(importlib.import_module(f"soda_distill.{module}"), function)(cfg, run)
+        return _imported(self.function)(cfg, run)
+
+    def planned(self, cfg, run_path: Path) -> str:
+        """--dry-run: what running the stage would do, nothing run or written."""
+        return _imported(self.plan)(cfg, run_path) if self.plan else self.does
+
+
+def _imported(name: str):
+    module, function = name.split(":")
+    return getattr(importlib.import_module(f"soda_distill.{module}"), function)
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("teacher", "stages.teacher:run_teacher", "teacher answers y_t, from an OpenAI-compatible API or a file",
-          reads=("teacher", "data"), outputs=("teacher.jsonl",)),
+          reads=("teacher", "data"), outputs=("teacher.jsonl",), plan="stages.teacher:plan_teacher"),
     Stage("snapshot", "stages.snapshot:run_snapshot", "the untouched student q0 answers every prompt once: y_s",
           needs=("teacher",), reads=("snapshot", "student"), outputs=("snapshot.jsonl",)),
     Stage("pairs", "stages.pairs:run_pairs", "preference pairs (x, chosen = y_t, rejected = y_s)",

@@ -33,7 +33,7 @@ from ..registry import METHODS, methods_named
 from ..stats import bootstrap_ci
 from ..tracking import evaluation_scalars, log_scalars
 from .benchmarks import Benchmark, load_benchmarks, student_prompt
-from .judge import reference_answers, run_judge
+from .judge import plan_requests, reference_answers, run_judge
 from .metrics import offline_metrics, rouge_l_per_prompt
 from .paired import across_runs, paired, preference_margins, ranked
 from .nll import reference_nll
@@ -233,6 +233,19 @@ def prepare_evaluation(cfg: Config, out: str | Path) -> RunDir:
     evaldir = RunDir(out).lock()
     save_config(cfg, evaldir.file("config.yaml"))
     return evaldir
+
+
+def plan_evaluation(cfg: Config, out: str | Path, rows: int | None = None) -> list[str]:
+    """--dry-run: the rows and benchmarks an evaluation into `out` would cover, and what it would ask endpoints for;
+    nothing generated, written or sent. `rows`: how many (compare's, whose runs may not exist yet); else those of
+    evaluate.runs and evaluate.models."""
+    ev = cfg.evaluate
+    labels = [r.label for r in table_rows(cfg)] if rows is None else []
+    benchmarks = load_benchmarks(ev)
+    count = rows if rows is not None else len(labels)
+    shown = f" ({', '.join(labels)})" if labels else ""
+    return [f"evaluate: {count} rows{shown} on " + ", ".join(f"{b.name} ({len(b.items)} prompts)" for b in benchmarks)
+            + f", greedy answers of at most {ev.max_new_tokens} tokens", *plan_requests(ev, Path(out), benchmarks, count)]
 
 
 def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..config import EvaluateConfig, JudgeConfig, ScoredEndpointConfig, redact_url
-from ..endpoint import ask, collect, cost_usd, request_key, sum_usage
+from ..endpoint import ask, collect, cost_usd, estimate, request_key, sum_usage
 from ..errors import SodaError
 from ..records import AppendLog, read_text_file
 from .benchmarks import Benchmark, Item
@@ -144,17 +144,44 @@ def _spend(answers: list[dict], section: ScoredEndpointConfig, new_requests: int
     return {"model": section.model, "usage": usage, "cost_usd": cost_usd(usage, section), "requests_this_run": new_requests}
 
 
+def _reference_jobs(r: ScoredEndpointConfig, benchmarks: list[Benchmark]) -> tuple[dict[str, list[str]], dict]:
+    """Per benchmark its prompts' request keys, and the requests by key: (benchmark/id, body)."""
+    keys, jobs = {}, {}
+    for b in benchmarks:
+        bodies = [{"model": r.model, "messages": it.prompt, "temperature": r.temperature, "max_tokens": r.max_tokens} for it in b.items]
+        keys[b.name] = [request_key(r.base_url, body) for body in bodies]
+        jobs.update({k: (f"{b.name}/{it.id}", body) for k, it, body in zip(keys[b.name], b.items, bodies)})
+    return keys, jobs
+
+
+def plan_requests(ev: EvaluateConfig, evaldir: Path, benchmarks: list[Benchmark], rows: int) -> list[str]:
+    """--dry-run: the reference answers and judgments an evaluation of `rows` models would ask for, and their cost at
+    most; the judgments' prompts are counted with answers of the longest allowed length, their cache not consulted
+    (the answers are not made yet)."""
+    lines = []
+    if ev.judge.base_url and ev.reference.base_url:
+        _, jobs = _reference_jobs(ev.reference, benchmarks)
+        cache = evaldir / "reference_cache.jsonl"
+        cached = set(AppendLog(cache, "key").records) if cache.exists() else set()
+        lines.append(estimate(ev.reference, "evaluate.reference", [body for k, (_, body) in jobs.items() if k not in cached],
+                              len(cached & set(jobs))))
+    if ev.judge.base_url:
+        template, _ = load_template(ev.judge.template)
+        longest = "x" * 4 * ev.max_new_tokens  # estimated_usage counts 4 characters a token
+        bodies = [judge_body(ev.judge, template, it, longest, it.reference or "x" * 4 * ev.reference.max_tokens)
+                  for b in benchmarks for it in b.items]
+        lines.append(estimate(ev.judge, "evaluate.judge", bodies * 2 * rows, 0) + " (both orders; a judgment asked "
+                     f"again up to {ev.judge.parse_retries} times when its reply does not parse)")
+    return lines or ["no endpoint asked: no evaluate.judge.base_url"]
+
+
 def reference_answers(ev: EvaluateConfig, evaldir: Path, benchmarks: list[Benchmark]) -> tuple[dict[str, list[str | None]], dict]:
     """Per benchmark, the reference answer to each prompt: the benchmark's own, or the reference model's
     (`evaluate.reference`, greedy, asked once and cached)."""
     r = ev.reference
     if not r.base_url:
         return {b.name: [it.reference for it in b.items] for b in benchmarks}, {"source": "the benchmarks' reference answers"}
-    keys, jobs = {}, {}
-    for b in benchmarks:
-        bodies = [{"model": r.model, "messages": it.prompt, "temperature": r.temperature, "max_tokens": r.max_tokens} for it in b.items]
-        keys[b.name] = [request_key(r.base_url, body) for body in bodies]
-        jobs.update({k: (f"{b.name}/{it.id}", body) for k, it, body in zip(keys[b.name], b.items, bodies)})
+    keys, jobs = _reference_jobs(r, benchmarks)
     cache = AppendLog(evaldir / "reference_cache.jsonl", "key")
     new = collect(r, "evaluate.reference", jobs, cache, evaldir / "reference_failed.jsonl", "prompts got no reference answer", RERUN)
     answers = {name: [cache.records[k]["content"] for k in ks] for name, ks in keys.items()}

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..config import Config, fingerprint
-from ..endpoint import collect, request_key, sum_usage
+from ..endpoint import collect, estimate, request_key, sum_usage
 from ..errors import SodaError
 from ..manifest import RunDir, combine
 from ..records import AppendLog, Example, atomic_write_jsonl, read_examples, shown_data_path, source_digest
@@ -35,12 +35,17 @@ def request_body(cfg: Config, ex: Example) -> dict:
     return body
 
 
+def _jobs(cfg: Config, examples: list[Example]) -> tuple[list[str], dict[str, tuple[str, dict]]]:
+    """Each prompt's request key, and the requests by key: (the prompt's id, the request body)."""
+    bodies = [request_body(cfg, ex) for ex in examples]
+    keys = [request_key(cfg.teacher.base_url, body) for body in bodies]
+    return keys, {key: (ex.id, body) for key, ex, body in zip(keys, examples, bodies)}
+
+
 def _collect(cfg: Config, run: RunDir, examples: list[Example], info: dict) -> list[dict]:
     t = cfg.teacher
     cache = AppendLog(run.file("teacher_cache.jsonl"), "key")
-    bodies = [request_body(cfg, ex) for ex in examples]
-    keys = [request_key(t.base_url, body) for body in bodies]
-    jobs = {key: (ex.id, body) for key, ex, body in zip(keys, examples, bodies)}
+    keys, jobs = _jobs(cfg, examples)
     collect(t, "teacher", jobs, cache, run.file("teacher_failed.jsonl"), "prompts got no teacher answer", "run the stage again")
     answers = [cache.records[key] for key in keys]
     info["usage"] = sum_usage(answers)
@@ -77,3 +82,16 @@ def run_teacher(cfg: Config, run: RunDir) -> Path:
         atomic_write_jsonl(out, records)
         info["records"] = len(records)
     return out
+
+
+def plan_teacher(cfg: Config, run_path: Path) -> str:
+    """--dry-run: the file the answers are read from, or the requests the stage would send and their cost at most."""
+    if cfg.teacher.file:
+        return f"reads the teacher's answers from {cfg.teacher.file}"
+    if not cfg.data.prompts:
+        raise SodaError("set data.prompts (prompts to send to the teacher API) or teacher.file (existing responses)")
+    _, jobs = _jobs(cfg, read_examples(Path(cfg.data.prompts), limit=cfg.data.limit, columns=cfg.data.columns))
+    cache = run_path / "teacher_cache.jsonl"
+    cached = set(AppendLog(cache, "key").records) if cache.exists() else set()
+    return estimate(cfg.teacher, "teacher", [body for key, (_, body) in jobs.items() if key not in cached],
+                    len(cached & set(jobs)))
