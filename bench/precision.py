@@ -31,7 +31,7 @@ def train(mode: str, out: Path) -> None:
     """The demo's warmup in `mode`, in this process."""
     import torch
 
-    import soda_distill.training as training
+    import soda_distill.cpu.master_weights as training  # where bf16_weights looks adamw_for up
     from soda_distill.cli import main
 
     if mode == "autocast":

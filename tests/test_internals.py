@@ -51,7 +51,7 @@ def test_a_changed_internal_is_reported_by_its_override(monkeypatch):
     assert len(problems) == 2
     assert problems[0].startswith("stages.distill.DistillDPOTrainer overrides or relies on DPOTrainer._precompute_ref_logps")
     assert "device" in problems[0]
-    assert problems[1].startswith("training.bf16_weights overrides or relies on Trainer._clip_grad_norm")
+    assert problems[1].startswith("cpu.master_weights.bf16_weights overrides or relies on Trainer._clip_grad_norm")
 
 
 def test_a_call_the_library_no_longer_makes_is_reported(monkeypatch):

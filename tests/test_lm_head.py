@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
-from soda_distill.lm_head import add_cpu_lm_head
+from soda_distill.cpu import add_cpu_lm_head
 
 OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 

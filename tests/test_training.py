@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from soda_distill.errors import SodaError
-from soda_distill.training import LengthBuckets, MasterWeightsAdamW, adamw_for
+from soda_distill.cpu import MasterWeightsAdamW, adamw_for
+from soda_distill.training import LengthBuckets
 
 
 def test_length_buckets_group_a_small_data_set():

@@ -163,3 +163,8 @@ def model_digest(path: Path) -> str:
         raise SodaError(f"{path}: no safetensors weights here (has its stage finished?)")
     parts.append((path / "config.json").read_text())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def transformers_model(model):
+    """The transformers model inside a peft adapter model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .token_overlap import overlap_with_topk
-from .training import transformers_model
+from .models import transformers_model
 
 TARGET_KEYS = ("kl_positions", "kl_ids", "kl_logprobs")
 

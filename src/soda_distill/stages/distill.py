@@ -22,14 +22,13 @@ from ..config import Config, fingerprint
 from ..distributed import is_main, main_first, rank, sharded_weights, world_size, zero_stage
 from ..errors import SodaError
 from ..generation import Sampling
-from ..lm_head import add_cpu_lm_head
+from ..cpu import add_cpu_lm_head, apply_cpu_settings
 from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, model_digest, use_bf16
 from ..records import read_metrics, read_pairs, sha256_file
 from .refresh import Refresh, RefreshRejected
 from .selection import select_pairs
-from ..training import (MetricsLog, ResumableOrder, apply_cpu_settings, peft_config, train_and_save,
-                        trainer_arguments)
+from ..training import MetricsLog, ResumableOrder, peft_config, train_and_save, trainer_arguments
 
 
 def dpo_dataset(pairs_path: Path, tokenizer, max_length: int, numbered: bool = False):

@@ -34,10 +34,10 @@ from ..distributed import is_main, world_size, zero_stage
 from ..errors import SodaError
 from ..generation import CategoricalSampler
 from ..manifest import RunDir, combine
-from ..models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
+from ..models import load_model, load_tokenizer, model_digest, resolve_model, transformers_model, use_bf16
 from ..records import read_examples, read_metrics, read_pairs, sha256_file
-from ..training import (MasterWeightsAdamW, MetricsLog, ResumableOrder, adamw_for, bf16_weights, peft_config,
-                        save_model_folder, train_and_save, trainer_arguments, transformers_model)
+from ..cpu import MasterWeightsAdamW, adamw_for, bf16_weights
+from ..training import MetricsLog, ResumableOrder, peft_config, save_model_folder, train_and_save, trainer_arguments
 
 DISCRIMINATOR_STATE = "discriminator.pt"  # inside each generator checkpoint: weights, optimizer, update count
 

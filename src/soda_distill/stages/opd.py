@@ -22,10 +22,10 @@ from ..config import Config, fingerprint
 from ..errors import SodaError
 from ..generation import prompt_tokens
 from ..manifest import RunDir, combine
-from ..models import load_model, load_tokenizer, model_digest, resolve_model, use_bf16
+from ..models import load_model, load_tokenizer, model_digest, resolve_model, transformers_model, use_bf16
 from ..records import read_examples, read_metrics, sha256_file
 from ..token_overlap import overlap_stats, sampled_states, state_logits
-from ..training import MetricsLog, ResumableOrder, peft_config, train_and_save, trainer_arguments, transformers_model
+from ..training import MetricsLog, ResumableOrder, peft_config, train_and_save, trainer_arguments
 
 
 class OpdTrainer(ResumableOrder, DistillationTrainer):

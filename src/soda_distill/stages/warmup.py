@@ -20,8 +20,8 @@ from ..manifest import RunDir, combine
 from ..models import load_model, load_tokenizer, resolve_model, use_bf16
 from ..records import read_examples, read_jsonl, sha256_file
 from ..teacher_logprobs import TeacherKLTrainer, TeacherTargetsCollator, teacher_targets, vocabulary_by_text
-from ..training import (MetricsLog, ResumableOrder, apply_cpu_settings, peft_config, train_and_save,
-                        trainer_arguments)
+from ..cpu import apply_cpu_settings
+from ..training import MetricsLog, ResumableOrder, peft_config, train_and_save, trainer_arguments
 
 
 def sft_dataset(teacher_path: Path, tokenizer, truncated: str = "open", kl_max_length: int | None = None):
