@@ -378,6 +378,21 @@ def test_gad_resumes_both_networks_to_the_same_weights(reference_gad, killed_gad
     assert updates(killed_gad) == updates(reference_gad) == 9
 
 
+def test_the_pipeline_keys_a_finished_run_as_its_manifest_records_it(reference_gad):
+    """Each finished stage's key as the pipeline computes it now, from the run's own config.yaml, is the one its
+    manifest recorded: the same command again finds every stage finished (tests/test_stage_keys.py pins the form)."""
+    from soda_distill.config import load_config
+    from soda_distill.keys import key_of
+    from soda_distill.manifest import RunDir
+    from soda_distill.pipeline import resolve_paths
+
+    cfg = resolve_paths(load_config(reference_gad.path / "config.yaml", []))
+    stages = manifest(reference_gad.path)["stages"]
+    assert list(stages) == ["teacher", "snapshot", "pairs", "warmup", "distill", "gad_warmup", "gad"]
+    for stage, record in stages.items():
+        assert key_of(stage, cfg, RunDir(reference_gad.path))[0] == record["fingerprint"], stage
+
+
 def test_evaluation_generates_the_same_responses(reference_eval, killed_eval):
     log = lambda run: run.path / "generations.jsonl"
     responses = lambda run: {r["key"]: r for r in map(json.loads, log(run).read_text().splitlines())}

@@ -29,9 +29,11 @@ def test_every_stage_runs_after_what_it_needs():
 
 
 def test_every_stage_function_exists():
+    from soda_distill.registry import imported
+
     for stage in STAGES.values():
-        module, function = stage.function.split(":")
-        assert callable(getattr(__import__(f"soda_distill.{module}", fromlist=[function]), function)), stage.name
+        for name in filter(None, (stage.body, stage.key_extra, stage.plan)):
+            assert callable(imported(name)), (stage.name, name)
 
 
 def test_method_chains():
@@ -147,17 +149,14 @@ def test_a_quality_variant_takes_the_stages_its_settings_leave_alone(tmp_path, m
     assert not quality.new_model(tmp_path / "x", "warmup", []) and not (tmp_path / "x").exists()  # a variant not begun
 
 
-def test_reads_name_every_section_a_fingerprint_reads(tmp_path, monkeypatch):
-    """Each section a stage's fingerprint takes whole is one its `reads` names (its own first): one outside them would
-    let a variant reuse a stage whose settings it changed, which then stops on its fingerprint. (Single settings read
-    directly, such as data.limit for the teacher, are not seen here.)"""
+def test_reads_name_every_section_a_key_reads(tmp_path, monkeypatch):
+    """Each section a stage's key takes whole, declared (`key`) or added by its `key_extra`, is one its `reads` names
+    (its own first): one outside them would let a variant reuse a stage whose settings it changed, which then stops on
+    its key. (Single settings read directly, such as data.limit for the teacher, are not seen here.)"""
     import dataclasses
-    import importlib
 
+    from soda_distill import keys
     from soda_distill.config import load_config
-
-    class Fingerprinted(Exception):
-        pass
 
     for model in ("warmup", "gad/discriminator_warmup", "teacher_model"):  # weights enough for a model's digest
         (tmp_path / "run" / model).mkdir(parents=True)
@@ -173,12 +172,10 @@ def test_reads_name_every_section_a_fingerprint_reads(tmp_path, monkeypatch):
         section_of |= {type(value): name for value in (section, *inner) if dataclasses.is_dataclass(value)}
 
     for stage in STAGES.values():
-        module = importlib.import_module(f"soda_distill.{stage.function.split(':')[0]}")
+        assert set(stage.key) <= set(stage.reads), stage.name
         seen = set()
-        monkeypatch.setattr(module, "fingerprint", lambda section: seen.add(section_of[type(section)]) or "fp")
-        monkeypatch.setattr(module, "combine", lambda *parts: (_ for _ in ()).throw(Fingerprinted()))
-        with pytest.raises(Fingerprinted):
-            stage.run(cfg, RunDir(tmp_path / "run"))
+        monkeypatch.setattr(keys, "fingerprint", lambda section: seen.add(section_of[type(section)]) or "fp")
+        keys.key_of(stage.name, cfg, RunDir(tmp_path / "run"))
         assert stage.reads[0] in seen and seen <= set(stage.reads), (stage.name, seen)
 
 

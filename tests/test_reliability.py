@@ -213,3 +213,58 @@ def test_a_stage_run_in_pieces_records_what_all_its_pieces_took(tmp_path):
         pass
     assert run.manifest()["stages"]["snapshot"]["pieces"] == 2
     assert run.manifest()["stages"]["snapshot"]["pieces_uncounted"] == 1
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_the_stage_resumes(tmp_path, qa_file, tiny_model_dir, monkeypatch,
+                                                                     capsys):
+    """A trainer writes each checkpoint's optimizer and RNG states with torch.save, which on a full disk raises a
+    RuntimeError naming neither file nor errno (here worded as torch 2.13 words it): the stage stops in one line that
+    says how to resume, the manifest keeps why, and the same command resumes it once writes succeed."""
+    import torch
+
+    from soda_distill.cli import main
+
+    run = tmp_path / "run"
+    args = ["warmup", "--out", str(run), f"teacher.file={qa_file}", f"student.model={tiny_model_dir}",
+            "student.bf16=false", "warmup.batch_size=4", "warmup.epochs=1", "warmup.save_steps=1",
+            "warmup.max_length=128"]
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 12588160 vs 12588048")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_disk)
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"soda-distill: error: cannot write a file in {run}/warmup: torch could not write it")
+    assert err.rstrip().endswith("stage warmup stopped; everything written before is intact: free space (or make the "
+                                 "directory writable) and run the same command again to resume")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "warmup" not in manifest["stages"] and manifest["pieces"]["warmup"]["count"] == 1
+    assert manifest["stopped"]["warmup"]["reason"].startswith("cannot write")
+    assert main(args) == 0  # the checkpoint cut short is no checkpoint: trained again from the start
+    record = json.loads((run / "manifest.json").read_text())["stages"]["warmup"]
+    assert record["steps"] == 3 and record["resumed_from_step"] is None and record["pieces"] == 2
+
+
+def test_only_failed_writes_become_the_one_line():
+    """What each writer raises when a disk is full (or a folder read-only), as seen on a full tmpfs; any other error
+    is left as it is."""
+    import errno
+
+    from soda_distill.errors import write_error
+
+    SafetensorError = type("SafetensorError", (Exception,), {})
+    assert "cannot write /r/x.json: No space left on device; stage pairs stopped;" in str(
+        write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/r/x.json"), "pairs"))
+    assert str(write_error(OSError(errno.EROFS, os.strerror(errno.EROFS)), "warmup", "/r/warmup")).startswith(
+        f"cannot write a file in /r/warmup: {os.strerror(errno.EROFS)}; stage warmup stopped;")
+    assert "Permission denied" in str(write_error(OSError(errno.EACCES, "Permission denied")))
+    assert os.strerror(errno.ENOSPC) in str(write_error(SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"), "distill"))
+    assert "torch could not write it" in str(write_error(RuntimeError(
+        "PytorchStreamWriter failed writing file data/0: file write failed"), "gad"))
+    for other in (OSError(errno.ENOENT, "No such file or directory"), RuntimeError("CUDA out of memory"),
+                  SafetensorError("Error while deserializing header: (os error 2)"), ValueError("unexpected pos")):
+        assert write_error(other, "warmup") is None, other

@@ -25,7 +25,6 @@ has finished. Commands import what they use when they run: `report` needs no tor
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import re
@@ -34,12 +33,8 @@ from pathlib import Path
 
 from . import distributed
 from .config import config_keys, load_config
-from .errors import SodaError
+from .errors import SodaError, write_error
 from .registry import DEFAULT_METHODS, METHODS, STAGES, methods_named
-
-
-# A full disk, a quota, a read-only or forbidden directory: the run stops in one line and resumes once it is fixed.
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 # `section.key=value` (a key may hold any text after its section: evaluate.models.GPT/Teacher=...): told apart from
@@ -316,12 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     except SodaError as e:
         print(f"soda-distill: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno not in WRITE_ERRORS:
+    except OSError as e:  # a failed write outside a stage (config.yaml, an evaluation); a stage's is a SodaError
+        if (error := write_error(e)) is None:
             raise
-        print(f"soda-distill: error: cannot write {e.filename or 'a file'}: {e.strerror}; everything written before is "
-              "intact: free space (or make the directory writable) and run the same command again to resume",
-              file=sys.stderr)
+        print(f"soda-distill: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("soda-distill: interrupted; run the same command again to resume", file=sys.stderr)

@@ -6,6 +6,7 @@ so a kill at any point leaves either a finished stage or one that resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -86,6 +87,23 @@ class PeakMemory:
                 round(torch.cuda.max_memory_allocated(i) / 2**20, 1) for i in range(torch.cuda.device_count())
             ]
         return False
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a stage's body returns: its figures, recorded in its manifest record under their fields' names. A field
+    whose default is None is left out while None (it applies to some runs only; one without a default is recorded even
+    as null); a field that is itself a StageResult is recorded flat, its fields beside the others."""
+
+    def record(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, StageResult):
+                out.update(value.record())
+            elif value is not None or f.default is not None:
+                out[f.name] = value
+        return out
 
 
 LOCK = ".lock"  # in a run or evaluation directory: the PID of the process working in it
@@ -177,10 +195,11 @@ class RunDir:
 
     @contextmanager
     def stage(self, name: str, fingerprint: str):
-        """Time a stage and track its peak memory; the body fills `info` (counts etc.), recorded on success. A stage
-        run in pieces (stopped by an error or an interrupt — Ctrl-C, bench/quality.py's time limit — and resumed) is
-        recorded with the seconds of all its pieces, each redoing the steps since its last checkpoint; a piece killed
-        outright leaves no seconds, and is counted in `pieces_uncounted`."""
+        """Time a stage (the pipeline's, an evaluation) and track its peak memory; the caller fills `info` (counts
+        etc.), recorded on success. A stage run in pieces (stopped by an error or an interrupt — Ctrl-C,
+        bench/quality.py's time limit — and resumed) is recorded with the seconds of all its pieces, each redoing the
+        steps since its last checkpoint; a piece killed outright leaves no seconds, and is counted in
+        `pieces_uncounted`."""
         info: dict = {}
         before = self.manifest().get("pieces", {}).get(name, {})
         before = before if before.get("fingerprint") == fingerprint else {}

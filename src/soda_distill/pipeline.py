@@ -3,20 +3,26 @@
 SODA is teacher → snapshot → pairs → warmup → distill; GAD shares the teacher, pairs and warmup stages and adds
 its own two. A finished stage is skipped, so running a second method reuses what the first one trained, and running
 a method again resumes it.
+
+The pipeline owns the stage protocol (`execute`): a stage declares its key and its body in the registry; here its key
+is computed and checked, and the body run, timed and recorded. No stage touches its own manifest record.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import Config, save_config
 from .distributed import is_main, main_first, wait_for_everyone, world_size
+from .errors import SodaError, write_error
+from .keys import stage_inputs, stage_key
 from .manifest import RunDir, read_manifest
 from .model_card import write_model_card
 from .records import resolve_data_path
-from .registry import DEFAULT_METHODS, STAGES, chain, finished, methods_named
+from .registry import DEFAULT_METHODS, STAGES, chain, finished, imported, methods_named
 from .tracking import log_scalars, scalars
 
 
@@ -39,6 +45,39 @@ def prepare(cfg: Config, out: str | Path) -> RunDir:
     return run
 
 
+@contextmanager
+def _writes(stage: str, where: Path):
+    """A write that fails for lack of space or permission inside `stage` — its body's, a trainer's checkpoint, its
+    record's — becomes one line (errors.write_error) that says how to resume; inside RunDir.stage, a SodaError, so
+    that the manifest's `stopped` keeps it where the disk still takes that."""
+    try:
+        yield
+    except SodaError:
+        raise
+    except Exception as e:
+        error = write_error(e, stage, where)
+        if error is None:
+            raise
+        raise error from None
+
+
+def execute(name: str, cfg: Config, run: RunDir, inputs: dict[str, Path] | None = None) -> Path:
+    """The stage `name` by its registry declaration, in this process: its key from its config sections and inputs
+    (keys.py); finished under that key: nothing to do; finished under another: an error; else its body runs, timed
+    and recorded (RunDir.stage) with the figures it returns, and its scratch files go. `inputs`: a needed stage's
+    output taken from elsewhere than this run (a DPO from another starting model). Returns what the stage yields."""
+    stage = STAGES[name]
+    with _writes(name, run.output(name)):
+        given = stage_inputs(stage, run, inputs)
+        key, legacy = stage_key(stage, cfg, given)
+        if not run.done(name, key, legacy):
+            with run.stage(name, key) as info, _writes(name, run.output(name)):
+                info.update(imported(stage.body)(cfg, run, given).record())
+            for scratch in stage.scratch:  # only once the stage is recorded as done
+                run.file(scratch).unlink(missing_ok=True)
+    return run.output(name)
+
+
 def run_one(name: str, cfg: Config, run: RunDir) -> Path:
     """A stage; launched as several processes, every rank trains its share of a training stage, and the main process
     runs any other while the rest wait for it. A stage that ran (not one found finished) logs its manifest figures to
@@ -48,9 +87,9 @@ def run_one(name: str, cfg: Config, run: RunDir) -> Path:
         if world_size() > 1 and is_main() and not run.finished(name):
             print(f"{name}: runs on the main process; the other {world_size() - 1} wait for it", file=sys.stderr)
         with main_first():
-            out = STAGES[name].run(cfg, run)
+            out = execute(name, cfg, run)
     else:
-        out = STAGES[name].run(cfg, run)
+        out = execute(name, cfg, run)
         if is_main():
             write_model_card(cfg, run, name)
         wait_for_everyone()  # no rank reads the stage's model before the main process has saved it

@@ -1,9 +1,9 @@
-"""The map of a run directory, written once: every stage (its function, what it reads and writes, the model it
-yields) and every method (the stage whose model it is; its chain of stages follows from what each stage needs).
+"""The map of a run directory, written once: every stage (its body, what its key covers, what it writes, the model
+it yields) and every method (the stage whose model it is; its chain of stages follows from what each stage needs).
 
 The pipeline and the CLI run stages from here; evaluate, analyze, report and plots find a run's models and files
-here. Adding a method is one `Method` entry plus its stage module. Nothing here imports a trainer: a stage's
-function is named as `module:function` and imported only when the stage runs.
+here. Adding a method is one `Method` entry plus its stage module. Nothing here imports a trainer: a stage's body
+is named as `module:function` and imported only when the stage runs.
 """
 
 from __future__ import annotations
@@ -17,56 +17,68 @@ from .errors import SodaError
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage's declaration. The pipeline runs it (pipeline.execute): its key is the fingerprints of `key`'s config
+    sections, in order, then the digests of the outputs of `needs`, in order, then `key_extra`'s parts (keys.py); a
+    stage finished under that key is skipped, one finished under another refused; else `body` runs and what it
+    returns is recorded."""
+
     name: str  # its record in manifest.json and its subcommand
-    function: str  # "module:function" in soda_distill, called as function(cfg, run) -> the path it yields
+    body: str  # "module:function" in soda_distill: function(cfg, run, inputs) -> its figures (a manifest.StageResult);
+    # `inputs`: each needed stage's output, as its key has it
     does: str  # one line, for the CLI's help and the README
-    needs: tuple[str, ...] = ()  # the stages whose outputs it reads
-    reads: tuple[str, ...] = ()  # the config sections its fingerprint holds: changing one reruns it
+    needs: tuple[str, ...] = ()  # the stages whose outputs it reads, each part of its key
+    reads: tuple[str, ...] = ()  # the config sections a variant must leave alone to share it (registry.shared_stages)
+    key: tuple[str, ...] = ()  # the sections of `reads` its key fingerprints whole, in order
+    key_extra: str | None = None  # "module:function" (cfg) -> the rest of its key (keys.KeyParts): what depends on
+    # its settings (a section only where set, a file a setting names) or what an earlier version keyed otherwise
     outputs: tuple[str, ...] = ()  # what a finished stage has left, relative to the run directory ("x/": a folder)
     model: str | None = None  # the model directory it yields (a Hugging Face model folder)
     metrics: str | None = None  # its per-step training metrics
     trains: bool = False  # launched as several processes, every rank trains its share; else the main process runs it
     plan: str | None = None  # "module:function" (cfg, run path) -> what it would send and cost, for --dry-run
-
-    def run(self, cfg, run) -> Path:
-        return _imported(self.function)(cfg, run)
+    scratch: tuple[str, ...] = ()  # files it keeps while unfinished, to resume; deleted once it is recorded
 
     def planned(self, cfg, run_path: Path) -> str:
         """--dry-run: what running the stage would do, nothing run or written."""
-        return _imported(self.plan)(cfg, run_path) if self.plan else self.does
+        return imported(self.plan)(cfg, run_path) if self.plan else self.does
 
 
-def _imported(name: str):
+def imported(name: str):
+    """The function `module:function` of soda_distill, imported now."""
     module, function = name.split(":")
     return getattr(importlib.import_module(f"soda_distill.{module}"), function)
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("teacher", "stages.teacher:run_teacher", "teacher answers y_t, from an OpenAI-compatible API or a file",
-          reads=("teacher", "data"), outputs=("teacher.jsonl",), plan="stages.teacher:plan_teacher"),
-    Stage("snapshot", "stages.snapshot:run_snapshot", "the untouched student q0 answers every prompt once: y_s",
-          needs=("teacher",), reads=("snapshot", "student"), outputs=("snapshot.jsonl",)),
-    Stage("pairs", "stages.pairs:run_pairs", "preference pairs (x, chosen = y_t, rejected = y_s)",
-          needs=("teacher", "snapshot"), reads=("pairs",), outputs=("pairs.jsonl",)),
-    Stage("warmup", "stages.warmup:run_warmup", "SFT of q0 on the teacher answers: q_w",
-          needs=("teacher",), reads=("warmup", "student"), outputs=("warmup/",), model="warmup",
-          metrics="warmup/metrics.jsonl", trains=True),
-    Stage("seqkd", "stages.seqkd:run_seqkd", "SeqKD: SFT on the teacher answers to its least held-out loss",
-          needs=("teacher",), reads=("seqkd", "student"), outputs=("seqkd/",), model="seqkd",
+    Stage("teacher", "stages.teacher:teacher_body", "teacher answers y_t, from an OpenAI-compatible API or a file",
+          reads=("teacher", "data"), key_extra="stages.teacher:teacher_key", outputs=("teacher.jsonl",),
+          plan="stages.teacher:plan_teacher"),
+    Stage("snapshot", "stages.snapshot:snapshot_body", "the untouched student q0 answers every prompt once: y_s",
+          needs=("teacher",), reads=("snapshot", "student"), key=("snapshot", "student"), outputs=("snapshot.jsonl",),
+          scratch=("snapshot.partial.jsonl",)),
+    Stage("pairs", "stages.pairs:pairs_body", "preference pairs (x, chosen = y_t, rejected = y_s)",
+          needs=("teacher", "snapshot"), reads=("pairs",), key=("pairs",), key_extra="stages.pairs:pairs_key",
+          outputs=("pairs.jsonl",)),
+    Stage("warmup", "stages.warmup:warmup_body", "SFT of q0 on the teacher answers: q_w",
+          needs=("teacher",), reads=("warmup", "student"), key=("warmup", "student"), outputs=("warmup/",),
+          model="warmup", metrics="warmup/metrics.jsonl", trains=True),
+    Stage("seqkd", "stages.seqkd:seqkd_body", "SeqKD: SFT on the teacher answers to its least held-out loss",
+          needs=("teacher",), reads=("seqkd", "student"), key=("seqkd", "student"), outputs=("seqkd/",), model="seqkd",
           metrics="seqkd/metrics.jsonl", trains=True),
-    Stage("distill", "stages.distill:run_distill", "DPO on the pairs from q_w, q_w the frozen reference",
+    Stage("distill", "stages.distill:distill_body", "DPO on the pairs from q_w, q_w the frozen reference",
           needs=("pairs", "warmup"), reads=("distill", "student", "snapshot", "pairs"),  # its refreshes: q_t's answers
-          outputs=("distill/",), model="distill", metrics="distill/metrics.jsonl", trains=True),
-    Stage("gad_warmup", "stages.gad:run_discriminator_warmup", "GAD's discriminator warmup: Bradley–Terry on the pairs",
-          needs=("pairs",), reads=("gad", "student"), outputs=("gad/discriminator_warmup/",),
+          key=("distill",), key_extra="stages.distill:distill_key", outputs=("distill/",), model="distill",
+          metrics="distill/metrics.jsonl", trains=True),
+    Stage("gad_warmup", "stages.gad:discriminator_warmup_body", "GAD's discriminator warmup: Bradley–Terry on the pairs",
+          needs=("pairs",), reads=("gad", "student"), key=("gad", "student"), outputs=("gad/discriminator_warmup/",),
           metrics="gad/discriminator_warmup/metrics.jsonl", trains=True),
-    Stage("gad", "stages.gad:run_adversarial", "GAD's adversarial phase: GRPO on the discriminator's scores",
-          needs=("teacher", "warmup", "gad_warmup"), reads=("gad", "student"),
+    Stage("gad", "stages.gad:adversarial_body", "GAD's adversarial phase: GRPO on the discriminator's scores",
+          needs=("teacher", "warmup", "gad_warmup"), reads=("gad", "student"), key=("gad",),
           outputs=("gad/generator/", "gad/discriminator/"), model="gad/generator", metrics="gad/metrics.jsonl",
           trains=True),
-    Stage("opd", "stages.opd:run_opd", "open-teacher distillation: on-policy JSD to a teacher model loaded here",
-          needs=("teacher", "warmup"), reads=("opd", "student"), outputs=("opd/",), model="opd",
-          metrics="opd/metrics.jsonl", trains=True),
+    Stage("opd", "stages.opd:opd_body", "open-teacher distillation: on-policy JSD to a teacher model loaded here",
+          needs=("teacher", "warmup"), reads=("opd", "student"), key=("opd",), key_extra="stages.opd:opd_key",
+          outputs=("opd/",), model="opd", metrics="opd/metrics.jsonl", trains=True),
 )}
 
 

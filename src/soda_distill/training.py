@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from .config import Config, LoraSettings, TrainingConfig
 from .distributed import is_main, world_size, zero_stage
 from .errors import SodaError
 from .cpu.master_weights import MasterWeightsAdamW
+from .manifest import StageResult
 from .models import load_model, transformers_model, use_bf16
 from .records import atomic_write_text, read_metrics
 from .tracking import tracker_arguments
@@ -210,7 +212,23 @@ def save_model_folder(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def train_and_save(trainer, final_dir: Path) -> dict:
+@dataclass
+class TrainResult(StageResult):
+    """What every training stage records of its training (train_and_save)."""
+
+    steps: int
+    train_loss: float
+    resumed_from_step: int | None  # the checkpoint this piece resumed from; None: from the start
+    best_step: int | None = None  # where the trainer keeps the best model (load_best_model_at_end): its step
+    best_eval_loss: float | None = None
+
+
+def ends(steps: list[dict], key: str) -> dict | None:
+    """{first, last} of a per-step metric over logged steps (metrics.jsonl), None for no steps."""
+    return {"first": steps[0][key], "last": steps[-1][key]} if steps else None
+
+
+def train_and_save(trainer, final_dir: Path) -> TrainResult:
     """Train (resuming from the newest whole checkpoint if there is one), save the final model — or the best one,
     where the trainer keeps the best (`load_best_model_at_end`); trained with fp32 masters: the masters, in fp32 —
     and drop the checkpoints."""
@@ -231,9 +249,8 @@ def train_and_save(trainer, final_dir: Path) -> dict:
         for state in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINER_STATE_NAME}"):
             state.unlink()
         shutil.rmtree(checkpoints, ignore_errors=True)
-    return {
-        "steps": trainer.state.global_step,
-        "train_loss": round(result.training_loss, 4),
-        "resumed_from_step": int(Path(last).name.split("-")[-1]) if last else None,
+    return TrainResult(
+        steps=trainer.state.global_step, train_loss=round(result.training_loss, 4),
+        resumed_from_step=int(Path(last).name.split("-")[-1]) if last else None,
         **({"best_step": trainer.state.best_global_step, "best_eval_loss": round(trainer.state.best_metric, 4)} if best else {}),
-    }
+    )

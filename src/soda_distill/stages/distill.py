@@ -12,23 +12,44 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from trl import DPOConfig, DPOTrainer
 
 from ..chat_tokens import chat_ids
-from ..config import Config, fingerprint
+from ..config import Config
 from ..distributed import is_main, main_first, rank, sharded_weights, world_size, zero_stage
 from ..errors import SodaError
 from ..generation import Sampling
 from ..cpu import add_cpu_lm_head, apply_cpu_settings
-from ..manifest import RunDir, combine
-from ..models import load_model, load_tokenizer, model_digest, use_bf16
-from ..records import read_metrics, read_pairs, sha256_file
+from ..keys import KeyParts
+from ..manifest import RunDir, StageResult
+from ..models import load_model, load_tokenizer, use_bf16
+from ..pipeline import execute
+from ..records import read_metrics, read_pairs
 from .refresh import Refresh, RefreshRejected
 from .selection import select_pairs
-from ..training import MetricsLog, ResumableOrder, peft_config, train_and_save, trainer_arguments
+from ..training import MetricsLog, ResumableOrder, TrainResult, ends, peft_config, train_and_save, trainer_arguments
+
+
+@dataclass
+class DistillResult(StageResult):
+    pairs: int  # trained on
+    dropped_prompt_too_long: int
+    training: TrainResult
+    selection: dict | None = None  # distill.select: the band kept (selection.py)
+    refresh: dict | None = None  # distill.refresh_every: the refreshes' figures (refresh.py)
+    reward_margin: dict | None = None  # {first, last} logged step
+    reward_accuracy: dict | None = None
+
+
+def distill_key(cfg: Config) -> KeyParts:
+    """The LoRA settings where set; with refreshes, the snapshot's sampling and the truncated-answer policy, which
+    then make the rejected answers too."""
+    every = cfg.distill.refresh_every
+    return KeyParts([cfg.student.lora, *([cfg.snapshot, cfg.pairs.truncated_rejected] if every else [])])
 
 
 def dpo_dataset(pairs_path: Path, tokenizer, max_length: int, numbered: bool = False):
@@ -108,48 +129,45 @@ def build_dpo_trainer(model, tokenizer, dataset, cfg: Config, output_dir: Path, 
     )
 
 
-def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
-    """DPO from `start` (default: this run's warmup model q_w)."""
-    start = start or run.output("warmup")
-    pairs_path, out = run.output("pairs"), run.output("distill")
+def distill_body(cfg: Config, run: RunDir, inputs: dict[str, Path]) -> DistillResult:
+    """DPO from `inputs["warmup"]` (q_w, or the model run_distill was given), saved in `distill/`."""
+    start, pairs_path, out = inputs["warmup"], inputs["pairs"], run.output("distill")
     every = cfg.distill.refresh_every
-    fp = combine(fingerprint(cfg.distill), sha256_file(pairs_path), model_digest(start),
-                 *([fingerprint(cfg.student.lora)] if cfg.student.lora else []),
-                 *([fingerprint(cfg.snapshot), cfg.pairs.truncated_rejected] if every else []))
-    if run.done("distill", fp):
-        return out
     if every and sharded_weights():  # each rank generates its own answers alone
         raise SodaError("distill.refresh_every needs the whole model on each rank: launch with DDP or DeepSpeed "
                         "ZeRO-1/2, not FSDP or ZeRO-3")
-    with run.stage("distill", fp) as info:
-        tokenizer = load_tokenizer(str(start), cfg.student.trust_remote_code)
-        load = lambda: load_model(str(start), trust_remote_code=cfg.student.trust_remote_code,
-                                  quantize=cfg.student.quantize, bf16=use_bf16(cfg.student.bf16))
-        model = load()
-        numbered = bool(every or cfg.distill.select)
-        dataset, prompt_too_long = dpo_dataset(pairs_path, tokenizer, cfg.distill.max_length, numbered=numbered)
-        dataset = on_disk(dataset, out / "checkpoints" / ("pairs-numbered" if numbered else "pairs"))
-        # A copy of q_w as the reference where it is needed: for refreshed answers while training (under LoRA the
-        # adapter-off model serves), and under ZeRO-3 (LoRA or not), where TRL's reference pass through the policy
-        # itself leaves DeepSpeed hooks on it that break training's first step.
-        ref_model = load() if (every and not cfg.student.lora) or zero_stage() == 3 else None
-        trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl", ref_model)
-        if cfg.distill.select:  # ranked by the reference pass TRL has just made
-            trainer.train_dataset, info["selection"] = select_pairs(trainer.train_dataset, cfg.distill.select,
-                                                                    cfg.distill.select_band, cfg.distill.seed,
-                                                                    cfg.distill.max_length, out)
-        if every:
-            s = cfg.snapshot
-            trainer.refresh_with(Refresh(
-                prompts=[pair["prompt"] for pair in read_pairs(pairs_path)], every=every,
-                sampling=Sampling(s.max_new_tokens, s.temperature, s.top_p, s.seed), batch_size=s.batch_size,
-                drop_truncated=cfg.pairs.truncated_rejected == "drop",
-                folder=out / "refreshed" / (f"rank-{rank()}" if world_size() > 1 else "")))
-        info.update(pairs=len(dataset), dropped_prompt_too_long=prompt_too_long, **train_and_save(trainer, out))
-        if every:
-            info["refresh"] = trainer.refresh.summary()
-        steps = [m for m in read_metrics(out / "metrics.jsonl") if "rewards/margins" in m]
-        if steps:
-            info["reward_margin"] = {"first": steps[0]["rewards/margins"], "last": steps[-1]["rewards/margins"]}
-            info["reward_accuracy"] = {"first": steps[0]["rewards/accuracies"], "last": steps[-1]["rewards/accuracies"]}
-    return out
+    tokenizer = load_tokenizer(str(start), cfg.student.trust_remote_code)
+    load = lambda: load_model(str(start), trust_remote_code=cfg.student.trust_remote_code,
+                              quantize=cfg.student.quantize, bf16=use_bf16(cfg.student.bf16))
+    model = load()
+    numbered = bool(every or cfg.distill.select)
+    dataset, prompt_too_long = dpo_dataset(pairs_path, tokenizer, cfg.distill.max_length, numbered=numbered)
+    dataset = on_disk(dataset, out / "checkpoints" / ("pairs-numbered" if numbered else "pairs"))
+    # A copy of q_w as the reference where it is needed: for refreshed answers while training (under LoRA the
+    # adapter-off model serves), and under ZeRO-3 (LoRA or not), where TRL's reference pass through the policy
+    # itself leaves DeepSpeed hooks on it that break training's first step.
+    ref_model = load() if (every and not cfg.student.lora) or zero_stage() == 3 else None
+    trainer = build_dpo_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl", ref_model)
+    selection = None
+    if cfg.distill.select:  # ranked by the reference pass TRL has just made
+        trainer.train_dataset, selection = select_pairs(trainer.train_dataset, cfg.distill.select,
+                                                        cfg.distill.select_band, cfg.distill.seed,
+                                                        cfg.distill.max_length, out)
+    if every:
+        s = cfg.snapshot
+        trainer.refresh_with(Refresh(
+            prompts=[pair["prompt"] for pair in read_pairs(pairs_path)], every=every,
+            sampling=Sampling(s.max_new_tokens, s.temperature, s.top_p, s.seed), batch_size=s.batch_size,
+            drop_truncated=cfg.pairs.truncated_rejected == "drop",
+            folder=out / "refreshed" / (f"rank-{rank()}" if world_size() > 1 else "")))
+    training = train_and_save(trainer, out)
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "rewards/margins" in m]
+    return DistillResult(pairs=len(dataset), dropped_prompt_too_long=prompt_too_long, training=training,
+                         selection=selection, refresh=trainer.refresh.summary() if every else None,
+                         reward_margin=ends(steps, "rewards/margins"), reward_accuracy=ends(steps, "rewards/accuracies"))
+
+
+def run_distill(cfg: Config, run: RunDir, start: Path | None = None) -> Path:
+    """The distill stage (pipeline.execute): DPO from `start` (default: this run's warmup model q_w, its input as the
+    registry declares it; another model is keyed in its place), unless finished."""
+    return execute("distill", cfg, run, inputs={"warmup": start} if start else None)

@@ -8,95 +8,58 @@ teacher's response above every rollout. Warmup: the generator is this run's SFT 
 is trained on teacher vs. q0 responses (`pairs.jsonl`). Then every step scores the rollouts (the reward, before the
 update) and takes one discriminator step on them; for the first steps only the discriminator learns. Checkpoints
 hold both networks, so an interrupted run resumes both. Its two stages, `gad_warmup` and `gad`, are in the registry:
-`soda-distill run --method gad` runs them after the stages GAD shares with SODA.
+`soda-distill run --method gad` runs them after the stages GAD shares with SODA. The discriminator itself, and its
+training on the rollouts, is in discriminator.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
-import types
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers import LogitsProcessorList, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
-from ..config import Config, GadConfig, LoraSettings, TrainingConfig, fingerprint
-from ..distributed import is_main, world_size, zero_stage
+from ..config import Config, GadConfig, TrainingConfig
+from ..distributed import world_size, zero_stage
 from ..errors import SodaError
 from ..generation import CategoricalSampler
-from ..manifest import RunDir, combine
-from ..models import load_model, load_tokenizer, model_digest, resolve_model, transformers_model, use_bf16
-from ..records import read_examples, read_metrics, read_pairs, sha256_file
-from ..cpu import MasterWeightsAdamW, adamw_for, bf16_weights
-from ..training import MetricsLog, ResumableOrder, peft_config, save_model_folder, train_and_save, trainer_arguments
+from ..manifest import RunDir, StageResult
+from ..models import load_model, load_tokenizer, resolve_model, use_bf16
+from ..pipeline import execute
+from ..records import read_examples, read_metrics, read_pairs
+from ..cpu import MasterWeightsAdamW, bf16_weights
+from ..training import (MetricsLog, ResumableOrder, TrainResult, ends, peft_config, save_model_folder, train_and_save,
+                        trainer_arguments)
+from .discriminator import (Discriminator, bradley_terry, discriminator_scores, load_discriminator, prompt_ids,
+                            response_ids)
 
 DISCRIMINATOR_STATE = "discriminator.pt"  # inside each generator checkpoint: weights, optimizer, update count
 
 
-def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+@dataclass
+class DiscriminatorWarmupResult(StageResult):
+    pairs: int  # trained on
+    dropped_long_prompts: int
+    training: TrainResult
+    accuracy: dict | None = None  # {first, last} logged step: the teacher's answer scored above q0's
 
 
-def response_ids(tokenizer, text: str, max_new_tokens: int, ended: bool = True) -> list[int]:
-    """A response as the generator would have emitted it: its tokens and end-of-turn (none for an answer cut at its
-    token limit, as for a rollout cut at max_new_tokens), cut at max_new_tokens."""
-    return (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended)[:max_new_tokens]
-
-
-def load_discriminator(path: str, tokenizer, trust_remote_code: bool = False):
-    """A sequence classifier with one output: the backbone at `path`, its scalar head new unless saved there."""
-    from transformers import AutoModelForSequenceClassification
-
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        raise SodaError(f"{path}: cannot load as a discriminator (a sequence classifier) ({e})") from None
-    if not isinstance(getattr(model, "score", None), nn.Linear):
-        raise SodaError(f"{path}: {type(model).__name__} has no `score` head; GAD's discriminator needs a decoder "
-                        "whose sequence classifier has one (Llama, Qwen2, Mistral, Gemma, ...)")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def discriminator_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """D(x, y) of right-padded sequences: the scalar head on the hidden state of each one's last real token.
-
-    transformers' own sequence-classification forward reads the last token that is not the pad token: one token
-    early whenever the pad token is also the end-of-turn token a response ends with (SmolLM2, Llama 3 with pad = eos).
-    `model` may be wrapped (DDP): the scoring runs as the model's forward, through the wrapper, which then averages
-    the gradients across processes.
-    """
-    inner = getattr(model, "module", model)
-    if not hasattr(inner, "_soda_original_forward"):
-        inner._soda_original_forward = inner.forward
-        inner.forward = types.MethodType(_forward_or_score, inner)
-    return model(input_ids=input_ids, attention_mask=attention_mask, last_real_token=True)
-
-
-def _forward_or_score(self, *args, last_real_token: bool = False, **kwargs):
-    if not last_real_token:
-        return self._soda_original_forward(*args, **kwargs)
-    input_ids, attention_mask = kwargs["input_ids"], kwargs["attention_mask"]
-    model = transformers_model(self)  # with LoRA, the adapted layers are inside it
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    last = attention_mask.sum(dim=1) - 1
-    return model.score(hidden[torch.arange(hidden.size(0), device=hidden.device), last]).squeeze(-1).float()
-
-
-def bradley_terry(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair: the loss −log σ(D(y_t) − D(y_s)), and whether the teacher was scored above the student."""
-    return -nn.functional.logsigmoid(teacher - student), teacher > student
+@dataclass
+class AdversarialResult(StageResult):
+    prompts: int
+    dropped_long_prompts: int
+    training: TrainResult
+    discriminator_updates: int
+    reward: dict | None = None  # {first, last} logged step
+    discriminator_accuracy: dict | None = None
 
 
 def _fits(g: GadConfig, prompt: list[int]) -> bool:
@@ -157,23 +120,24 @@ def build_discriminator_trainer(model, tokenizer, dataset, cfg: Config, output_d
     ))
 
 
+def discriminator_warmup_body(cfg: Config, run: RunDir, inputs: dict[str, Path]) -> DiscriminatorWarmupResult:
+    """Train the discriminator on the pairs, saved in `gad/discriminator_warmup/`."""
+    out = run.output("gad_warmup")
+    student = resolve_model(cfg.student.model, cfg.student.gguf_file)
+    tokenizer = load_tokenizer(student, cfg.student.trust_remote_code)
+    set_seed(cfg.gad.seed)  # the scalar head starts random
+    model = load_discriminator(student, tokenizer, cfg.student.trust_remote_code)
+    dataset, dropped = bradley_terry_dataset(inputs["pairs"], tokenizer, cfg.gad)
+    trainer = build_discriminator_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")
+    training = train_and_save(trainer, out)
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "accuracy" in m]
+    return DiscriminatorWarmupResult(pairs=len(dataset), dropped_long_prompts=dropped, training=training,
+                                     accuracy=ends(steps, "accuracy"))
+
+
 def run_discriminator_warmup(cfg: Config, run: RunDir) -> Path:
-    pairs_path, out = run.output("pairs"), run.output("gad_warmup")
-    fp = combine(fingerprint(cfg.gad), fingerprint(cfg.student), sha256_file(pairs_path))
-    if run.done("gad_warmup", fp):
-        return out
-    with run.stage("gad_warmup", fp) as info:
-        student = resolve_model(cfg.student.model, cfg.student.gguf_file)
-        tokenizer = load_tokenizer(student, cfg.student.trust_remote_code)
-        set_seed(cfg.gad.seed)  # the scalar head starts random
-        model = load_discriminator(student, tokenizer, cfg.student.trust_remote_code)
-        dataset, dropped = bradley_terry_dataset(pairs_path, tokenizer, cfg.gad)
-        trainer = build_discriminator_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")
-        info.update(pairs=len(dataset), dropped_long_prompts=dropped, **train_and_save(trainer, out))
-        steps = [m for m in read_metrics(out / "metrics.jsonl") if "accuracy" in m]
-        if steps:
-            info["accuracy"] = {"first": steps[0]["accuracy"], "last": steps[-1]["accuracy"]}
-    return out
+    """The gad_warmup stage (pipeline.execute): the warmed-up discriminator, unless finished."""
+    return execute("gad_warmup", cfg, run)
 
 
 # --- Adversarial phase: GRPO on the discriminator's scores, the discriminator trained on the same rollouts -------
@@ -197,95 +161,6 @@ def gad_dataset(teacher_path: Path, tokenizer, g: GadConfig):
         raise SodaError(f"{teacher_path}: no prompt with a response fits gad.max_length − gad.max_new_tokens "
                         f"({g.max_length - g.max_new_tokens} tokens)")
     return Dataset.from_list(rows), dropped
-
-
-def average_across_ranks(model) -> None:
-    """Launched as several processes, each rank's discriminator gradient averaged over all ranks' rollouts (as DDP
-    does for the generator), so that every rank's copy takes the same step."""
-    if world_size() > 1:
-        for p in model.parameters():
-            if p.grad is not None:  # a sum and a division: gloo has no average
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world_size()
-
-
-class Discriminator:
-    """GRPO's reward function, which also trains the discriminator on the rollouts it has just scored.
-
-    TRL calls it once per optimizer step with all of that step's rollouts. Each rollout's reward is its score before
-    this step's update; then one Bradley–Terry step on (teacher response, rollout) pairs, every rollout paired with
-    its prompt's teacher response and the loss averaged over all of them.
-    """
-
-    def __init__(self, model, g: GadConfig, bf16: bool, lora: LoraSettings | None = None):
-        if lora is not None:  # a fresh adapter (and head) on the warmed-up discriminator
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config(lora, "SEQ_CLS"))
-        self.model, self.g, self.bf16 = model, g, bf16
-        adamw = adamw_for(model, bf16)
-        self.optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=g.discriminator_learning_rate,
-                               weight_decay=g.weight_decay)
-        self.updates = 0
-        if g.gradient_checkpointing:
-            model.activation_checkpointing_enable()
-        model.train()
-
-    def _scores(self, sequences: list[list[int]]) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        ids = pad_sequence([torch.tensor(s) for s in sequences], batch_first=True, padding_value=self.model.config.pad_token_id)
-        mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in sequences], batch_first=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return discriminator_scores(self.model, ids.to(device), mask.to(device))
-
-    def __call__(self, completion_ids, log_metric, **columns) -> list[float]:
-        began = time.perf_counter()
-        ids, prompt_tokens, teacher_tokens = columns["id"], columns["prompt_tokens"], columns["teacher_tokens"]
-        n, rewards, loss_sum, wins = len(completion_ids), [], 0.0, 0
-        with torch.enable_grad():
-            for start in range(0, n, self.g.discriminator_batch_size):
-                rows = range(start, min(start + self.g.discriminator_batch_size, n))
-                teachers: dict[str, int] = {}  # a group's rollouts share one teacher response: score it once
-                for i in rows:
-                    teachers.setdefault(ids[i], i)
-                slot = {key: k for k, key in enumerate(teachers)}
-                scores = self._scores([prompt_tokens[i] + teacher_tokens[i] for i in teachers.values()]
-                                      + [prompt_tokens[i] + completion_ids[i] for i in rows])
-                teacher, student = scores[[slot[ids[i]] for i in rows]], scores[len(teachers):]
-                losses, won = bradley_terry(teacher, student)
-                (losses.sum() / n).backward()
-                rewards += student.detach().tolist()
-                loss_sum += losses.sum().item()
-                wins += int(won.sum())
-        average_across_ranks(self.model)
-        if isinstance(self.optimizer, MasterWeightsAdamW):  # its gradients are on the fp32 masters
-            self.optimizer.clip_grad_norm_(self.g.max_grad_norm)
-        else:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.g.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.updates += 1
-        log_metric("discriminator/loss", loss_sum / n)
-        log_metric("discriminator/accuracy", wins / n)
-        log_metric("time/discriminator_s", time.perf_counter() - began)  # scoring and its update
-        return rewards
-
-    def save_state(self, path: Path) -> None:
-        if not is_main():
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}, tmp)
-        os.replace(tmp, path)
-
-    def load_state(self, path: Path) -> None:
-        if not path.exists():
-            raise SodaError(f"{path}: missing, so this checkpoint cannot resume the discriminator; delete "
-                            f"{path.parent} to resume from an earlier checkpoint (or from the start)")
-        state = torch.load(path, map_location=next(self.model.parameters()).device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.updates = state["updates"]
 
 
 class GadTrainer(ResumableOrder, GRPOTrainer):
@@ -393,39 +268,37 @@ def build_gad_trainer(generator, tokenizer, discriminator: Discriminator, datase
     ))
 
 
-def run_adversarial(cfg: Config, run: RunDir) -> Path:
+def adversarial_body(cfg: Config, run: RunDir, inputs: dict[str, Path]) -> AdversarialResult:
     """GRPO from this run's warmup model q_w against the warmed-up discriminator; both networks are saved."""
-    teacher_path, start, discriminator_start = run.output("teacher"), run.output("warmup"), run.output("gad_warmup")
+    teacher_path, start, discriminator_start = inputs["teacher"], inputs["warmup"], inputs["gad_warmup"]
     generator_dir, out = run.output("gad"), run.file("gad")
-    fp = combine(fingerprint(cfg.gad), sha256_file(teacher_path), model_digest(start), model_digest(discriminator_start))
-    if run.done("gad", fp):
-        return generator_dir
-    with run.stage("gad", fp) as info:
-        trust = cfg.student.trust_remote_code
-        tokenizer = load_tokenizer(str(start), trust)
-        generator = load_model(str(start), trust_remote_code=trust, quantize=cfg.student.quantize,
-                               bf16=use_bf16(cfg.student.bf16))
-        if zero_stage() == 3:
-            # The discriminator trains outside DeepSpeed's engine (its gradients averaged by hand): loaded whole on
-            # every rank, not as ZeRO-3's empty shards. The GRPO trainer's arguments set the config again.
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    trust = cfg.student.trust_remote_code
+    tokenizer = load_tokenizer(str(start), trust)
+    generator = load_model(str(start), trust_remote_code=trust, quantize=cfg.student.quantize,
+                           bf16=use_bf16(cfg.student.bf16))
+    if zero_stage() == 3:
+        # The discriminator trains outside DeepSpeed's engine (its gradients averaged by hand): loaded whole on
+        # every rank, not as ZeRO-3's empty shards. The GRPO trainer's arguments set the config again.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-            unset_hf_deepspeed_config()
-        discriminator = Discriminator(
-            load_discriminator(str(discriminator_start), tokenizer, trust), cfg.gad, use_bf16(cfg.student.bf16),
-            cfg.student.lora,
-        )
-        dataset, dropped = gad_dataset(teacher_path, tokenizer, cfg.gad)
-        if len(dataset) < cfg.gad.prompts_per_step * world_size():
-            raise SodaError(f"{teacher_path}: {len(dataset)} prompts fit gad.max_length, fewer than one step takes "
-                            f"({cfg.gad.prompts_per_step} prompts a step × {world_size()} process(es)); lower "
-                            "gad.gradient_accumulation_steps or gad.batch_size")
-        trainer = build_gad_trainer(generator, tokenizer, discriminator, dataset, cfg, out)
-        info.update(prompts=len(dataset), dropped_long_prompts=dropped, **train_and_save(trainer, generator_dir))
-        info["discriminator_updates"] = discriminator.updates
-        steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
-        if steps:
-            for key, name in (("reward", "reward"), ("discriminator/accuracy", "discriminator_accuracy")):
-                info[name] = {"first": steps[0][key], "last": steps[-1][key]}
-    return generator_dir
+        unset_hf_deepspeed_config()
+    discriminator = Discriminator(
+        load_discriminator(str(discriminator_start), tokenizer, trust), cfg.gad, use_bf16(cfg.student.bf16),
+        cfg.student.lora,
+    )
+    dataset, dropped = gad_dataset(teacher_path, tokenizer, cfg.gad)
+    if len(dataset) < cfg.gad.prompts_per_step * world_size():
+        raise SodaError(f"{teacher_path}: {len(dataset)} prompts fit gad.max_length, fewer than one step takes "
+                        f"({cfg.gad.prompts_per_step} prompts a step × {world_size()} process(es)); lower "
+                        "gad.gradient_accumulation_steps or gad.batch_size")
+    trainer = build_gad_trainer(generator, tokenizer, discriminator, dataset, cfg, out)
+    training = train_and_save(trainer, generator_dir)
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
+    return AdversarialResult(prompts=len(dataset), dropped_long_prompts=dropped, training=training,
+                             discriminator_updates=discriminator.updates, reward=ends(steps, "reward"),
+                             discriminator_accuracy=ends(steps, "discriminator/accuracy"))
 
+
+def run_adversarial(cfg: Config, run: RunDir) -> Path:
+    """The gad stage (pipeline.execute): the generator (the discriminator beside it), unless finished."""
+    return execute("gad", cfg, run)

@@ -13,19 +13,54 @@ hand, each logging step also records how far they agree on a shared top-k token 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from trl import DistillationConfig, DistillationTrainer
 
-from ..config import Config, fingerprint
+from ..config import Config
 from ..errors import SodaError
 from ..generation import prompt_tokens
-from ..manifest import RunDir, combine
-from ..models import load_model, load_tokenizer, model_digest, resolve_model, transformers_model, use_bf16
-from ..records import read_examples, read_metrics, sha256_file
+from ..keys import KeyParts
+from ..manifest import RunDir, StageResult
+from ..models import load_model, load_tokenizer, resolve_model, transformers_model, use_bf16
+from ..pipeline import execute
+from ..records import read_examples, read_metrics
 from ..token_overlap import overlap_stats, sampled_states, state_logits
-from ..training import MetricsLog, ResumableOrder, peft_config, train_and_save, trainer_arguments
+from ..training import MetricsLog, ResumableOrder, TrainResult, ends, peft_config, train_and_save, trainer_arguments
+
+
+@dataclass
+class OpdResult(StageResult):
+    prompts: int
+    dropped_long_prompts: int
+    teacher_model: str  # opd.teacher_model, as set
+    teacher_dtype: str
+    training: TrainResult
+    loss: dict | None = None  # {first, last} logged step
+    overlap_ratio: dict | None = None  # the token-overlap diagnostics (token_overlap.py), where logged
+    overlap_teacher_mass_shared: dict | None = None
+
+
+def _teacher(cfg: Config) -> tuple[str, bool]:
+    """The teacher model's folder, and whether it is loaded in bf16 (by default as the student is: the teacher is
+    usually the larger model)."""
+    o = cfg.opd
+    if not o.teacher_model:
+        raise SodaError("opd.teacher_model is not set: the folder of an open teacher model sharing the student's "
+                        "tokenizer (a Hugging Face model folder with safetensors weights)")
+    teacher_dir = resolve_model(o.teacher_model)
+    if not Path(teacher_dir).is_dir():
+        raise SodaError(f"opd.teacher_model {o.teacher_model}: not a model folder here (nothing is downloaded)")
+    return teacher_dir, use_bf16(cfg.student.bf16) if o.teacher_bf16 is None else o.teacher_bf16
+
+
+def opd_key(cfg: Config) -> KeyParts:
+    """The teacher model (its digest), the LoRA settings where set, and the teacher's bf16: a stage begun with an
+    fp32 teacher stays so."""
+    teacher_dir, teacher_bf16 = _teacher(cfg)
+    return KeyParts([Path(teacher_dir), cfg.student.lora, "teacher in bf16" if teacher_bf16 else None])
 
 
 class OpdTrainer(ResumableOrder, DistillationTrainer):
@@ -94,38 +129,30 @@ def build_opd_trainer(student, teacher, tokenizer, dataset, cfg: Config, output_
     return trainer
 
 
-def run_opd(cfg: Config, run: RunDir) -> Path:
-    """On-policy distillation from `opd.teacher_model`, starting at this run's q_w."""
+def opd_body(cfg: Config, run: RunDir, inputs: dict[str, Path]) -> OpdResult:
+    """On-policy distillation from `opd.teacher_model`, starting at this run's q_w, saved in `opd/`."""
     o = cfg.opd
-    if not o.teacher_model:
-        raise SodaError("opd.teacher_model is not set: the folder of an open teacher model sharing the student's "
-                        "tokenizer (a Hugging Face model folder with safetensors weights)")
-    teacher_path, start, out = run.output("teacher"), run.output("warmup"), run.output("opd")
-    teacher_dir = resolve_model(o.teacher_model)
-    if not Path(teacher_dir).is_dir():
-        raise SodaError(f"opd.teacher_model {o.teacher_model}: not a model folder here (nothing is downloaded)")
-    bf16 = use_bf16(cfg.student.bf16)
-    teacher_bf16 = bf16 if o.teacher_bf16 is None else o.teacher_bf16  # the teacher is usually the larger model
-    fp = combine(fingerprint(o), sha256_file(teacher_path), model_digest(start), model_digest(teacher_dir),
-                 *([fingerprint(cfg.student.lora)] if cfg.student.lora else []),
-                 *(["teacher in bf16"] if teacher_bf16 else []))  # a stage begun with an fp32 teacher stays so
-    if run.done("opd", fp):
-        return out
-    with run.stage("opd", fp) as info:
-        trust = cfg.student.trust_remote_code
-        tokenizer = load_tokenizer(str(start), trust)
-        teacher_tokenizer = load_tokenizer(teacher_dir, o.trust_remote_code)
-        student = load_model(str(start), trust_remote_code=trust, quantize=cfg.student.quantize, bf16=bf16)
-        teacher = load_model(teacher_dir, torch.bfloat16 if teacher_bf16 else torch.float32, o.trust_remote_code)
-        same_vocabulary(tokenizer, teacher_tokenizer, student, teacher, o.teacher_model)
-        teacher.requires_grad_(False)
-        dataset, dropped = opd_dataset(teacher_path, tokenizer, o.max_length - o.max_new_tokens)
-        trainer = build_opd_trainer(student, teacher, tokenizer, dataset, cfg, out)
-        info.update(prompts=len(dataset), dropped_long_prompts=dropped, teacher_model=o.teacher_model,
-                    teacher_dtype=str(teacher.dtype).removeprefix("torch."),
-                    **train_and_save(trainer, out))
-        steps = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
-        for key in ("loss", "overlap/ratio", "overlap/teacher_mass_shared"):
-            if steps and key in steps[0]:
-                info[key.replace("overlap/", "overlap_")] = {"first": steps[0][key], "last": steps[-1][key]}
-    return out
+    teacher_path, start, out = inputs["teacher"], inputs["warmup"], run.output("opd")
+    teacher_dir, teacher_bf16 = _teacher(cfg)
+    trust = cfg.student.trust_remote_code
+    tokenizer = load_tokenizer(str(start), trust)
+    teacher_tokenizer = load_tokenizer(teacher_dir, o.trust_remote_code)
+    student = load_model(str(start), trust_remote_code=trust, quantize=cfg.student.quantize,
+                         bf16=use_bf16(cfg.student.bf16))
+    teacher = load_model(teacher_dir, torch.bfloat16 if teacher_bf16 else torch.float32, o.trust_remote_code)
+    same_vocabulary(tokenizer, teacher_tokenizer, student, teacher, o.teacher_model)
+    teacher.requires_grad_(False)
+    dataset, dropped = opd_dataset(teacher_path, tokenizer, o.max_length - o.max_new_tokens)
+    trainer = build_opd_trainer(student, teacher, tokenizer, dataset, cfg, out)
+    training = train_and_save(trainer, out)
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    logged = lambda key: ends(steps, key) if steps and key in steps[0] else None
+    return OpdResult(prompts=len(dataset), dropped_long_prompts=dropped, teacher_model=o.teacher_model,
+                     teacher_dtype=str(teacher.dtype).removeprefix("torch."), training=training, loss=logged("loss"),
+                     overlap_ratio=logged("overlap/ratio"),
+                     overlap_teacher_mass_shared=logged("overlap/teacher_mass_shared"))
+
+
+def run_opd(cfg: Config, run: RunDir) -> Path:
+    """The opd stage (pipeline.execute): its model, unless finished."""
+    return execute("opd", cfg, run)

@@ -17,15 +17,34 @@ import random
 import re
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat_tokens import chat_ids
-from ..config import REJECTED_SOURCES, Config, fingerprint
+from ..config import REJECTED_SOURCES, Config
 from ..errors import SodaError
-from ..manifest import RunDir, combine
+from ..keys import KeyParts
+from ..manifest import RunDir, StageResult
 from ..models import load_tokenizer, resolve_model
-from ..records import Example, atomic_write_jsonl, read_examples, sha256_file
+from ..pipeline import execute
+from ..records import Example, atomic_write_jsonl, read_examples
 from ..stats import length_summary
+
+
+@dataclass
+class PairsResult(StageResult):
+    kept: int
+    dropped: dict  # why, how many
+    lengths: dict  # of the kept pairs' prompts and answers, in tokens (stats.length_summary)
+    truncated_kept_open: dict  # answers cut at their limit and kept without an end of turn, by side
+    truncated_policy: dict  # pairs.truncated_chosen, pairs.truncated_rejected
+    rejected_source: str
+
+
+def pairs_key(cfg: Config) -> KeyParts:
+    """Another model's answers (`pairs.rejected_source` a file) are an input: its bytes are part of the key."""
+    source = cfg.pairs.rejected_source
+    return KeyParts([None if source in REJECTED_SOURCES else Path(source)])
 
 
 def degraded(answer: str, rng: random.Random) -> str:
@@ -53,62 +72,62 @@ def rejected_answers(teacher: list[Example], student: dict[str, Example], source
     return {ex.id: others.get(ex.id) for ex in teacher}
 
 
+def pairs_body(cfg: Config, run: RunDir, inputs: dict[str, Path]) -> PairsResult:
+    """Write `pairs.jsonl`: the pairs kept, in the teacher's order."""
+    teacher_path, snapshot_path = inputs["teacher"], inputs["snapshot"]
+    teacher = read_examples(teacher_path, want_response=True)
+    student = {ex.id: ex for ex in read_examples(snapshot_path, want_response=True)}
+    rejected = rejected_answers(teacher, student, cfg.pairs.rejected_source, cfg.pairs.seed)
+    tokenizer = load_tokenizer(resolve_model(cfg.student.model, cfg.student.gguf_file), cfg.student.trust_remote_code)
+    policy = {"chosen": cfg.pairs.truncated_chosen, "rejected": cfg.pairs.truncated_rejected}
+    dropped: Counter = Counter()
+    kept_open: Counter = Counter()
+    lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
+    pairs = []
+    for ex in teacher:
+        answers = {"chosen": ex, "rejected": rejected[ex.id]}
+        if answers["rejected"] is None:
+            dropped["no_student_response"] += 1
+            continue
+        text = {side: a.response for side, a in answers.items()}
+        empty = next((side for side in answers if not text[side].strip()), None)
+        if empty:
+            dropped[f"empty_{empty}"] += 1
+            continue
+        if text["chosen"].strip() == text["rejected"].strip():
+            dropped["identical"] += 1
+            continue
+        cut = [side for side, a in answers.items() if a.truncated]
+        if any(policy[side] == "drop" for side in cut):
+            dropped[f"truncated_{next(s for s in cut if policy[s] == 'drop')}"] += 1
+            continue
+        ids = {side: chat_ids(tokenizer, ex.prompt, text[side], open_end=side in cut) for side in answers}
+        n = {"prompt": len(ids["chosen"][0]), **{side: len(ids[side][1]) for side in answers}}
+        if n["prompt"] + max(n["chosen"], n["rejected"]) > cfg.pairs.max_length:
+            dropped["too_long"] += 1
+            continue
+        kept_open.update(cut)
+        for key in lengths:
+            lengths[key].append(n[key])
+        pairs.append({
+            "id": ex.id,
+            "prompt": ex.prompt,
+            **{side: [{"role": "assistant", "content": text[side]}] for side in answers},
+            **{f"{side}_truncated": side in cut for side in answers},
+        })
+    if not pairs:
+        raise SodaError(f"pairs: none of {len(teacher)} kept (dropped: {dict(dropped)})" + (
+            "; q0's answers were cut at snapshot.max_new_tokens: raise it, or keep them with "
+            "pairs.truncated_rejected=open" if dropped["truncated_rejected"] else ""))
+    if dropped["truncated_rejected"] > len(teacher) / 2:
+        print(f"pairs: {dropped['truncated_rejected']} of {len(teacher)} pairs dropped because q0's answer was cut at "
+              f"snapshot.max_new_tokens (pairs.truncated_rejected=drop); a higher limit keeps more", file=sys.stderr)
+    atomic_write_jsonl(run.output("pairs"), pairs)
+    return PairsResult(kept=len(pairs), dropped=dict(dropped), lengths={k: length_summary(v) for k, v in lengths.items()},
+                       truncated_kept_open=dict(kept_open), truncated_policy=policy,
+                       rejected_source=cfg.pairs.rejected_source)
+
+
 def run_pairs(cfg: Config, run: RunDir) -> Path:
-    teacher_path, snapshot_path, out = run.output("teacher"), run.output("snapshot"), run.output("pairs")
-    source = cfg.pairs.rejected_source
-    fp = combine(fingerprint(cfg.pairs), sha256_file(teacher_path), sha256_file(snapshot_path),
-                 *([] if source in REJECTED_SOURCES else [sha256_file(Path(source))]))
-    if run.done("pairs", fp):
-        return out
-    with run.stage("pairs", fp) as info:
-        teacher = read_examples(teacher_path, want_response=True)
-        student = {ex.id: ex for ex in read_examples(snapshot_path, want_response=True)}
-        rejected = rejected_answers(teacher, student, cfg.pairs.rejected_source, cfg.pairs.seed)
-        tokenizer = load_tokenizer(resolve_model(cfg.student.model, cfg.student.gguf_file), cfg.student.trust_remote_code)
-        policy = {"chosen": cfg.pairs.truncated_chosen, "rejected": cfg.pairs.truncated_rejected}
-        dropped: Counter = Counter()
-        kept_open: Counter = Counter()
-        lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
-        pairs = []
-        for ex in teacher:
-            answers = {"chosen": ex, "rejected": rejected[ex.id]}
-            if answers["rejected"] is None:
-                dropped["no_student_response"] += 1
-                continue
-            text = {side: a.response for side, a in answers.items()}
-            empty = next((side for side in answers if not text[side].strip()), None)
-            if empty:
-                dropped[f"empty_{empty}"] += 1
-                continue
-            if text["chosen"].strip() == text["rejected"].strip():
-                dropped["identical"] += 1
-                continue
-            cut = [side for side, a in answers.items() if a.truncated]
-            if any(policy[side] == "drop" for side in cut):
-                dropped[f"truncated_{next(s for s in cut if policy[s] == 'drop')}"] += 1
-                continue
-            ids = {side: chat_ids(tokenizer, ex.prompt, text[side], open_end=side in cut) for side in answers}
-            n = {"prompt": len(ids["chosen"][0]), **{side: len(ids[side][1]) for side in answers}}
-            if n["prompt"] + max(n["chosen"], n["rejected"]) > cfg.pairs.max_length:
-                dropped["too_long"] += 1
-                continue
-            kept_open.update(cut)
-            for key in lengths:
-                lengths[key].append(n[key])
-            pairs.append({
-                "id": ex.id,
-                "prompt": ex.prompt,
-                **{side: [{"role": "assistant", "content": text[side]}] for side in answers},
-                **{f"{side}_truncated": side in cut for side in answers},
-            })
-        if not pairs:
-            raise SodaError(f"pairs: none of {len(teacher)} kept (dropped: {dict(dropped)})" + (
-                "; q0's answers were cut at snapshot.max_new_tokens: raise it, or keep them with "
-                "pairs.truncated_rejected=open" if dropped["truncated_rejected"] else ""))
-        if dropped["truncated_rejected"] > len(teacher) / 2:
-            print(f"pairs: {dropped['truncated_rejected']} of {len(teacher)} pairs dropped because q0's answer was cut at "
-                  f"snapshot.max_new_tokens (pairs.truncated_rejected=drop); a higher limit keeps more", file=sys.stderr)
-        atomic_write_jsonl(out, pairs)
-        info.update(kept=len(pairs), dropped=dict(dropped), lengths={k: length_summary(v) for k, v in lengths.items()},
-                    truncated_kept_open=dict(kept_open), truncated_policy=policy, rejected_source=cfg.pairs.rejected_source)
-    return out
+    """The pairs stage (pipeline.execute): `pairs.jsonl`, unless finished."""
+    return execute("pairs", cfg, run)

@@ -8,20 +8,41 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config, fingerprint
+from ..config import Config
 from ..endpoint import collect, estimate, request_key, sum_usage
 from ..errors import SodaError
-from ..manifest import RunDir, combine
+from ..keys import KeyParts
+from ..manifest import RunDir, StageResult
+from ..pipeline import execute
 from ..records import AppendLog, Example, atomic_write_jsonl, read_examples, shown_data_path, source_digest
 
 
-def _source_fingerprint(cfg: Config, digest: str, shown=shown_data_path) -> str:
-    """A shipped teacher file counts as `builtin:NAME`, not its path, so a run resumes from another checkout or venv."""
-    teacher = dataclasses.replace(cfg.teacher, file=shown(cfg.teacher.file)) if cfg.teacher.file else cfg.teacher
-    return combine(fingerprint(teacher), digest, str(cfg.data.limit),
-                   *([json.dumps(cfg.data.columns, sort_keys=True)] if cfg.data.columns else []))
+@dataclass
+class TeacherResult(StageResult):
+    source: str  # "file" or "api"
+    records: int
+    usage: dict | None = None  # the API's: tokens, requests
+    truncated: int | None = None  # answers cut at teacher.max_tokens
+    with_logprobs: int | None = None  # answers with their top-k log-probabilities (teacher.top_logprobs)
+
+
+def _source(cfg: Config) -> Path:
+    if not cfg.teacher.file and not cfg.data.prompts:
+        raise SodaError("set data.prompts (prompts to send to the teacher API) or teacher.file (existing responses)")
+    return Path(cfg.teacher.file or cfg.data.prompts)
+
+
+def teacher_key(cfg: Config) -> KeyParts:
+    """The teacher section, the source's digest (hashed once: a prompt file may be large), data.limit and
+    data.columns. A shipped teacher file counts as `builtin:NAME`, not its path, so a run resumes from another
+    checkout or venv; runs made before keyed the path itself."""
+    rest = [source_digest(_source(cfg)), str(cfg.data.limit),
+            json.dumps(cfg.data.columns, sort_keys=True) if cfg.data.columns else None]
+    shown = dataclasses.replace(cfg.teacher, file=shown_data_path(cfg.teacher.file)) if cfg.teacher.file else cfg.teacher
+    return KeyParts([shown, *rest], legacy=[cfg.teacher, *rest])
 
 
 def request_body(cfg: Config, ex: Example) -> dict:
@@ -42,55 +63,48 @@ def _jobs(cfg: Config, examples: list[Example]) -> tuple[list[str], dict[str, tu
     return keys, {key: (ex.id, body) for key, ex, body in zip(keys, examples, bodies)}
 
 
-def _collect(cfg: Config, run: RunDir, examples: list[Example], info: dict) -> list[dict]:
+def _collect(cfg: Config, run: RunDir, examples: list[Example]) -> tuple[list[dict], dict]:
+    """The teacher's answers to `examples` as `messages` records, and their figures."""
     t = cfg.teacher
     cache = AppendLog(run.file("teacher_cache.jsonl"), "key")
     keys, jobs = _jobs(cfg, examples)
     collect(t, "teacher", jobs, cache, run.file("teacher_failed.jsonl"), "prompts got no teacher answer", "run the stage again")
     answers = [cache.records[key] for key in keys]
-    info["usage"] = sum_usage(answers)
-    info["truncated"] = sum(a.get("finish_reason") == "length" for a in answers)
-    if t.top_logprobs is not None:
-        info["with_logprobs"] = sum("logprobs" in a for a in answers)
+    figures = {"usage": sum_usage(answers), "truncated": sum(a.get("finish_reason") == "length" for a in answers),
+               **({"with_logprobs": sum("logprobs" in a for a in answers)} if t.top_logprobs is not None else {})}
     return [
         {"id": ex.id, "messages": ex.prompt + [{"role": "assistant", "content": a["content"]}], "finish_reason": a.get("finish_reason"),
          **({"logprobs": a["logprobs"]} if "logprobs" in a else {})}
         for ex, a in zip(examples, answers)
-    ]
+    ], figures
+
+
+def teacher_body(cfg: Config, run: RunDir, inputs: dict) -> TeacherResult:
+    """Write `teacher.jsonl`: one `messages` record per prompt, ending with the teacher's answer."""
+    source = _source(cfg)
+    run.record_input(source)
+    if cfg.teacher.file:
+        examples = read_examples(source, want_response=True, limit=cfg.data.limit, columns=cfg.data.columns)
+        records = [{"id": ex.id, "messages": ex.prompt + [{"role": "assistant", "content": ex.response}]} for ex in examples]
+        result = TeacherResult(source="file", records=len(records))
+    else:
+        examples = read_examples(source, limit=cfg.data.limit, columns=cfg.data.columns)
+        records, figures = _collect(cfg, run, examples)
+        result = TeacherResult(source="api", records=len(records), **figures)
+    atomic_write_jsonl(run.output("teacher"), records)
+    return result
 
 
 def run_teacher(cfg: Config, run: RunDir) -> Path:
-    """Write `teacher.jsonl`: one `messages` record per prompt, ending with the teacher's answer."""
-    source = Path(cfg.teacher.file or cfg.data.prompts or "")
-    if not cfg.teacher.file and not cfg.data.prompts:
-        raise SodaError("set data.prompts (prompts to send to the teacher API) or teacher.file (existing responses)")
-    out = run.output("teacher")
-    digest = source_digest(source)  # hashed once: a prompt file may be large
-    fp = _source_fingerprint(cfg, digest)
-    if run.done("teacher", fp, legacy=_source_fingerprint(cfg, digest, shown=str)):  # older runs: the path itself
-        return out
-    run.record_input(source)
-    with run.stage("teacher", fp) as info:
-        if cfg.teacher.file:
-            examples = read_examples(source, want_response=True, limit=cfg.data.limit, columns=cfg.data.columns)
-            records = [{"id": ex.id, "messages": ex.prompt + [{"role": "assistant", "content": ex.response}]} for ex in examples]
-            info["source"] = "file"
-        else:
-            examples = read_examples(source, limit=cfg.data.limit, columns=cfg.data.columns)
-            records = _collect(cfg, run, examples, info)
-            info["source"] = "api"
-        atomic_write_jsonl(out, records)
-        info["records"] = len(records)
-    return out
+    """The teacher stage (pipeline.execute): `teacher.jsonl`, unless finished."""
+    return execute("teacher", cfg, run)
 
 
 def plan_teacher(cfg: Config, run_path: Path) -> str:
     """--dry-run: the file the answers are read from, or the requests the stage would send and their cost at most."""
     if cfg.teacher.file:
         return f"reads the teacher's answers from {cfg.teacher.file}"
-    if not cfg.data.prompts:
-        raise SodaError("set data.prompts (prompts to send to the teacher API) or teacher.file (existing responses)")
-    _, jobs = _jobs(cfg, read_examples(Path(cfg.data.prompts), limit=cfg.data.limit, columns=cfg.data.columns))
+    _, jobs = _jobs(cfg, read_examples(_source(cfg), limit=cfg.data.limit, columns=cfg.data.columns))
     cache = run_path / "teacher_cache.jsonl"
     cached = set(AppendLog(cache, "key").records) if cache.exists() else set()
     return estimate(cfg.teacher, "teacher", [body for key, (_, body) in jobs.items() if key not in cached],

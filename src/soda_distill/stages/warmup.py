@@ -9,19 +9,30 @@ turn (`warmup.truncated`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
 from ..chat_tokens import chat_ids
-from ..config import Config, WarmupConfig, fingerprint
+from ..config import Config, WarmupConfig
 from ..errors import SodaError
-from ..manifest import RunDir, combine
+from ..manifest import RunDir, StageResult
 from ..models import load_model, load_tokenizer, resolve_model, use_bf16
-from ..records import read_examples, read_jsonl, sha256_file
+from ..pipeline import execute
+from ..records import read_examples, read_jsonl
 from ..teacher_logprobs import TeacherKLTrainer, TeacherTargetsCollator, teacher_targets, vocabulary_by_text
 from ..cpu import apply_cpu_settings
-from ..training import MetricsLog, ResumableOrder, peft_config, train_and_save, trainer_arguments
+from ..training import MetricsLog, ResumableOrder, TrainResult, peft_config, train_and_save, trainer_arguments
+
+
+@dataclass
+class WarmupResult(StageResult):
+    examples: int
+    truncated_kept_open: int  # answers cut at their limit, trained without an end of turn (sft_dataset's counts)
+    dropped_truncated: int
+    training: TrainResult
+    teacher_kl_unaligned: int | None = None  # with a grey-box teacher: answers without its targets
 
 
 def sft_dataset(teacher_path: Path, tokenizer, truncated: str = "open", kl_max_length: int | None = None):
@@ -94,13 +105,14 @@ def student_and_answers(cfg: Config, teacher_path: Path, section: WarmupConfig):
     return (model, tokenizer, *sft_dataset(teacher_path, tokenizer, section.truncated, kl_max_length))
 
 
+def warmup_body(cfg: Config, run: RunDir, inputs: dict[str, Path]) -> WarmupResult:
+    """Train q_w and save it in `warmup/`."""
+    out = run.output("warmup")
+    model, tokenizer, dataset, counts = student_and_answers(cfg, inputs["teacher"], cfg.warmup)
+    trainer = build_sft_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")
+    return WarmupResult(examples=len(dataset), **counts, training=train_and_save(trainer, out))
+
+
 def run_warmup(cfg: Config, run: RunDir) -> Path:
-    teacher_path, out = run.output("teacher"), run.output("warmup")
-    fp = combine(fingerprint(cfg.warmup), fingerprint(cfg.student), sha256_file(teacher_path))
-    if run.done("warmup", fp):
-        return out
-    with run.stage("warmup", fp) as info:
-        model, tokenizer, dataset, counts = student_and_answers(cfg, teacher_path, cfg.warmup)
-        trainer = build_sft_trainer(model, tokenizer, dataset, cfg, out, out / "metrics.jsonl")
-        info.update(examples=len(dataset), **counts, **train_and_save(trainer, out))
-    return out
+    """The warmup stage (pipeline.execute): q_w, unless finished."""
+    return execute("warmup", cfg, run)
