@@ -1,6 +1,6 @@
 """A loopback OpenAI-compatible chat endpoint that returns `logprobs`/`top_logprobs`, answering with a real model.
 
-`transformers serve` refuses both fields (transformers 5.24: "not yet supported"), and vLLM, which returns them,
+`transformers serve` refuses both fields (transformers 5.24 and 5.25: "not yet supported"), and vLLM, which returns them,
 has no CPU wheel here; so this server generates with the model itself (greedy at temperature 0, else sampled) and
 reports each answer token's log-probability and its `top_logprobs` likeliest alternatives, from the same
 distribution, in the Chat Completions schema the `openai` SDK parses.

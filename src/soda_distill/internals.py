@@ -13,7 +13,7 @@ import inspect
 from dataclasses import dataclass, is_dataclass
 from dataclasses import fields as dataclass_fields
 
-TESTED = {"trl": "1.16", "transformers": "5.24"}  # the minor versions these entries were checked against
+TESTED = {"trl": "1.16", "transformers": "5.25"}  # the minor versions these entries were checked against
 
 
 @dataclass(frozen=True)
