@@ -42,7 +42,7 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     from soda_distill.config import EndpointConfig
     from soda_distill.endpoint import collect, request_key
-    from soda_distill.records import AppendLog
+    from soda_distill.append_log import AppendLog
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,8 @@ from soda_distill.evaluation.analyze import analyze_runs
 from soda_distill.evaluation.benchmarks import load_benchmarks
 from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
 from soda_distill.manifest import RunDir
-from soda_distill.records import MAX_LINE_BYTES, AppendLog, read_examples, read_pairs
+from soda_distill.append_log import AppendLog
+from soda_distill.records import MAX_LINE_BYTES, read_examples, read_pairs
 from soda_distill.stages.teacher import run_teacher
 
 

@@ -109,7 +109,7 @@ def test_a_failed_write_stops_the_collection_at_once(tmp_path, responder, monkey
     import errno
 
     from soda_distill.config import EndpointConfig
-    from soda_distill.records import AppendLog
+    from soda_distill.append_log import AppendLog
 
     def full(self, records):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
@@ -136,7 +136,7 @@ def test_a_collection_runs_inside_a_running_event_loop(tmp_path, responder):
     import asyncio
 
     from soda_distill.config import EndpointConfig
-    from soda_distill.records import AppendLog
+    from soda_distill.append_log import AppendLog
 
     section = EndpointConfig(base_url=responder.url, model="m", api_key_env=None, concurrency=4)
     bodies = [{"model": "m", "messages": [{"role": "user", "content": f"Q{i}"}], "max_tokens": 5} for i in range(6)]

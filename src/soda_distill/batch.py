@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .config import EndpointConfig
 from .errors import SodaError
-from .records import AppendLog, atomic_write_jsonl, atomic_write_text, token_logprobs
+from .append_log import AppendLog
+from .records import atomic_write_jsonl, atomic_write_text, token_logprobs
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 CHAT = "/v1/chat/completions"

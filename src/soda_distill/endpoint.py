@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from .config import EndpointConfig, redact_url
 from .errors import SodaError
 from .batch import collect_batch, state_path
-from .records import AppendLog, atomic_write_jsonl, token_logprobs
+from .append_log import AppendLog
+from .records import atomic_write_jsonl, token_logprobs
 
 # Status codes worth asking again: timeouts, conflicts, rate limits and server-side failures.
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}

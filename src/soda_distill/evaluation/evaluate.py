@@ -27,7 +27,8 @@ from ..manifest import RunDir
 from ..model_card import add_evaluation
 from ..models import context_length, load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from ..plots import plot_results
-from ..records import (AppendLog, atomic_write_jsonl, atomic_write_text, read_examples, read_jsonl, resolve_data_path,
+from ..append_log import AppendLog
+from ..records import (atomic_write_jsonl, atomic_write_text, read_examples, read_jsonl, resolve_data_path,
                        shown_data_path)
 from ..registry import METHODS, methods_named
 from ..stats import bootstrap_ci

@@ -26,7 +26,8 @@ from pathlib import Path
 from ..config import EvaluateConfig, JudgeConfig, ScoredEndpointConfig, redact_url
 from ..endpoint import ask, collect, cost_usd, estimate, request_key, sum_usage
 from ..errors import SodaError
-from ..records import AppendLog, read_text_file
+from ..append_log import AppendLog
+from ..records import read_text_file
 from .benchmarks import Benchmark, Item
 
 ORDERS = ("student_first", "reference_first")

@@ -18,7 +18,8 @@ from ..generation import Sampling, generate_transformers, generate_vllm, prompt_
 from ..manifest import RunDir, StageResult
 from ..models import context_length, load_model, load_tokenizer, resolve_model, use_bf16
 from ..pipeline import execute
-from ..records import AppendLog, atomic_write_jsonl, read_examples
+from ..append_log import AppendLog
+from ..records import atomic_write_jsonl, read_examples
 
 
 @dataclass

@@ -17,7 +17,8 @@ from ..errors import SodaError
 from ..keys import KeyParts
 from ..manifest import RunDir, StageResult
 from ..pipeline import execute
-from ..records import AppendLog, Example, atomic_write_jsonl, read_examples, shown_data_path, source_digest
+from ..append_log import AppendLog
+from ..records import Example, atomic_write_jsonl, read_examples, shown_data_path, source_digest
 
 
 @dataclass
