@@ -253,6 +253,11 @@ PAGES = (
          "SmolLM2-135M distilled from the 400 shipped Dolly answers (`configs/quality.yaml`) by every method and "
          "variant, evaluated on Dolly held-out, SelfInst and Vicuna with paired bootstrap intervals; seeds 42 and 43.",
          (("quality.json", quality),)),
+    Page("alpaca-eval", "The replica in the paper's regime: a real LLM teacher",
+         "SmolLM2-135M distilled from gpt-4o-2024-05-13's AlpacaEval answers (`configs/alpaca_eval.yaml`, 256 "
+         "training prompts) and evaluated on 240 held-out AlpacaEval prompts against gpt-4o's answers, with paired "
+         "bootstrap intervals; rows are added as seeds and methods finish.",
+         (("alpaca_eval.json", quality),)),
     Page("quality-quick", "The replica, quick variant",
          "`bench/quality.py --quick`: every method trains, evaluates and reports on a few prompts. A regression "
          "check, far too small to rank methods.",
