@@ -149,3 +149,10 @@ def test_a_collection_runs_inside_a_running_event_loop(tmp_path, responder):
     assert asyncio.run(cell()) == 6
     assert sorted(responder.asked) == [f"Q{i}" for i in range(6)]
     assert {r["content"] for r in cache.records.values()} == {f"ok: Q{i}" for i in range(6)}
+
+
+def test_a_dry_run_reads_the_teacher_file_as_the_stage_would(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "run"), "--dry-run", "teacher.file=builtin:dolly_train", "data.limit=5"]) == 0
+    assert capsys.readouterr().out.startswith("teacher: to run: reads 5 teacher answers from ")
+    assert main(["run", "--out", str(tmp_path / "run"), "--dry-run", f"teacher.file={tmp_path / 'none.jsonl'}"]) == 2
+    assert "none.jsonl: file not found" in capsys.readouterr().err and not (tmp_path / "run").exists()

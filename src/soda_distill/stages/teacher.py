@@ -103,8 +103,9 @@ def run_teacher(cfg: Config, run: RunDir) -> Path:
 
 def plan_teacher(cfg: Config, run_path: Path) -> str:
     """--dry-run: the file the answers are read from, or the requests the stage would send and their cost at most."""
-    if cfg.teacher.file:
-        return f"reads the teacher's answers from {cfg.teacher.file}"
+    if cfg.teacher.file:  # read as the stage reads it: a missing or malformed file is an error here too
+        answers = read_examples(_source(cfg), want_response=True, limit=cfg.data.limit, columns=cfg.data.columns)
+        return f"reads {len(answers)} teacher answers from {cfg.teacher.file}"
     _, jobs = _jobs(cfg, read_examples(_source(cfg), limit=cfg.data.limit, columns=cfg.data.columns))
     cache = run_path / "teacher_cache.jsonl"
     cached = set(AppendLog(cache, "key").records) if cache.exists() else set()
