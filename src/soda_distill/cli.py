@@ -155,7 +155,7 @@ def _keys(args) -> None:
 
     config_path, overrides = _config_and_overrides(args.args)
     cfg = load_config(config_path, overrides)
-    sections = [a for a in args.section or []]
+    sections = args.section or []
     if unknown := [s for s in sections if not hasattr(cfg, s)]:
         raise SodaError(f"--section {unknown[0]}: no such section (sections: {', '.join(vars(cfg))})")
     for key, value, help_text, operational in config_keys(cfg):
