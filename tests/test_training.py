@@ -28,6 +28,28 @@ def test_length_buckets_group_a_small_data_set():
     assert orders[0] != orders[1]
 
 
+def test_master_weights_clip_their_gradients_as_the_trainer_would():
+    """Given max_grad_norm, each step clips the masters' gradients before the update and keeps their norm, which the
+    trainer logs: the same weights as clipping then AdamW on fp32, unlike AdamW unclipped."""
+    torch.manual_seed(0)
+    start = torch.rand(64) * 2 + 2
+    weight = torch.nn.Parameter(start.to(torch.bfloat16))
+    clipped, unclipped = (torch.nn.Parameter(weight.detach().float()) for _ in range(2))
+    optimizer = MasterWeightsAdamW([weight], max_grad_norm=1.0, lr=1e-3)
+    plain, plain_unclipped = torch.optim.AdamW([clipped], lr=1e-3), torch.optim.AdamW([unclipped], lr=1e-3)
+    for i in range(6):
+        gradient = (torch.rand(64) * 10 ** (i % 3)).to(torch.bfloat16)  # norms of about 5 to 500
+        for param in (weight, clipped, unclipped):
+            (param * gradient.to(param.dtype)).sum().backward()
+        norm = torch.nn.utils.clip_grad_norm_([clipped], 1.0)
+        for opt in (optimizer, plain, plain_unclipped):
+            opt.step()
+            opt.zero_grad()
+        assert optimizer.grad_norm == pytest.approx(float(norm), rel=1e-6) and optimizer.grad_norm > 1
+    assert torch.equal(optimizer.masters[0], clipped.detach())
+    assert not torch.equal(clipped, unclipped)
+
+
 def test_master_weights_keep_updates_too_small_for_bf16():
     """bf16 weights of 2–4 move by steps of 2^-6 at least: one AdamW update of 1e-4 rounds away. The fp32 masters
     accumulate two micro-batches' gradients and take every update exactly as AdamW on fp32 weights would, the bf16

@@ -102,9 +102,9 @@ class TeacherKLTrainer:
         if not (targets and model.training and self.teacher_kl):
             return result
         term = topk_cross_entropy(caught["hidden"], inner.get_output_embeddings(), *(targets[k] for k in TARGET_KEYS))
-        self._metrics["train"]["teacher_topk_ce"].append(term.item())
+        self.record("teacher_topk_ce", term.item())
         for key, value in self.token_overlap(caught["hidden"], inner.get_output_embeddings(), targets).items():
-            self._metrics["train"][key].append(value)
+            self.record(key, value)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             # the SFT loss is then a share of the whole optimizer step's tokens, and transformers no longer divides
             # it by the accumulation steps: this per-batch mean takes its share the same way

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,28 @@ class LengthBuckets(Sampler):
         last = [rest.pop()] if rest and len(rest[-1]) < self.batch_size else []
         rest = [rest[i] for i in torch.randperm(len(rest)).tolist()]
         return iter([i for batch in [first, *rest, *last] for i in batch])
+
+
+class StepLog:
+    """Trainer mixin, through the public `log`: the figures a loss records per training micro-batch (`record`),
+    averaged into the next log line; and the fp32 masters' gradient norm where `MasterWeightsAdamW` trains (the
+    trainer measures the bf16 weights', which hold none)."""
+
+    def __init__(self, *args, **kwargs):
+        self.recorded: dict[str, list[float]] = defaultdict(list)
+        super().__init__(*args, **kwargs)
+
+    def record(self, key: str, value: float) -> None:
+        self.recorded[key].append(value)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self.model.training:  # not an evaluation's line
+            logs.update({k: sum(v) / len(v) for k, v in self.recorded.items()})
+            self.recorded.clear()
+        masters = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+        if "grad_norm" in logs and isinstance(masters, MasterWeightsAdamW) and masters.grad_norm is not None:
+            logs["grad_norm"] = masters.grad_norm
+        super().log(logs, *args, **kwargs)
 
 
 class ResumableOrder:

@@ -16,19 +16,17 @@ from ..errors import SodaError
 
 def bf16_weights(trainer):
     """Train with `adamw_for`'s choice: bf16 weights and fp32 masters where the trainer trains in bf16 on CPU, the
-    trainer then clipping and reporting the masters' gradients (the bf16 weights hold none)."""
+    optimizer then clipping the masters' gradients itself (the bf16 weights, which the trainer clips, hold none);
+    `training.StepLog` logs their norm."""
     optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
     if optimizer_cls is not torch.optim.AdamW:
         return trainer
     adamw = adamw_for(trainer.model, trainer.args.bf16)
-    trainer.optimizer_cls_and_kwargs = (adamw, kwargs)
     if adamw is MasterWeightsAdamW:
+        kwargs = {**kwargs, "max_grad_norm": trainer.args.max_grad_norm}
         if getattr(trainer, "ref_model", None) is not None:  # GRPO's frozen reference computes as the policy does
             weights_to(trainer.ref_model, torch.bfloat16)
-        masters = lambda: getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
-        trainer._clip_grad_norm = lambda model: masters().clip_grad_norm_(trainer.args.max_grad_norm)
-        trainer._get_grad_norm = lambda model, grad_norm=None: float(
-            masters().clip_grad_norm_(float("inf")) if grad_norm is None else grad_norm)
+    trainer.optimizer_cls_and_kwargs = (adamw, kwargs)
     return trainer
 
 
@@ -63,7 +61,8 @@ class MasterWeightsAdamW(torch.optim.AdamW):
     into the master's fp32 one as soon as it is complete, so micro-batches of gradient accumulation add up in fp32, and
     the update is made on the masters: at a learning rate of 5e-6 most steps are far below bf16's resolution for a
     weight and would round away. The masters are saved with the optimizer's state, so a resumed run continues from
-    them and not from bf16 weights. The gradients live on the masters: clip them with `clip_grad_norm_`.
+    them and not from bf16 weights. The gradients live on the masters: given `max_grad_norm` (0: measure only), each
+step clips them and keeps their norm in `grad_norm`; without it, clip them with `clip_grad_norm_`.
 
     The masters are the weights before they were rounded (`adamw_for` keeps them): masters taken from bf16 weights
     all lie on bf16's grid, and every update smaller than half a step of it then never reaches the forward pass (the
@@ -71,7 +70,8 @@ class MasterWeightsAdamW(torch.optim.AdamW):
     cast them to.
     """
 
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, max_grad_norm: float | None = None, **kwargs):
+        self.max_grad_norm, self.grad_norm = max_grad_norm, None
         groups = list(params)
         groups = groups if isinstance(groups[0], dict) else [{"params": groups}]
         self.model_params = [p for group in groups for p in group["params"]]
@@ -86,6 +86,8 @@ class MasterWeightsAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.max_grad_norm is not None:
+            self.grad_norm = float(self.clip_grad_norm_(self.max_grad_norm or float("inf")))
         loss = super().step(closure)
         for p, master in zip(self.model_params, self.masters):
             p.copy_(master)

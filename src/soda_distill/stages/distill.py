@@ -31,7 +31,8 @@ from ..pipeline import execute
 from ..records import read_metrics, read_pairs
 from .refresh import Refresh, RefreshRejected
 from .selection import select_pairs
-from ..training import MetricsLog, ResumableOrder, TrainResult, ends, peft_config, train_and_save, trainer_arguments
+from ..training import (MetricsLog, ResumableOrder, StepLog, TrainResult, ends, peft_config, train_and_save,
+                        trainer_arguments)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def on_disk(dataset, folder: Path):
         return load_from_disk(str(folder))
 
 
-class DistillDPOTrainer(ResumableOrder, DPOTrainer):
+class DistillDPOTrainer(StepLog, ResumableOrder, DPOTrainer):
     """TRL's DPOTrainer, computing the reference log-probabilities with the training forward: this package's CPU
     head, under bf16 autocast when training uses it (so at step 0 the policy's log-probabilities equal the
     reference's), from data already tokenized by `dpo_dataset`."""

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessorList, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import LogitsProcessorList, TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
 from ..config import Config, GadConfig, TrainingConfig
@@ -36,8 +36,8 @@ from ..models import load_model, load_tokenizer, resolve_model, use_bf16
 from ..pipeline import execute
 from ..records import read_examples, read_metrics, read_pairs
 from ..cpu import MasterWeightsAdamW, bf16_weights
-from ..training import (MetricsLog, ResumableOrder, TrainResult, ends, peft_config, save_model_folder, train_and_save,
-                        trainer_arguments)
+from ..training import (MetricsLog, ResumableOrder, StepLog, TrainResult, ends, peft_config, save_model_folder,
+                        train_and_save, trainer_arguments)
 from .discriminator import (Discriminator, bradley_terry, discriminator_scores, load_discriminator, prompt_ids,
                             response_ids)
 
@@ -89,15 +89,15 @@ def bradley_terry_dataset(pairs_path: Path, tokenizer, g: GadConfig):
     return Dataset.from_list(rows), dropped
 
 
-class BradleyTerryTrainer(ResumableOrder, RewardTrainer):
+class BradleyTerryTrainer(StepLog, ResumableOrder, RewardTrainer):
     """TRL's RewardTrainer (Bradley–Terry, chosen = teacher, rejected = student), scoring with discriminator_scores."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher, student = discriminator_scores(model, inputs["input_ids"], inputs["attention_mask"]).chunk(2)
         losses, wins = bradley_terry(teacher, student)
-        metrics = self._metrics["train" if model.training else "eval"]
-        metrics["accuracy"].append(wins.float().mean().item())
-        metrics["margin"].append((teacher - student).mean().item())
+        if model.training:
+            self.record("accuracy", wins.float().mean().item())
+            self.record("margin", (teacher - student).mean().item())
         return losses.mean()
 
 
@@ -163,16 +163,36 @@ def gad_dataset(teacher_path: Path, tokenizer, g: GadConfig):
     return Dataset.from_list(rows), dropped
 
 
-class GadTrainer(ResumableOrder, GRPOTrainer):
+class DiscriminatorCheckpoint(TrainerCallback):
+    """Writes the discriminator into each generator checkpoint's folder as the step that saves it ends: before the
+    trainer writes that checkpoint, whose trainer state, written last, marks it whole."""
+
+    def __init__(self, discriminator: Discriminator):
+        self.discriminator = discriminator
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # set by the trainer's DefaultFlowCallback, which runs first
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            self.discriminator.save_state(folder / DISCRIMINATOR_STATE)
+
+
+# Rollouts come from this package's sampler (generation.CategoricalSampler: the same distribution as generate's
+# sampling, without torch.multinomial's slow CPU kernel), so generate decodes greedily over its one-hot.
+GREEDY_OVER_SAMPLER = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
+
+
+class GadTrainer(StepLog, ResumableOrder, GRPOTrainer):
     """TRL's GRPOTrainer whose checkpoints also hold the discriminator, and whose first steps train it alone."""
 
     def __init__(self, *args, discriminator: Discriminator, discriminator_dir: Path, **kwargs):
         super().__init__(*args, reward_funcs=[discriminator], **kwargs)
         self.discriminator, self.discriminator_dir = discriminator, discriminator_dir
+        self.add_callback(DiscriminatorCheckpoint(discriminator))
         self.timings: dict[str, float] = defaultdict(float)  # where a step's time goes, logged with its metrics
-        if not self.use_vllm:
-            self._sample_with(CategoricalSampler(self.temperature, self.top_p))
         generate = self.model.generate
+        if not self.use_vllm:
+            generate = functools.partial(generate, logits_processor=LogitsProcessorList(
+                [CategoricalSampler(self.temperature, self.top_p)]))
 
         def timed_generate(*args, **kwargs):
             with self._timed("time/rollouts_s"):
@@ -195,42 +215,24 @@ class GadTrainer(ResumableOrder, GRPOTrainer):
         self.timings.clear()
         super().log(logs, *args, **kwargs)
 
-    def _sample_with(self, sampler) -> None:
-        """Rollouts drawn by `sampler` (generation.CategoricalSampler: the same distribution as `generate`'s
-        sampling, without torch.multinomial's slow CPU kernel): generate decodes greedily over its one-hot."""
-        plain = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
-        if any(self.generation_kwargs.get(k) not in (None, 0, 1.0) for k in ("top_k", "min_p", "repetition_penalty")):
-            return  # settings the sampler does not apply: TRL's sampling stays as it is
-        self.generation_config.update(**plain)
-        self.generation_kwargs.update(plain)
-        self.model.generate = functools.partial(self.model.generate, logits_processor=LogitsProcessorList([sampler]))
-
     def training_step(self, model, inputs, num_items_in_batch):
         with self._timed("time/step_s"):
-            return self._generator_step(model, inputs, num_items_in_batch)
-
-    def _generator_step(self, model, inputs, num_items_in_batch):
-        if self.state.global_step >= self.discriminator.g.discriminator_only_steps:
             return super().training_step(model, inputs, num_items_in_batch)
-        # Roll out and score: the reward function trains the discriminator. The generator gets no gradient, so the
-        # optimizer step leaves it as it is.
-        model.train()
-        self._prepare_inputs(inputs)
-        self._step += 1  # GRPOTrainer's micro-step count, which schedules generation
-        return torch.zeros((), device=self.args.device)
 
-    def _save_checkpoint(self, model, trial):
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self.discriminator.save_state(folder / DISCRIMINATOR_STATE)  # first: the trainer state is written last
-        super()._save_checkpoint(model, trial)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.state.global_step >= self.discriminator.g.discriminator_only_steps:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The rollouts were drawn and scored (the reward function training the discriminator) as the inputs were
+        # prepared. The generator gets no gradient, not even zeros, so its optimizer step leaves it as it is; the
+        # loss has a grad_fn all the same, which DeepSpeed's backward requires.
+        return torch.zeros((), device=self.args.device, requires_grad=True).clone()
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            self.discriminator.load_state(Path(checkpoint) / DISCRIMINATOR_STATE)
-
-    def train(self, *args, **kwargs):
-        result = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            self.discriminator.load_state(Path(resume_from_checkpoint) / DISCRIMINATOR_STATE)
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
         if isinstance(self.discriminator.optimizer, MasterWeightsAdamW):
             self.discriminator.optimizer.copy_into(self.discriminator.model)
         if self.args.should_save:  # before train_and_save drops the checkpoints
@@ -259,6 +261,7 @@ def build_gad_trainer(generator, tokenizer, discriminator: Discriminator, datase
     args = GRPOConfig(
         **common, num_generations=g.num_generations, temperature=g.temperature, max_completion_length=g.max_new_tokens,
         beta=g.beta, entropy_coef=g.entropy_coef, **vllm_arguments(g),
+        generation_kwargs=None if g.vllm else GREEDY_OVER_SAMPLER,  # laid over TRL's sampling settings
     )
     # Not `apply_cpu_settings`: GRPO's fused head divides the logits by the temperature, which this package's does not.
     return bf16_weights(GadTrainer(

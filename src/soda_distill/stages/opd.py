@@ -28,7 +28,8 @@ from ..models import load_model, load_tokenizer, resolve_model, transformers_mod
 from ..pipeline import execute
 from ..records import read_examples, read_metrics
 from ..token_overlap import overlap_stats, sampled_states, state_logits
-from ..training import MetricsLog, ResumableOrder, TrainResult, ends, peft_config, train_and_save, trainer_arguments
+from ..training import (MetricsLog, ResumableOrder, StepLog, TrainResult, ends, peft_config, train_and_save,
+                        trainer_arguments)
 
 
 @dataclass
@@ -63,18 +64,19 @@ def opd_key(cfg: Config) -> KeyParts:
     return KeyParts([Path(teacher_dir), cfg.student.lora, "teacher in bf16" if teacher_bf16 else None])
 
 
-class OpdTrainer(ResumableOrder, DistillationTrainer):
+class OpdTrainer(StepLog, ResumableOrder, DistillationTrainer):
     """TRL's DistillationTrainer with a training order that a resumed run repeats, logging the token-overlap
     diagnostics (token_overlap.py) of `overlap_states` sampled states at each logging step."""
 
-    overlap_k, overlap_states = 0, 0
+    overlap_k, overlap_states, overlap_step = 0, 0, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        first_micro_batch = self._step % self.current_gradient_accumulation_steps == 0
-        if self.overlap_k and model.training and first_micro_batch and self.state.global_step % self.args.logging_steps == 0:
+        step = self.state.global_step  # the same for every micro-batch of a step: measured at the first of them
+        if self.overlap_k and model.training and step % self.args.logging_steps == 0 and step != self.overlap_step:
+            self.overlap_step = step
             for key, value in self.token_overlap(inputs).items():
-                self._metrics["train"][key].append(value)
+                self.record(key, value)
         return result
 
     @torch.no_grad()

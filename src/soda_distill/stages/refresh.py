@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 
 from ..chat_tokens import chat_ids
 from ..generation import Sampling, generate_transformers
@@ -177,7 +178,7 @@ class RefreshRejected:
 
     def reference_logps(self, examples: list[dict]):
         """q_w's log-probabilities of the chosen and rejected answers of `examples`, computed as before training."""
-        batch = self._prepare_inputs(self.preference_collator(examples))
+        batch = send_to_device(self.preference_collator(examples), self.accelerator.device)
         with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
             return self.compute_ref_log_probs(self.ref_model or self.model, batch)
 

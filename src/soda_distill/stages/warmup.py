@@ -23,7 +23,7 @@ from ..pipeline import execute
 from ..records import read_examples, read_jsonl
 from ..teacher_logprobs import TeacherKLTrainer, TeacherTargetsCollator, teacher_targets, vocabulary_by_text
 from ..cpu import apply_cpu_settings
-from ..training import MetricsLog, ResumableOrder, TrainResult, peft_config, train_and_save, trainer_arguments
+from ..training import MetricsLog, ResumableOrder, StepLog, TrainResult, peft_config, train_and_save, trainer_arguments
 
 
 @dataclass
@@ -68,7 +68,7 @@ def sft_dataset(teacher_path: Path, tokenizer, truncated: str = "open", kl_max_l
     return Dataset.from_list(rows), counts
 
 
-class ResumableSFTTrainer(ResumableOrder, TeacherKLTrainer, SFTTrainer):
+class ResumableSFTTrainer(StepLog, ResumableOrder, TeacherKLTrainer, SFTTrainer):
     """TRL's SFTTrainer, with a training order a resumed run repeats (and a grey-box teacher's top-k term)."""
 
 
