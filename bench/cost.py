@@ -229,7 +229,7 @@ def sweep(out: Path, quick: bool) -> None:
     for L in grid["L"]:
         common = [f"data.limit={grid['prompts']}", f"snapshot.max_new_tokens={L}", f"gad.max_new_tokens={L}",
                   "gad.epochs=1.0", f"gad.gradient_accumulation_steps={PROMPTS_PER_STEP}",
-                  f"gad.discriminator_batch_size={PROMPTS_PER_STEP}"]
+                  f"gad.discriminator.batch_size={PROMPTS_PER_STEP}"]
         base = out / f"L{L}"
         for command in ("teacher", *SODA):
             stage(command, base, common)

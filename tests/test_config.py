@@ -156,6 +156,21 @@ def test_a_changed_default_of_an_added_key_keeps_old_runs_at_their_value():
     assert load_config(None, []).pairs.truncated_rejected == "drop" and load_config(None, []).warmup.epochs == 3
 
 
+def test_gads_discriminator_keys_moved_into_a_section_keep_loading_and_keying(tmp_path):
+    """gad.discriminator_* became gad.discriminator.*: a config with the old names (a run's config.yaml) loads as the
+    new, an override in either spelling wins over the file, and the section's fingerprint is the one runs were keyed
+    with before the move (pinned values)."""
+    old = tmp_path / "old.yaml"
+    old.write_text("gad:\n  discriminator_learning_rate: 3.0e-5\n  discriminator_only_steps: 4\n")
+    new = load_config(None, ["gad.discriminator.learning_rate=3e-5", "gad.discriminator.only_steps=4"]).gad
+    assert load_config(old).gad == new and new.discriminator.only_steps == 4
+    assert load_config(old, ["gad.discriminator.only_steps=5"]).gad.discriminator.only_steps == 5
+    nested = tmp_path / "new.yaml"
+    nested.write_text("gad:\n  discriminator:\n    only_steps: 4\n")
+    assert load_config(nested, ["gad.discriminator_only_steps=6"]).gad.discriminator.only_steps == 6
+    assert fingerprint(new) == "0b9760a49cfe4ade" and fingerprint(load_config(None, []).gad) == "b18339750ae9be91"
+
+
 def test_keys_shows_each_key_with_its_value_and_help(capsys):
     assert main(["keys", "--section", "distill", "--section", "evaluate", "distill.beta=0.3"]) == 0
     out = capsys.readouterr().out.splitlines()

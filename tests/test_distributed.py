@@ -27,7 +27,7 @@ SMALL = ["student.bf16=false", "snapshot.max_new_tokens=12", "pairs.truncated_re
          "distill.warmup_ratio=0", "distill.max_length=128"]
 STEPS_PER_EPOCH = 3  # 12 examples, 2 per process per step, 2 processes
 GAD_SMALL = ["gad.max_new_tokens=12", "gad.num_generations=2", "gad.batch_size=2", "gad.gradient_accumulation_steps=1",
-             "gad.max_length=128", "gad.discriminator_batch_size=1", "gad.discriminator_only_steps=1", "gad.epochs=1"]
+             "gad.max_length=128", "gad.discriminator.batch_size=1", "gad.discriminator.only_steps=1", "gad.epochs=1"]
 
 
 def command(processes: int, out: Path, *settings: str, method: str = "soda") -> list[str]:

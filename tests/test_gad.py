@@ -32,9 +32,9 @@ def gad_overrides(qa, tiny_model_dir, *extra) -> list[str]:
         "pairs.truncated_rejected=open",
         "snapshot.temperature=1.0", "warmup.max_length=128", "warmup.batch_size=12",
         "gad.num_generations=2", "gad.batch_size=4", "gad.gradient_accumulation_steps=1", "gad.max_new_tokens=8",
-        "gad.max_length=128", "gad.gradient_checkpointing=false", "gad.discriminator_batch_size=2",
-        "gad.learning_rate=1e-4", "gad.discriminator_learning_rate=1e-4", "gad.discriminator_only_steps=0",
-        f"gad.discriminator_warmup_epochs={STEP}", f"gad.epochs={STEP}", *extra,
+        "gad.max_length=128", "gad.gradient_checkpointing=false", "gad.discriminator.batch_size=2",
+        "gad.learning_rate=1e-4", "gad.discriminator.learning_rate=1e-4", "gad.discriminator.only_steps=0",
+        f"gad.discriminator.warmup_epochs={STEP}", f"gad.epochs={STEP}", *extra,
     ]
 
 
@@ -96,7 +96,7 @@ def pair_accuracy(model, dataset) -> float:
 
 
 def test_discriminator_warmup_learns_to_rank_teacher_above_student(run, qa, tiny_model_dir):
-    cfg = gad_config(qa, tiny_model_dir, "gad.discriminator_warmup_epochs=3")
+    cfg = gad_config(qa, tiny_model_dir, "gad.discriminator.warmup_epochs=3")
     tokenizer = load_tokenizer(str(tiny_model_dir))
     dataset, _ = gad.bradley_terry_dataset(run.file("pairs.jsonl"), tokenizer, cfg.gad)
     set_seed(cfg.gad.seed)  # the head the warmup starts from
@@ -137,7 +137,7 @@ def test_one_adversarial_step_trains_both_networks(run, qa, tiny_model_dir, bf16
 
 
 def test_discriminator_trains_alone_for_the_first_steps(run, qa, tiny_model_dir):
-    cfg = gad_config(qa, tiny_model_dir, "gad.discriminator_only_steps=1")
+    cfg = gad_config(qa, tiny_model_dir, "gad.discriminator.only_steps=1")
     generator = run_gad(cfg, run)
     assert not changed(params(AutoModelForCausalLM.from_pretrained(run.file("warmup"))),
                        params(AutoModelForCausalLM.from_pretrained(generator)))
@@ -201,7 +201,7 @@ def test_run_method_gad_reuses_the_shared_stages(run, qa, tiny_model_dir, capsys
 @pytest.mark.parametrize("override, message", [
     ("gad.num_generations=3", "multiple of gad.num_generations"),
     ("gad.num_generations=1", "at least 2"),
-    ("gad.discriminator_batch_size=3", "must divide the prompts per step"),
+    ("gad.discriminator.batch_size=3", "must divide the prompts per step"),
     ("gad.max_new_tokens=200", "must be below gad.max_length"),
 ])
 def test_bad_batch_settings_fail_when_the_config_loads(qa, tiny_model_dir, override, message):

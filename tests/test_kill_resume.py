@@ -244,9 +244,9 @@ def settings(tmp_path_factory, tiny_model_dir) -> list[str]:
         *[f"{stage}.{key}" for stage in ("warmup", "distill") for key in (
             "batch_size=2", "epochs=2", "learning_rate=1e-3", "max_length=128", "save_steps=1")],
         "gad.num_generations=2", "gad.batch_size=4", "gad.gradient_accumulation_steps=1", "gad.max_new_tokens=8",
-        "gad.max_length=128", "gad.gradient_checkpointing=false", "gad.discriminator_batch_size=2",
-        "gad.learning_rate=1e-4", "gad.discriminator_learning_rate=1e-4", "gad.discriminator_only_steps=1",
-        f"gad.discriminator_warmup_epochs={gad_epochs}", f"gad.epochs={gad_epochs}", "gad.save_steps=1",
+        "gad.max_length=128", "gad.gradient_checkpointing=false", "gad.discriminator.batch_size=2",
+        "gad.learning_rate=1e-4", "gad.discriminator.learning_rate=1e-4", "gad.discriminator.only_steps=1",
+        f"gad.discriminator.warmup_epochs={gad_epochs}", f"gad.epochs={gad_epochs}", "gad.save_steps=1",
     ]
 
 

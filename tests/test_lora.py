@@ -72,8 +72,8 @@ def test_lora_trains_through_the_cpu_head(tmp_path, qa_file, tiny_model_dir):
 def test_gad_trains_adapters_on_its_generator_and_discriminator(tmp_path, qa_file, tiny_model_dir):
     cfg = lora_config(qa_file, tiny_model_dir, "warmup.epochs=1", "gad.max_new_tokens=8", "gad.num_generations=2",
                       "gad.batch_size=4", "gad.gradient_accumulation_steps=1", "gad.max_length=128",
-                      "gad.discriminator_batch_size=2", "gad.discriminator_only_steps=1", "gad.epochs=1",
-                      "gad.learning_rate=1e-2", "gad.discriminator_learning_rate=1e-2", "gad.gradient_checkpointing=false")
+                      "gad.discriminator.batch_size=2", "gad.discriminator.only_steps=1", "gad.epochs=1",
+                      "gad.learning_rate=1e-2", "gad.discriminator.learning_rate=1e-2", "gad.gradient_checkpointing=false")
     run = RunDir(tmp_path / "run")
     run_methods(cfg, run, ["gad"])
     q_w = load_file(run.output("warmup") / "model.safetensors")

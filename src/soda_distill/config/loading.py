@@ -23,6 +23,9 @@ from .onpolicy import GadConfig, OpdConfig
 from .training import DistillConfig, SeqKDConfig, TrackersConfig, WarmupConfig
 
 MAX_CONFIG_BYTES = 1 << 20
+# Keys that moved: a config written with the old name (a run's config.yaml included) still loads, as the new one.
+MOVED = {f"gad.discriminator_{key}": f"gad.discriminator.{key}"
+         for key in ("learning_rate", "warmup_epochs", "only_steps", "batch_size")}
 
 
 @dataclass
@@ -125,6 +128,23 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+def _moved(values: dict) -> dict:
+    """`values` with each old key of MOVED under its new name, unless the new one is also given."""
+    for old, new in MOVED.items():
+        *parents, leaf = old.split(".")
+        node = values
+        for p in parents:
+            node = node.get(p) if isinstance(node.get(p), dict) else {}
+        if leaf in node:
+            value = node.pop(leaf)
+            *new_parents, new_leaf = new.split(".")
+            target = values
+            for p in new_parents:
+                target = target.setdefault(p, {})
+            target.setdefault(new_leaf, value)
+    return values
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -146,7 +166,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise SodaError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(values, dict):
             raise SodaError(f"{path}: expected a mapping of sections at the top level")
-    values = _merge(values, parse_overrides(overrides or []))
+    values = _merge(_moved(values), _moved(parse_overrides(overrides or [])))
     preset = (values.get("evaluate") or {}).get("preset") if isinstance(values.get("evaluate"), dict) else None
     if preset is not None:
         if preset not in EVALUATE_PRESETS:

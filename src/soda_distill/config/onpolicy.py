@@ -14,6 +14,20 @@ from .training import TrainingConfig
 
 
 @dataclass
+class DiscriminatorConfig:
+    """GAD's discriminator: the student's backbone with a scalar head, trained with the Bradley–Terry loss."""
+
+    learning_rate: float = field(default=1e-6, metadata={
+        "help": "the discriminator's learning rate, in its warmup and the adversarial phase"})
+    warmup_epochs: float = field(default=1.0, metadata={
+        "help": "epochs of Bradley–Terry training on pairs.jsonl (teacher vs. q0) before the adversarial phase"})
+    only_steps: int = field(default=10, metadata={
+        "help": "the first adversarial steps, in which only the discriminator learns"})
+    batch_size: int = field(default=8, metadata={
+        "help": "(teacher, student) pairs per discriminator forward/backward; must divide the prompts per step"})
+
+
+@dataclass
 class GadConfig(TrainingConfig):
     """GAD (Ye et al., 2025), the fully on-policy adversarial baseline. Defaults: its published recipe (microsoft/LMOps
     `gad/scripts/train/*-lr1e-6.sh`, verl); the TrainingConfig fields are the generator's (GRPO)."""
@@ -50,14 +64,9 @@ class GadConfig(TrainingConfig):
     entropy_coef: float = field(default=0.0, metadata={
         "help": "weight of the rollouts' mean token entropy, a bonus subtracted from the loss (TRL's entropy_coef); "
                 "0: none"})
-    discriminator_learning_rate: float = field(default=1e-6, metadata={
-        "help": "the discriminator's learning rate, in its warmup and the adversarial phase"})
-    discriminator_warmup_epochs: float = field(default=1.0, metadata={
-        "help": "epochs of Bradley–Terry training on pairs.jsonl (teacher vs. q0) before the adversarial phase"})
-    discriminator_only_steps: int = field(default=10, metadata={
-        "help": "the first adversarial steps, in which only the discriminator learns"})
-    discriminator_batch_size: int = field(default=8, metadata={
-        "help": "(teacher, student) pairs per discriminator forward/backward; must divide the prompts per step"})
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig, metadata={
+        "help": "the discriminator's own settings; its weight decay and gradient clipping are the generator's",
+        "keyed_flat": True})  # nested after runs were keyed with its keys flat (discriminator_*): keyed so still
     vllm: str | None = added(None, help=(
         "rollouts through vLLM (TRL's integration; vllm installed): \"colocate\" (in each training process) or "
         "\"server\" (`trl vllm-serve` running beside the trainers); null: transformers' generate"))
@@ -74,8 +83,8 @@ class GadConfig(TrainingConfig):
         if rollouts % self.num_generations:
             raise SodaError(f"gad.batch_size × gad.gradient_accumulation_steps ({rollouts} rollouts a step) must be a "
                             f"multiple of gad.num_generations ({self.num_generations})")
-        if self.prompts_per_step % self.discriminator_batch_size:
-            raise SodaError(f"gad.discriminator_batch_size ({self.discriminator_batch_size}) must divide the prompts per "
+        if self.prompts_per_step % self.discriminator.batch_size:
+            raise SodaError(f"gad.discriminator.batch_size ({self.discriminator.batch_size}) must divide the prompts per "
                             f"step (batch_size × gradient_accumulation_steps / num_generations = {self.prompts_per_step})")
         if self.max_new_tokens >= self.max_length:
             raise SodaError(f"gad.max_new_tokens ({self.max_new_tokens}) must be below gad.max_length ({self.max_length}), "

@@ -58,7 +58,16 @@ def _default(f: dataclasses.Field):
 def fingerprint(section) -> str:
     """Hash of a section's fields that change results (not the operational ones, nor added ones at their default);
     URLs as config.yaml keeps them, so that a run resumed from it has the same fingerprints."""
-    kept = {f.name: _redacted(getattr(section, f.name)) for f in dataclasses.fields(section)
-            if not f.metadata.get("operational")
-            and not (f.metadata.get("added") and getattr(section, f.name) == f.metadata.get("original", _default(f)))}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_hashed(section), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _hashed(section, prefix: str = "") -> dict:
+    kept = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("keyed_flat"):  # a section nested after runs were keyed with its keys flat, as name_key
+            kept.update(_hashed(value, f"{prefix}{f.name}_"))
+        elif not f.metadata.get("operational") and not (
+                f.metadata.get("added") and value == f.metadata.get("original", _default(f))):
+            kept[prefix + f.name] = _redacted(value)
+    return kept

@@ -103,7 +103,7 @@ class Discriminator:
             model = get_peft_model(model, peft_config(lora, "SEQ_CLS"))
         self.model, self.g, self.bf16 = model, g, bf16
         adamw = adamw_for(model, bf16)
-        self.optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=g.discriminator_learning_rate,
+        self.optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=g.discriminator.learning_rate,
                                weight_decay=g.weight_decay)
         self.updates = 0
         if g.gradient_checkpointing:
@@ -122,8 +122,8 @@ class Discriminator:
         ids, prompt_tokens, teacher_tokens = columns["id"], columns["prompt_tokens"], columns["teacher_tokens"]
         n, rewards, loss_sum, wins = len(completion_ids), [], 0.0, 0
         with torch.enable_grad():
-            for start in range(0, n, self.g.discriminator_batch_size):
-                rows = range(start, min(start + self.g.discriminator_batch_size, n))
+            for start in range(0, n, self.g.discriminator.batch_size):
+                rows = range(start, min(start + self.g.discriminator.batch_size, n))
                 teachers: dict[str, int] = {}  # a group's rollouts share one teacher response: score it once
                 for i in rows:
                     teachers.setdefault(ids[i], i)

@@ -107,8 +107,8 @@ def build_discriminator_trainer(model, tokenizer, dataset, cfg: Config, output_d
     g = cfg.gad
     section = TrainingConfig(**{
         **{f.name: getattr(g, f.name) for f in dataclasses.fields(TrainingConfig)},
-        "epochs": g.discriminator_warmup_epochs, "learning_rate": g.discriminator_learning_rate,
-        "batch_size": g.discriminator_batch_size, "gradient_accumulation_steps": g.prompts_per_step // g.discriminator_batch_size,
+        "epochs": g.discriminator.warmup_epochs, "learning_rate": g.discriminator.learning_rate,
+        "batch_size": g.discriminator.batch_size, "gradient_accumulation_steps": g.prompts_per_step // g.discriminator.batch_size,
     })
     args = RewardConfig(
         **trainer_arguments(section, output_dir / "checkpoints", cfg),
@@ -220,7 +220,7 @@ class GadTrainer(StepLog, ResumableOrder, GRPOTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.state.global_step >= self.discriminator.g.discriminator_only_steps:
+        if self.state.global_step >= self.discriminator.g.discriminator.only_steps:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # The rollouts were drawn and scored (the reward function training the discriminator) as the inputs were
         # prepared. The generator gets no gradient, not even zeros, so its optimizer step leaves it as it is; the
