@@ -156,6 +156,13 @@ def test_a_changed_default_of_an_added_key_keeps_old_runs_at_their_value():
     assert load_config(None, []).pairs.truncated_rejected == "drop" and load_config(None, []).warmup.epochs == 3
 
 
+def test_the_trackers_section_loads_under_its_old_name(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("training:\n  report_to: [tensorboard]\n  project: mine\n")
+    assert load_config(old).trackers.report_to == ["tensorboard"] and load_config(old).trackers.project == "mine"
+    assert load_config(None, ["training.project=p"]).trackers.project == "p"
+
+
 def test_gads_discriminator_keys_moved_into_a_section_keep_loading_and_keying(tmp_path):
     """gad.discriminator_* became gad.discriminator.*: a config with the old names (a run's config.yaml) loads as the
     new, an override in either spelling wins over the file, and the section's fingerprint is the one runs were keyed

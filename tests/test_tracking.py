@@ -1,4 +1,4 @@
-"""Experiment trackers: with `training.report_to: [tensorboard]` the trainers' curves and soda's own figures land in
+"""Experiment trackers: with `trackers.report_to: [tensorboard]` the trainers' curves and soda's own figures land in
 TensorBoard event files that TensorBoard's reader loads; a tracker that is unknown or not installed is one clear line."""
 
 import importlib.util
@@ -23,7 +23,7 @@ def test_tensorboard_gets_the_training_curves_and_the_stage_figures(tmp_path, qa
     cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=8",
                              "pairs.truncated_rejected=open",
                              "warmup.max_length=128", "warmup.epochs=2", "warmup.batch_size=4", "warmup.learning_rate=1e-3",
-                             "training.report_to=[tensorboard]"])
+                             "trackers.report_to=[tensorboard]"])
     run = prepare(cfg, tmp_path / "run")
     for stage in ("pairs", "warmup"):  # teacher, snapshot, pairs; warmup
         run_stage(stage, cfg, run)
@@ -47,11 +47,11 @@ def test_tensorboard_gets_the_training_curves_and_the_stage_figures(tmp_path, qa
 
 
 def test_a_tracker_unknown_or_not_installed_is_one_line(tmp_path):
-    with pytest.raises(SodaError, match="training.report_to: 'tensorbord' is not a tracker transformers knows"):
-        load_config(None, ["training.report_to=[tensorbord]"])
+    with pytest.raises(SodaError, match="trackers.report_to: 'tensorbord' is not a tracker transformers knows"):
+        load_config(None, ["trackers.report_to=[tensorbord]"])
     if importlib.util.find_spec("clearml") is None:
-        cfg = load_config(None, ["training.report_to=[clearml]"])
-        with pytest.raises(SodaError, match=r"training.report_to: clearml is not installed \(pip install clearml\)"):
+        cfg = load_config(None, ["trackers.report_to=[clearml]"])
+        with pytest.raises(SodaError, match=r"trackers.report_to: clearml is not installed \(pip install clearml\)"):
             tracker_arguments(cfg, tmp_path / "warmup")
 
 
@@ -64,7 +64,7 @@ def test_mlflow_gets_the_training_curves_and_the_stage_figures(tmp_path, qa_file
     cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=8",
                              "pairs.truncated_rejected=open",
                              "warmup.max_length=128", "warmup.epochs=2", "warmup.batch_size=4", "warmup.learning_rate=1e-3",
-                             "training.report_to=[mlflow]"])
+                             "trackers.report_to=[mlflow]"])
     run = prepare(cfg, tmp_path / "run")
     for stage in ("pairs", "warmup"):
         run_stage(stage, cfg, run)

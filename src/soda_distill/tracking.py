@@ -1,4 +1,4 @@
-"""Experiment trackers (`training.report_to`): TRL's trainers report their per-step metrics through transformers'
+"""Experiment trackers (`trackers.report_to`): TRL's trainers report their per-step metrics through transformers'
 integrations, under the run name RUNDIR/STAGE; the figures soda computes itself (each stage's manifest entry:
 snapshot throughput, pair counts, timings, peak memory; the evaluation's table) go to the same trackers.
 
@@ -20,18 +20,18 @@ def tensorboard_dir(stage_dir: Path) -> Path:
 
 def tracker_arguments(cfg: Config, stage_dir: Path) -> dict:
     """TrainingArguments' tracker settings for the trainer of the stage that writes `stage_dir`."""
-    report_to = cfg.training.report_to
+    report_to = cfg.trackers.report_to
     if not report_to:
         return {"report_to": "none"}
     from transformers.integrations import get_available_reporting_integrations
 
     missing = [name for name in report_to if name not in get_available_reporting_integrations()]
     if missing:
-        raise SodaError(f"training.report_to: {missing[0]} is not installed (pip install {missing[0]})")
+        raise SodaError(f"trackers.report_to: {missing[0]} is not installed (pip install {missing[0]})")
     if "tensorboard" in report_to:  # transformers' documented way to place its TensorBoard logs
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir(stage_dir))
     return {"report_to": list(report_to), "run_name": f"{stage_dir.parent.name}/{stage_dir.name}",
-            "project": cfg.training.project}
+            "project": cfg.trackers.project}
 
 
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:
@@ -46,10 +46,10 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
 
 
 def log_scalars(cfg: Config, stage_dir: Path, values: dict[str, float]) -> None:
-    """soda's own figures of a stage (step 0: they are totals) to every tracker of `training.report_to`, under the
+    """soda's own figures of a stage (step 0: they are totals) to every tracker of `trackers.report_to`, under the
     run name RUNDIR/STAGE: TensorBoard's tags as they are, any other through transformers' own callback for it (the
     trainers' route, which may prefix them `train/`)."""
-    report_to = cfg.training.report_to
+    report_to = cfg.trackers.report_to
     if not report_to or not values:
         return
     if "tensorboard" in report_to:

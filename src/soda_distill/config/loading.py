@@ -24,8 +24,9 @@ from .training import DistillConfig, SeqKDConfig, TrackersConfig, WarmupConfig
 
 MAX_CONFIG_BYTES = 1 << 20
 # Keys that moved: a config written with the old name (a run's config.yaml included) still loads, as the new one.
-MOVED = {f"gad.discriminator_{key}": f"gad.discriminator.{key}"
-         for key in ("learning_rate", "warmup_epochs", "only_steps", "batch_size")}
+MOVED = {**{f"gad.discriminator_{key}": f"gad.discriminator.{key}"
+            for key in ("learning_rate", "warmup_epochs", "only_steps", "batch_size")},
+         "training.report_to": "trackers.report_to", "training.project": "trackers.project"}
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Config:
     snapshot: SnapshotConfig = section(SnapshotConfig, "sampling of q0's own answers to the prompts (stage 2)")
     pairs: PairsConfig = section(PairsConfig,
         "the preference pairs, the teacher's answer chosen and q0's rejected (stage 3)")
-    training: TrackersConfig = section(TrackersConfig, "the experiment trackers of every training stage")
+    trackers: TrackersConfig = section(TrackersConfig, "the experiment trackers of every training stage")
     warmup: WarmupConfig = section(WarmupConfig, "SFT of q0 on the teacher's answers, giving q_w (stage 4)")
     seqkd: SeqKDConfig = section(SeqKDConfig, "the SeqKD baseline: the same SFT, stopped at its least held-out loss")
     distill: DistillConfig = section(DistillConfig,
@@ -132,16 +133,20 @@ def _moved(values: dict) -> dict:
     """`values` with each old key of MOVED under its new name, unless the new one is also given."""
     for old, new in MOVED.items():
         *parents, leaf = old.split(".")
-        node = values
+        nodes = [values]
         for p in parents:
-            node = node.get(p) if isinstance(node.get(p), dict) else {}
-        if leaf in node:
-            value = node.pop(leaf)
-            *new_parents, new_leaf = new.split(".")
-            target = values
-            for p in new_parents:
-                target = target.setdefault(p, {})
-            target.setdefault(new_leaf, value)
+            nodes.append(nodes[-1].get(p) if isinstance(nodes[-1].get(p), dict) else {})
+        if leaf not in nodes[-1]:
+            continue
+        value = nodes[-1].pop(leaf)
+        for parent, name, node in reversed(list(zip(nodes, parents, nodes[1:]))):
+            if not node:  # a section left empty by the move goes with it
+                del parent[name]
+        *new_parents, new_leaf = new.split(".")
+        target = values
+        for p in new_parents:
+            target = target.setdefault(p, {})
+        target.setdefault(new_leaf, value)
     return values
 
 

@@ -47,7 +47,7 @@ class TrainingConfig:
 
 @dataclass
 class TrackersConfig:
-    """Experiment trackers (`training.report_to`) for every training stage, as transformers names them: tensorboard,
+    """Experiment trackers (`trackers.report_to`) for every training stage, as transformers names them: tensorboard,
     wandb, trackio, mlflow, ... (each installed separately). Runs are named RUNDIR/STAGE; TensorBoard writes to
     RUNDIR/tensorboard/, soda's own stage figures and evaluation tables beside the trainers' curves."""
 
@@ -62,7 +62,7 @@ class TrackersConfig:
 
         unknown = [name for name in self.report_to if name not in INTEGRATION_TO_CALLBACK]
         if unknown:
-            raise SodaError(f"training.report_to: {unknown[0]!r} is not a tracker transformers knows "
+            raise SodaError(f"trackers.report_to: {unknown[0]!r} is not a tracker transformers knows "
                             f"(known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
 
 
