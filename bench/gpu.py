@@ -133,6 +133,8 @@ def main() -> None:
     plan = {
         "demo_soda": ("demo: SODA", [*demo, "--out", str(WORK / "demo")], 240, None),
         "throughput": ("throughput", bench, 240, {"SODA_BENCH_STUDENT": model}),
+        "overhead": ("a step's compute, optimizer and overhead", [python, "bench/step_overhead.py", "--steps",
+                     "3" if toy else "11"], 120, {"SODA_BENCH_STUDENT": model}),
         "fsdp": ("FSDP, one GPU", [*launch, "--config_file", "configs/accelerate/fsdp.yaml", *trained[1:],
                                    "--out", str(WORK / "fsdp")], 180, None),
         **{stage: (f"DeepSpeed {stage}, one GPU", [*launch, "--config_file", f"configs/accelerate/{stage}.yaml",
@@ -170,6 +172,10 @@ def main() -> None:
     if results["throughput"]["ok"] and not toy and not args.dry:
         results["throughput"]["ratios"] = json.loads(throughput.read_text())["ratios"]
         shutil.copy(throughput, args.out / "throughput.json")
+    overhead = ROOT / "bench" / "results" / "step-overhead.json"
+    if results["overhead"]["ok"] and not toy and not args.dry:
+        results["overhead"]["results"] = json.loads(overhead.read_text())["results"]
+        shutil.copy(overhead, args.out / "step-overhead.json")
     try:
         import vllm  # noqa: F401
 

@@ -202,6 +202,12 @@ def throughput(source: str, data: dict) -> list[str]:
     return blocks
 
 
+def step_overhead(source: str, data: dict) -> list[str]:
+    columns = ("batch", "step_s", "compute_s", "optimizer_s", "overhead_s", "overhead_share")
+    return [table(["trainer", *columns], [[name, *[figures.get(c) for c in columns]]
+                                         for name, figures in data["results"].items()])]
+
+
 def collect(source: str, data: dict) -> list[str]:
     return [table(["measured", "value"], [[k, v] for k, v in data.items() if k not in ("command", "date", "machine")])]
 
@@ -286,8 +292,10 @@ PAGES = (
          (("cost-sweep.json", cost_sweep), ("cost-sweep-quick.json", cost_sweep))),
     Page("throughput", "Training and generation throughput",
          "SFT and DPO tokens per second and peak memory of soda's trainers against TRL's stock setup, the matmul "
-         "ceiling, where an SFT step's time goes, and batched against one-at-a-time generation.",
-         (("throughput.json", throughput),)),
+         "ceiling, where an SFT step's time goes, and batched against one-at-a-time generation; then each "
+         "optimizer step split into compute, the optimizer and the rest (the per-step overhead), for soda's trainers "
+         "on the code path a GPU takes and for stock TRL.",
+         (("throughput.json", throughput), ("step-overhead.json", step_overhead))),
     Page("collect", "The endpoint client at production size",
          "The teacher stage's client against a loopback responder: requests per second, client CPU per request, "
          "resume from the cache, memory.",
