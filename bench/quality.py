@@ -73,6 +73,20 @@ def progress(out: Path, runs_by_label: dict[str, Path]) -> dict:
             and (out / "report" / "report.html").exists()}
 
 
+def carry_over(path: Path, record: dict) -> dict:
+    """`record` with what the results file at `path` says of the committed rows it carries over: the runs this call
+    did not touch (their stages' seconds), and the earlier commands that made the rows (`earlier_commands`)."""
+    if not path.exists() or not record["evaluation_complete"]:
+        return record
+    earlier = json.loads(path.read_text())
+    done = lambda run: isinstance(run, dict) and any(stage.get("done") for stage in run.values())
+    runs = {**{label: run for label, run in earlier.get("runs", {}).items() if done(run)},
+            **{label: run for label, run in record["runs"].items() if done(run) or label not in earlier.get("runs", {})}}
+    commands = [*earlier.get("earlier_commands", []), {"date": earlier["date"], "command": earlier["command"]}]
+    commands = [c for c in commands if c["command"] != record["command"]]
+    return {**record, "runs": runs, "earlier_commands": list({c["command"]: c for c in commands}.values())}
+
+
 def run_for(cmd: list[str], seconds: float) -> int:
     """Run `cmd` for at most `seconds`, then stop it (every stage resumes where it was); its exit code."""
     print("$", " ".join(cmd[1:]), flush=True)
@@ -120,7 +134,18 @@ def committed_rows(rows: Path, leave_out: set[str], precision: str) -> dict[str,
     other = sorted(label for label in index if made_by.get(label, {}).get("precision", precision) != precision)
     if other:
         print(f"left out, made in another precision than {precision}: {', '.join(other)}", flush=True)
-    return {label: str(rows / file) for label, file in index.items() if label not in leave_out and label not in other}
+    kept = [label for label in index if label not in leave_out and label not in other]
+    return {label: str(rows / index[label]) for label in sorted(kept, key=table_order)}
+
+
+def table_order(label: str) -> tuple:
+    """`seed-S/METHOD` in a table's order: by seed, then the registry's order of methods (a variant after its method)."""
+    from soda_distill.registry import METHODS
+
+    group, method = label.split("/", 1)
+    labels = [m.label for m in METHODS.values()]
+    name = method.split(" (")[0]
+    return group, labels.index(name) if name in labels else len(labels), method
 
 
 def shared_with(source: Path, settings: list[str], stage: str, config: Path = CONFIG) -> list[str]:
@@ -296,7 +321,7 @@ def main() -> None:
             shutil.copyfile(out / "evaluation" / f"results.{suffix}", RESULTS / f"{name}.{suffix}")
         keep_rows(out / "evaluation", evaluation, rows, made | set(variant_rows) | set(own_warmups),
                   {"machine": record["machine"], "precision": precision, "versions": record["versions"], "date": record["date"]})
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(carry_over(RESULTS / f"{name}.json", record), indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("this_piece", "evaluation_answers", "evaluation_complete")}, indent=1))
 
 

@@ -11,7 +11,7 @@ from soda_distill.cli import main
 from soda_distill.config import load_config, save_config
 from soda_distill.errors import InputError, SodaError
 from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
-from soda_distill.evaluation.metrics import normalize_answer, offline_metrics, rouge_l
+from soda_distill.evaluation.metrics import normalize_answer, offline_metrics, repetition, rouge_l
 from soda_distill.stats import paired_difference
 
 
@@ -44,7 +44,7 @@ def test_offline_metrics():
     assert normalize_answer("The  Pacific!") == "pacific"
     assert m["exact_match"] == {"score": 50.0, "prompts": 2}  # the long reference is not scored for exact match
     assert m["length"]["words"]["max"] == 5 and m["length"]["tokens"]["mean"] == 4.0 and m["length"]["truncated"] == 1
-    assert 0 < m["rouge_l"] < 100
+    assert 0 < m["rouge_l"] < 100 and m["cut"] == 33.33 and m["repetition"] == 0.0
     assert offline_metrics([None], responses[:1], 5)["rouge_l"] is None  # no reference, no ROUGE-L
 
 
@@ -219,3 +219,26 @@ def test_paired_differences_at_equal_length(tmp_path, qa_file):
     assert got == expected and got["difference"] < -10  # padding costs ROUGE-L ...
     assert got["length_controlled"]["per_doubling"] < -10  # ... and the fit puts it on the length ratio
     assert f"LC {got['length_controlled']['difference']:+.2f}" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_repetition_and_cut_answers(tmp_path, qa_file):
+    """A row stuck in loops and cut at the token limit shows it in its repetition (seq-rep-4) and cut-answer share,
+    with intervals, and in its paired differences against Base on the same prompts."""
+    assert repetition("a b c d a b c d") == 20.0 and repetition("one two three") == 0.0  # 5 4-grams, 1 repeated
+    loop = " ".join(["the answer is the answer"] * 30)
+    rows = {"Base": [(a, "stop") for a in ANSWERS], "SODA": [*[(loop, "length")] * 6, *((a, "stop") for a in ANSWERS[6:])]}
+    files = {f"x/{method}": str(write_jsonl(tmp_path / f"{method}.jsonl", [
+        {"id": q["id"], "messages": q["messages"][:1] + [{"role": "assistant", "content": t}], "finish_reason": f}
+        for q, (t, f) in zip(QA, answers)])) for method, answers in rows.items()}
+    cfg = load_config(None, [f"evaluate.benchmarks=[{qa_file}]", "student.bf16=false"]
+                      + [f"evaluate.models.{name}={path}" for name, path in files.items()])
+    results = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))
+    base, soda = (r["cells"]["qa"] for r in results["rows"])
+    looping = [repetition(loop)] * 6 + [repetition(a) for a in ANSWERS[6:]]
+    assert repetition(loop) > 90 and soda["repetition"] == round(sum(looping) / len(QA), 2) and base["repetition"] == 0.0
+    assert soda["cut"] == 50.0 and base["cut"] == 0.0 and len(soda["cut_ci95"]) == 2
+    difference = soda["paired"]["vs Base"]
+    assert difference["cut"]["difference"] == pytest.approx(soda["cut"], abs=0.01) and difference["repetition"]["ci95"][0] > 0
+    markdown = (tmp_path / "eval" / "results.md").read_text()
+    assert "### Repetition (seq-rep-4" in markdown and "### Answers cut at the token limit" in markdown
+    assert "**repetition, seq-rep-4" in markdown

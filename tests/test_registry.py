@@ -194,3 +194,31 @@ def test_committed_rows_of_another_precision_are_left_out(tmp_path, monkeypatch)
                                                           "seed-43/SODA": {"precision": "bf16"}}))
     kept = quality.committed_rows(tmp_path, {"seed-44/Base"}, "bf16")
     assert kept == {"seed-43/SODA": str(tmp_path / "b.jsonl"), "seed-44/SODA": str(tmp_path / "c.jsonl")}
+    # in a table's order: by seed, then the registry's methods, a variant after its method
+    (tmp_path / "provenance.json").unlink()
+    (tmp_path / "index.json").write_text(json.dumps({label: "a.jsonl" for label in (
+        "seed-43/Base", "seed-42/SODA (keepcut)", "seed-42/SeqKD", "seed-42/SODA", "seed-42/Warmup (q_w, v)", "seed-42/Base")}))
+    assert list(quality.committed_rows(tmp_path, set(), "bf16")) == [
+        "seed-42/Base", "seed-42/Warmup (q_w, v)", "seed-42/SeqKD", "seed-42/SODA", "seed-42/SODA (keepcut)", "seed-43/Base"]
+
+
+def test_a_table_from_committed_rows_keeps_what_made_them(tmp_path, monkeypatch):
+    """bench/quality.py: a results file rewritten from committed rows (`--methods none --with-committed`) keeps the
+    stage records of the runs it did not touch and the commands that made them."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    import quality
+
+    done = {"warmup": {"done": True, "wall_s": 817.9}, "distill": {"done": True, "wall_s": 1965.6}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"command": "first", "date": "d1", "runs": {"seed-42": done}}))
+    again = {"command": "again", "date": "d2", "evaluation_complete": True,
+             "runs": {"seed-42": {"warmup": {"done": False}}, "seed-43": {"warmup": {"done": True, "wall_s": 5.0}}}}
+    merged = quality.carry_over(path, again)
+    assert merged["runs"] == {"seed-42": done, "seed-43": {"warmup": {"done": True, "wall_s": 5.0}}}
+    assert merged["earlier_commands"] == [{"date": "d1", "command": "first"}]
+    path.write_text(json.dumps(merged))
+    assert quality.carry_over(path, {**again, "date": "d3"})["earlier_commands"] == [{"date": "d1", "command": "first"}]
+    assert quality.carry_over(path, {**again, "evaluation_complete": False}) == {**again, "evaluation_complete": False}

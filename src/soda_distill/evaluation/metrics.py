@@ -1,5 +1,6 @@
 """Offline metrics of responses, no endpoint needed: ROUGE-L against the references (`rouge-score`, as MiniLLM
-scores), exact match on short references, and response lengths."""
+scores), exact match on short references, response lengths, and two signs of degenerate answers: repetition
+(seq-rep-4) and answers cut at the token limit."""
 
 from __future__ import annotations
 
@@ -43,13 +44,34 @@ def rouge_l_per_prompt(references: list[str | None], responses: list[dict]) -> l
     return [None if ref is None else rouge_l(ref, r["text"]) for ref, r in zip(references, responses)]
 
 
+REPEAT_N = 4  # seq-rep-4, as Welleck et al. (2019, unlikelihood training) measure a greedy decoder's loops
+
+
+def repetition(text: str) -> float:
+    """seq-rep-4 × 100: the share of the answer's word 4-grams that repeat an earlier one (0 for an answer that never
+    repeats itself, near 100 for one stuck in a loop; 0 below 4 words)."""
+    words = text.split()
+    grams = [tuple(words[i : i + REPEAT_N]) for i in range(len(words) - REPEAT_N + 1)]
+    return 100 * (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def degeneration_per_prompt(responses: list[dict]) -> dict[str, list[float]]:
+    """Per answer, its repetition (seq-rep-4 × 100) and 100 where it was cut at max_new_tokens, else 0 (None where a
+    response file does not say): a greedy small model's typical failure, which length and ROUGE-L hide."""
+    return {"repetition": [repetition(r["text"]) for r in responses],
+            "cut": [None if r["finish_reason"] is None else 100.0 * (r["finish_reason"] == "length") for r in responses]}
+
+
 def offline_metrics(references: list[str | None], responses: list[dict], exact_match_max_words: int) -> dict:
     """ROUGE-L (with its bootstrap 95% interval over prompts) and exact match where there is a reference (exact match
-    only where it is short), lengths for all."""
+    only where it is short); lengths, repetition and the share of cut answers (each with its interval) for all."""
     pairs = [(ref, r["text"]) for ref, r in zip(references, responses) if ref is not None]
     short = [(ref, pred) for ref, pred in pairs if len(ref.split()) <= exact_match_max_words]
     tokens = [r["num_tokens"] for r in responses if r["num_tokens"] is not None]
     scores = [s for s in rouge_l_per_prompt(references, responses) if s is not None]
+    degeneration = {key: figure for name, values in degeneration_per_prompt(responses).items()
+                    if (known := [v for v in values if v is not None])
+                    for key, figure in ((name, round(statistics.fmean(known), 2)), (f"{name}_ci95", bootstrap_ci(known)))}
     return {
         "rouge_l": round(statistics.fmean(scores), 2) if scores else None,
         "rouge_l_ci95": bootstrap_ci(scores),
@@ -62,4 +84,5 @@ def offline_metrics(references: list[str | None], responses: list[dict], exact_m
             "tokens": length_summary(tokens),
             "truncated": sum(r["finish_reason"] == "length" for r in responses),
         },
+        **degeneration,
     }

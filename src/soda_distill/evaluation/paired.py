@@ -1,7 +1,7 @@
 """Paired comparisons of an evaluation's rows: each row against its baselines on the same prompts (a paired bootstrap
 over prompts) and, where several runs (seeds) have a method, across them (runs and prompts resampled); every
 difference also at equal answer length. And the per-prompt figures they pair: ROUGE-L, reference NLL, the held-out
-preference margin and accuracy, the judge's score."""
+preference margin and accuracy, repetition and cut answers, the judge's score."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..registry import METHODS
 from ..stats import paired_difference, seeded_paired_difference
 from .benchmarks import Benchmark
 from .judge import ORDERS
-from .metrics import rouge_l_per_prompt
+from .metrics import degeneration_per_prompt, rouge_l_per_prompt
 
 # What each row is compared with, on the same prompts: SODA too, for GAD (and any further method) against it
 BASELINES = ("base", "seqkd", "warmup", "soda")
@@ -33,7 +33,8 @@ def ranked(responses: list[dict]) -> list[float | None]:
 
 
 def per_prompt(label: str, bench: Benchmark, responses: dict, judged: dict) -> dict[str, list]:
-    """A row's per-prompt ROUGE-L, reference NLL and judge score (mean of both orders) on one benchmark."""
+    """A row's per-prompt ROUGE-L, reference NLL, preference margin and accuracy, repetition, cut answers and judge
+    score (mean of both orders) on one benchmark."""
     answers = responses[label, bench.name]
     judge = [None] * len(bench.items)
     if (label, bench.name) in judged:
@@ -44,7 +45,8 @@ def per_prompt(label: str, bench: Benchmark, responses: dict, judged: dict) -> d
             judge[i] = statistics.fmean(shares) if shares else None
     return {"rouge_l": rouge_l_per_prompt([it.reference for it in bench.items], answers),
             "reference_nll": [r["reference_nll"] for r in answers],
-            "preference_margin": preference_margins(answers), "preference_accuracy": ranked(answers), "judge": judge}
+            "preference_margin": preference_margins(answers), "preference_accuracy": ranked(answers),
+            **degeneration_per_prompt(answers), "judge": judge}
 
 
 def baselines_of(method: str, others: list[str] = (), paired_with: dict[str, list[str]] | None = None) -> list[str]:

@@ -69,6 +69,10 @@ def render_markdown(results: dict) -> str:
     parts.append(markdown_table(results, f"Exact match (%, on references of at most {s['exact_match_max_words']} words)",
                                 "exact_match", "score"))
     parts.append(markdown_table(results, "Mean response length (words)", "length", "words", "mean", bold_best=False))
+    parts.append(markdown_table(results, "Repetition (seq-rep-4 × 100: the share of an answer's word 4-grams that "
+                                "repeat an earlier one; lower is better)", "repetition", lower_is_better=True))
+    parts.append(markdown_table(results, f"Answers cut at the token limit ({s['max_new_tokens']} new tokens, %; lower "
+                                "is better)", "cut", lower_is_better=True))
     parts.append("### Benchmarks\n\n" + "\n".join(
         f"- **{b['name']}** ({b['prompts']} prompts, `{b['path']}`){': ' + b['note'] if b['note'] else ''}"
         for b in results["benchmarks"]) + "\n")
@@ -78,6 +82,8 @@ def render_markdown(results: dict) -> str:
 PAIRED = (("rouge_l", "ROUGE-L"), ("reference_nll", "reference NLL (negative: closer to the references)"),
           ("preference_margin", "held-out preference margin (positive: the reference gained on q0's answer)"),
           ("preference_accuracy", "held-out preference accuracy, points of %"),
+          ("repetition", "repetition, seq-rep-4 (negative: fewer repeated 4-grams)"),
+          ("cut", "answers cut at the token limit, points of % (negative: fewer)"),
           ("judge", "judge score"))
 
 
