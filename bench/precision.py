@@ -9,6 +9,13 @@ already rounded to bf16; `autocast`, fp32 weights under bf16 autocast (what the 
 processes). Each mode is a run directory under --out (resumable: a finished one is read, not trained again), each in
 a process of its own. Every mode's losses against fp32's, step by step: the mean difference with a paired bootstrap
 interval over the steps. Writes bench/results/precision.{json,md,png}.
+
+    python bench/precision.py --replica
+
+The quick replica (`bench/quality.py --quick`: every method trained, evaluated and paired) once in bf16 and once in
+fp32 on this machine (`--tag bf16`, `--tag fp32`: tables of their own, resumable), and each paired effect (a method
+against its baselines: ROUGE-L, reference NLL) in both, with whether bf16's estimate lies in fp32's interval. Adds
+`quick_replica` to precision.json; the warmup modes there are kept.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from common import machine, versions
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("fp32", "bf16", "bf16_grid_masters", "autocast")
+REPLICA = {"bf16": [], "fp32": ["--set", "student.bf16=false"]}  # the quick replica's tables: tag -> its settings
+EFFECTS = ("rouge_l", "reference_nll")
 
 
 def train(mode: str, out: Path) -> None:
@@ -56,6 +65,45 @@ def summary(out: Path) -> dict:
             "trained": stage["finished"]}  # a finished run is read, not trained again: when it was
 
 
+def paired_effects(fp32: dict, bf16: dict) -> list[dict]:
+    """Each paired difference (a row against a baseline, on a benchmark, for each metric of EFFECTS) that both
+    evaluations' results have: both estimates, and whether bf16's lies in fp32's interval."""
+    def by_effect(results):
+        return {(row["method"], bench, vs): paired for row in results["rows"]
+                for bench, cell in row["cells"].items() for vs, paired in (cell.get("paired") or {}).items()}
+
+    theirs, effects = by_effect(bf16), []
+    for key, mine in by_effect(fp32).items():
+        for metric in EFFECTS:
+            f, b = mine.get(metric), theirs.get(key, {}).get(metric)
+            if f and b:
+                effects.append({"effect": f"{key[0]} {key[2]}", "benchmark": key[1], "metric": metric,
+                                "fp32": {k: f[k] for k in ("difference", "ci95")}, "bf16": {k: b[k] for k in ("difference", "ci95")},
+                                "bf16_within_fp32": f["ci95"][0] <= b["difference"] <= f["ci95"][1]})
+    return effects
+
+
+def quick_replica() -> dict:
+    """The quick replica in each precision (each table resumed until its evaluation is complete), and its paired
+    effects side by side."""
+    tables = {}
+    for tag, settings in REPLICA.items():
+        path = RESULTS / f"quality-quick-{tag}.json"
+        for _ in range(3):  # a piece stops after --minutes; the next resumes it
+            if path.exists() and json.loads(path.read_text())["evaluation_complete"]:
+                break
+            subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--tag", tag, *settings],
+                           check=True)
+        record = json.loads(path.read_text())
+        if not record["evaluation_complete"]:
+            raise SystemExit(f"{path}: the quick replica in {tag} did not complete")
+        tables[tag] = record["results"]
+    effects = paired_effects(tables["fp32"], tables["bf16"])
+    return {"command": "python bench/precision.py --replica", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "tables": {tag: f"bench/results/quality-quick-{tag}.json" for tag in REPLICA}, "effects": effects,
+            "within": sum(e["bf16_within_fp32"] for e in effects), "of": len(effects)}
+
+
 def render(record: dict) -> str:
     lines = ["# Does bf16 train as fp32 does?", "", f"The demo's warmup ({record['config']}), trained from the same seed "
              "and data in each precision; each mode's per-step SFT loss against fp32's, paired over the steps (bootstrap "
@@ -68,6 +116,17 @@ def render(record: dict) -> str:
                      + f" | {run['wall_s']:.0f} | {run['trained']} |")
     lines += ["", "![per-step losses](precision.png)", "",
               f"`{record['command']}` — {record['date']}, {record['machine']}.", ""]
+    if replica := record.get("quick_replica"):
+        interval = lambda d, n: f"{d['difference']:+.{n}f} [{d['ci95'][0]:+.{n}f}, {d['ci95'][1]:+.{n}f}]"
+        lines += ["## The quick replica's effects in each precision", "",
+                  f"`bench/quality.py --quick` trained and evaluated in bf16 and in fp32 on this machine (the tables: "
+                  f"{', '.join(f'`{t}`' for t in replica['tables'].values())}); each paired effect in both, and whether "
+                  f"bf16's estimate lies in fp32's 95% interval: {replica['within']} of {replica['of']}.", "",
+                  "| effect | benchmark | metric | fp32 | bf16 | bf16 in fp32's interval |", "| --- | --- | --- | ---: | ---: | --- |"]
+        lines += [f"| {e['effect']} | {e['benchmark']} | {e['metric']} | {interval(e['fp32'], 3 if 'nll' in e['metric'] else 2)} "
+                  f"| {interval(e['bf16'], 3 if 'nll' in e['metric'] else 2)} | {'yes' if e['bf16_within_fp32'] else '**no**'} |"
+                  for e in replica["effects"]]
+        lines += ["", f"`{replica['command']}` — {replica['date']}.", ""]
     return "\n".join(lines)
 
 
@@ -92,10 +151,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "precision")
+    parser.add_argument("--replica", action="store_true", help="the quick replica's effects in bf16 and in fp32")
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # a child process: train one mode
     args = parser.parse_args()
     if args.one:
         return train(args.one, args.out / args.one)
+    if args.replica:
+        record = json.loads((RESULTS / "precision.json").read_text())
+        record["quick_replica"] = quick_replica()
+        (RESULTS / "precision.json").write_text(json.dumps(record, indent=1) + "\n")
+        (RESULTS / "precision.md").write_text(render(record))
+        return print(json.dumps({k: record["quick_replica"][k] for k in ("within", "of")}))
     from soda_distill.stats import paired_difference
 
     modes = args.modes.split(",")
@@ -113,6 +179,8 @@ def main() -> None:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "versions": versions(), "config": "configs/demo.yaml (warmup stage: 48 prompts, 3 epochs, 18 steps)",
               "modes": runs}
+    if (RESULTS / "precision.json").exists():  # the quick replica's effects, measured by --replica, stay
+        record.update({k: v for k, v in json.loads((RESULTS / "precision.json").read_text()).items() if k == "quick_replica"})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "precision.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(record, RESULTS / "precision.png")

@@ -8,6 +8,7 @@ Dolly held-out, SelfInst and Vicuna, with paired bootstrap intervals (and across
     python bench/quality.py --methods base,warmup,soda --variant other_q0 pairs.rejected_source=other_q0   # Table 2
     python bench/quality.py --methods seqkd,opd --with-committed --set opd.teacher_model=runs/quality/seed-42/seqkd
     python bench/quality.py --methods none --with-committed --variant w3 warmup.epochs=3   # Base's answers as committed
+    python bench/quality.py --quick --tag fp32 --set student.bf16=false   # a second table beside the first: fp32
 
 The replica takes hours here, so it runs in pieces: each call works for at most --minutes (default 60) and is then
 stopped (every stage and the evaluation resume where they were), and the results say which parts are done:
@@ -25,8 +26,9 @@ seed's run or with a variant named before it, whichever shares more: those whose
 `reads`) are the same in both; its q_w is a row `Warmup (q_w, NAME)` where no earlier run had it. With
 --variant-method warmup a variant is the warmup alone, its row `Warmup (q_w, NAME)` (bench/greybox.sh: the grey-box
 teacher's KL term). --quick is the regression check, the whole comparison on 24 prompts, short answers and 10 prompts
-per benchmark, in about 20 minutes.
-Writes bench/results/quality[-quick].json (+ .md and .png once the evaluation is complete).
+per benchmark, in about 20 minutes. --tag TAG keeps a table apart from the others (its runs, results and rows named
+NAME-TAG): the same replica in another precision, say.
+Writes bench/results/quality[-quick][-TAG].json (+ .md and .png once the evaluation is complete).
 """
 
 from __future__ import annotations
@@ -215,13 +217,14 @@ def main() -> None:
     parser.add_argument("--reuse-from", type=Path, metavar="DIR",
                         help="the runs a --variant takes its shared stages from (default --out; the variants named "
                              "before it are tried too): another command's variant's runs, to share its warmup")
-    parser.add_argument("--out", type=Path, help="where the runs are kept (default runs/NAME[-quick])")
+    parser.add_argument("--tag", help="a table of its own: runs, results and rows named NAME-TAG")
+    parser.add_argument("--out", type=Path, help="where the runs are kept (default runs/NAME[-quick][-TAG])")
     parser.add_argument("--config", type=Path, default=CONFIG,
                         help="the replica's config (default configs/quality.yaml, NAME quality; configs/alpaca_eval.yaml: "
                              "the AlpacaEval replica, NAME alpaca_eval, its data made by bench/alpaca_eval_data.py)")
     args = parser.parse_args()
     config = args.config.resolve()
-    name = ("quality" if config == CONFIG else config.stem) + ("-quick" if args.quick else "")
+    name = ("quality" if config == CONFIG else config.stem) + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     out = args.out or ROOT / "runs" / name
     seeds = [int(s) for s in args.seeds.split(",")]
     soda_distill = str(Path(sys.executable).parent / "soda-distill")
@@ -295,7 +298,7 @@ def main() -> None:
     final = final_comparison()
     record = {
         "command": "python bench/quality.py" + (f" --config {config.relative_to(ROOT)}" if config != CONFIG else "")
-                   + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
+                   + (" --quick" if args.quick else "") + (f" --tag {args.tag}" if args.tag else "") + f" --seeds {args.seeds}"
                    + (f" --methods {args.methods}" if args.methods else "") + (" --with-committed" if args.with_committed else "")
                    + (f" --variant-method {method.name}" if method.name != "soda" else "")
                    + "".join(f" --variant {' '.join(v)}" for v in args.variant or [])
