@@ -197,6 +197,14 @@ def test_held_out_preference_margin_against_q0s_own_answers(tmp_path, embedded_p
     assert soda["paired"]["vs Base"]["preference_accuracy"]["difference"] == 0.0
     assert "Held-out preference margin" in (out / "results.md").read_text()
     assert "Held-out preference accuracy" in (out / "results.md").read_text()
+    # a run's trained row beside its Base from a file (bench/quality.py --methods warmup --with-committed): q0's
+    # answers are the file's, so the margins are the same
+    cfg = load_config(None, [f"evaluate.benchmarks=[{qa_file}]", "evaluate.limit=3", "evaluate.max_new_tokens=12",
+                             "student.bf16=false", f"evaluate.runs=[{run}]", "evaluate.methods=[soda]",
+                             f"evaluate.models.r/Base={out / 'responses' / 'r_Base' / 'qa.jsonl'}"])
+    mixed = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "mixed"))
+    assert [r["method"] for r in mixed["rows"]] == ["SODA", "Base"]
+    assert mixed["rows"][0]["cells"]["qa"]["preference_margin"] == soda["preference_margin"]
 
 
 def test_paired_differences_at_equal_length(tmp_path, qa_file):

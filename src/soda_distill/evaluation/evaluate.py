@@ -260,12 +260,12 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
     benchmarks = load_benchmarks(ev)
     with evaldir.stage("evaluate", fingerprint(ev)) as info:
         responses, generated = {}, 0
-        for row in rows:
+        for row in sorted(rows, key=lambda r: r.method != METHODS["base"].column):  # every Base first, file or model
             if row.responses:
                 per_bench = _from_file(cfg, row, benchmarks)
             else:
-                # q0 is the run's Base row (it comes first in its group); its own answers are known only once
-                # generated, so a second pass scores them (the answers come from the log)
+                # q0 is the group's Base row, a model or a file of its answers; a model's own answers are known only
+                # once generated, so a second pass scores them (the answers come from the log)
                 base = next((r for r in rows if r.group == row.group and r.method == METHODS["base"].column), None)
                 q0 = {b.name: responses[base.label, b.name] for b in benchmarks if (base.label, b.name) in responses} \
                     if base is not None and base is not row else {}
