@@ -69,9 +69,10 @@ def offline_metrics(references: list[str | None], responses: list[dict], exact_m
     short = [(ref, pred) for ref, pred in pairs if len(ref.split()) <= exact_match_max_words]
     tokens = [r["num_tokens"] for r in responses if r["num_tokens"] is not None]
     scores = [s for s in rouge_l_per_prompt(references, responses) if s is not None]
-    degeneration = {key: figure for name, values in degeneration_per_prompt(responses).items()
-                    if (known := [v for v in values if v is not None])
-                    for key, figure in ((name, round(statistics.fmean(known), 2)), (f"{name}_ci95", bootstrap_ci(known)))}
+    degeneration = {}
+    for name, values in degeneration_per_prompt(responses).items():
+        if known := [v for v in values if v is not None]:
+            degeneration.update({name: round(statistics.fmean(known), 2), f"{name}_ci95": bootstrap_ci(known)})
     return {
         "rouge_l": round(statistics.fmean(scores), 2) if scores else None,
         "rouge_l_ci95": bootstrap_ci(scores),
