@@ -3,6 +3,7 @@ each one's training is — the paper's Figure 1 panels (time, memory, stability)
 
     python bench/cost.py [--quick] [--out DIR]
     python bench/cost.py --sweep [--quick] [--out DIR]      # how the costs grow with rollouts K and answer length L
+    python bench/cost.py --sweep --points 8x512 [--checkpointing]   # more points, added to the committed record
 
 Every stage runs as its own `soda-distill` process, one after the other, in one run directory (with --out, stages
 finished there earlier are reused, and their recorded figures reported): SODA is snapshot +
@@ -13,7 +14,10 @@ figures). Writes bench/results/cost[-quick].json and .png.
 --sweep measures both methods side by side at every answer length L (SODA's snapshot and GAD's rollouts) and every
 number of rollouts per prompt K (GAD's group), on the same 32 prompts, GAD taking 4 prompts (4K rollouts) a step:
 SODA once per L, GAD once per (K, L), each point in its own run directory (the teacher, snapshot, pairs and warmup
-of its L shared), resumable. Its cost model gives each method a time per generated token (SODA's snapshot, GAD's
+of its L shared), resumable. `--points 8x512,...` measures only those points and adds them to the committed record
+(each point keeps its date and versions). `--checkpointing` measures with gradient checkpointing in every trainer
+(SFT, DPO, GAD's generator and discriminator), to its own record: what each method's peak is when activations no
+longer set it. Its cost model gives each method a time per generated token (SODA's snapshot, GAD's
 rollouts) and per trained token (everything else: SFT, DPO with its reference pass, GAD's generator and
 discriminator updates), pooled over the points, with its error on each; and projects both to the published setting
 per prompt (GAD: 1 SFT epoch, 2 adversarial epochs of 8 rollouts; SODA: a snapshot, 1 SFT and 1 DPO epoch), answers
@@ -33,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
-from common import DEMO_DATA
+from common import DEMO_DATA, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,6 +47,8 @@ GAD = ("warmup", "gad_warmup", "gad")
 QUICK = ["data.limit=16", "snapshot.max_new_tokens=64", "gad.max_new_tokens=64", "gad.epochs=1.0"]
 SWEEP = {"K": (2, 4, 8), "L": (64, 128, 256), "prompts": 32}
 SWEEP_QUICK = {"K": (2, 4), "L": (16, 32), "prompts": 8}
+CHECKPOINTING = ["warmup.gradient_checkpointing=true", "distill.gradient_checkpointing=true",
+                 "gad.gradient_checkpointing=true"]  # GAD's discriminator follows gad's setting
 PROMPTS_PER_STEP = 4  # GAD: 4K rollouts a step, whatever K
 # The published cost setting (1 SFT epoch, as GAD's warmup), every pair kept: under the demo's quality defaults (3
 # epochs, cut q0 answers dropped) a short L would drop most pairs and the shared warmup would triple. The demo's
@@ -113,16 +119,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the smallest setting (16 prompts, short answers)")
     parser.add_argument("--sweep", action="store_true", help="SODA and GAD against rollouts K and answer length L")
+    parser.add_argument("--points", type=points_arg, help="with --sweep: only these points, KxL comma-separated "
+                        "(8x512,16x256), added to the committed record's other points")
+    parser.add_argument("--checkpointing", action="store_true", help="with --sweep: gradient checkpointing in every "
+                        "trainer (a record of its own, cost-sweep-checkpointing)")
     parser.add_argument("--out", type=Path, help="run directory to keep (default: a temporary one, removed after; "
                         "with --sweep: runs/cost-sweep[-quick], kept so that it resumes)")
     args = parser.parse_args()
+    if (args.points or args.checkpointing) and not args.sweep:
+        parser.error("--points and --checkpointing go with --sweep")
     if args.sweep:
-        sweep(args.out or ROOT / "runs" / ("cost-sweep-quick" if args.quick else "cost-sweep"), args.quick)
+        name = ("cost-sweep-quick" if args.quick else "cost-sweep") + ("-checkpointing" if args.checkpointing else "")
+        sweep(args.out or ROOT / "runs" / name, args.quick, args.points, args.checkpointing)
     elif args.out:
         measure(args.out, args.quick)
     else:
         with tempfile.TemporaryDirectory(prefix="soda-cost-") as out:
             measure(Path(out), args.quick)
+
+
+def points_arg(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(k), int(l)) for k, l in (point.split("x") for point in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--points {text!r}: expected KxL,KxL (8x512,16x256)") from None
 
 
 def machine(manifest: dict) -> str:
@@ -204,38 +224,54 @@ def cost_model(points: list[dict], method: str) -> dict:
 PUBLISHED = {"max_new_tokens": 1536, "rollouts": 8, "gad_epochs": 2}
 
 
-def projection(points: list[dict], models: dict, prompt_tokens: float) -> dict:
+def projection(points: list[dict], models: dict, prompt_tokens: float, soda_warmup: float = 1, gad_warmup: float = 1) -> dict:
     """Each method's time per prompt at the published setting from the fitted rates, its answers filling the limit as
-    much as in the longest setting measured; per prompt, so the data set's size cancels."""
+    much as in the longest setting measured; per prompt, so the data set's size cancels. Each warmup epoch trains every
+    prompt's sequence once; `range` holds the ratio with each method's time off by its fit's largest error."""
     largest = max(points, key=lambda p: (p["L"], p["K"]))
     fill = largest["GAD"]["generated_tokens"] / (largest["GAD"]["rollouts"] * largest["L"])
     answer = PUBLISHED["max_new_tokens"] * fill
     k, epochs, seq = PUBLISHED["rollouts"], PUBLISHED["gad_epochs"], prompt_tokens + answer
-    tokens = {"SODA": {"generated": answer, "trained": 3 * seq},
-              "GAD": {"generated": epochs * k * answer, "trained": seq + epochs * (2 * k + 1) * seq}}
+    tokens = {"SODA": {"generated": answer, "trained": (soda_warmup + 2) * seq},
+              "GAD": {"generated": epochs * k * answer, "trained": gad_warmup * seq + epochs * (2 * k + 1) * seq}}
     seconds = {m: models[m]["generation_s_per_token"] * t["generated"] + models[m]["training_s_per_token"] * t["trained"]
                for m, t in tokens.items()}
-    return {"assumptions": {**PUBLISHED, "answer_tokens": round(answer), "prompt_tokens": round(prompt_tokens),
+    error = {m: models[m]["max_relative_error"] for m in seconds}
+    ratio = seconds["GAD"] / seconds["SODA"]
+    return {"assumptions": {**PUBLISHED, "soda_warmup_epochs": soda_warmup, "gad_warmup_epochs": gad_warmup,
+                            "answer_tokens": round(answer), "prompt_tokens": round(prompt_tokens),
                             "per_prompt_tokens": {m: {k: round(v) for k, v in t.items()} for m, t in tokens.items()}},
-            "time_gad_over_soda": round(seconds["GAD"] / seconds["SODA"], 1),
+            "time_gad_over_soda": round(ratio, 1),
+            "range": [round(ratio * (1 - error["GAD"]) / (1 + error["SODA"]), 1),
+                      round(ratio * (1 + error["GAD"]) / (1 - error["SODA"]), 1)],
             "paper": {"time_gad_over_soda": 10, "memory_soda_over_gad": 0.73}}
 
 
-def sweep(out: Path, quick: bool) -> None:
+def sweep(out: Path, quick: bool, only: list[tuple[int, int]] | None, checkpointing: bool) -> None:
+    """Every (K, L) of the grid, or only the points asked for, added to the committed record's other points."""
     from soda_distill.manifest import copy_stages
 
     grid = SWEEP_QUICK if quick else SWEEP
-    points, name = [], "cost-sweep-quick" if quick else "cost-sweep"
-    for L in grid["L"]:
+    name = ("cost-sweep-quick" if quick else "cost-sweep") + ("-checkpointing" if checkpointing else "")
+    wanted = only or [(K, L) for L in grid["L"] for K in grid["K"]]
+    path = RESULTS / f"{name}.json"
+    earlier = json.loads(path.read_text()) if only and path.exists() else {}
+    points = [p for p in earlier.get("points", []) if (p["K"], p["L"]) not in wanted]
+    if points and earlier["machine"] != machine_now():
+        raise SystemExit(f"{path}: measured on {earlier['machine']!r}, not this machine ({machine_now()!r}): "
+                         "its points and these would not compare; measure the whole grid (no --points)")
+    commands = earlier.get("commands", [earlier["command"]] if earlier else [])
+    command = " ".join(["python bench/cost.py", *sys.argv[1:]])
+    for L in sorted({L for _, L in wanted}):
         common = [f"data.limit={grid['prompts']}", f"snapshot.max_new_tokens={L}", f"gad.max_new_tokens={L}",
                   "gad.epochs=1.0", f"gad.gradient_accumulation_steps={PROMPTS_PER_STEP}",
-                  f"gad.discriminator.batch_size={PROMPTS_PER_STEP}"]
+                  f"gad.discriminator.batch_size={PROMPTS_PER_STEP}", *(CHECKPOINTING if checkpointing else [])]
         base = out / f"L{L}"
-        for command in ("teacher", *SODA):
-            stage(command, base, common)
+        for command_name in ("teacher", *SODA):
+            stage(command_name, base, common)
         soda_manifest = json.loads((base / "manifest.json").read_text())
         soda = {**summarize(soda_manifest, SODA), **soda_work(base, soda_manifest)}
-        for K in grid["K"]:
+        for K in sorted(K for K, at in wanted if at == L):
             run = out / f"L{L}-K{K}"
             if not run.exists():
                 copy_stages(base, run, ["teacher", "snapshot", "pairs", "warmup"])
@@ -246,20 +282,48 @@ def sweep(out: Path, quick: bool) -> None:
             points.append({"K": K, "L": L, "KL": K * L, "SODA": soda, "GAD": gad,
                            "time_gad_over_soda": round(gad["wall_s"] / soda["wall_s"], 2),
                            "memory_soda_over_gad": round(soda["peak_memory_mb"] / gad["peak_memory_mb"], 2),
-                           "memory_soda_over_gad_own_stages": round(own_peak(soda, SODA, GAD) / own_peak(gad, GAD, SODA), 2)})
+                           "memory_soda_over_gad_own_stages": round(own_peak(soda, SODA, GAD) / own_peak(gad, GAD, SODA), 2),
+                           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "precision": precision(base),
+                           "versions": versions()})
+            points.sort(key=lambda p: (p["L"], p["K"]))
             # Written after every point: a sweep stopped for time leaves the points it measured (and resumes)
-            write_sweep(points, grid, soda_manifest, name, quick)
+            write_sweep(points, grid, soda_manifest, name, quick, [*dict.fromkeys([*commands, command])], checkpointing)
 
 
-def write_sweep(points: list[dict], grid: dict, soda_manifest: dict, name: str, quick: bool) -> None:
+def machine_now() -> str:
+    """This machine, as `machine` names it from a run's manifest."""
+    from soda_distill.manifest import _device
+
+    return machine({"soda_distill": {"device": _device()}})
+
+
+def precision(run: Path) -> str:
+    from soda_distill.models import use_bf16
+
+    return "bf16" if use_bf16(yaml.safe_load((run / "config.yaml").read_text())["student"]["bf16"]) else "fp32"
+
+
+def write_sweep(points: list[dict], grid: dict, soda_manifest: dict, name: str, quick: bool, commands: list[str],
+                checkpointing: bool) -> None:
+    from soda_distill.config import WarmupConfig
+
     models = {m: cost_model(points, m) for m in ("SODA", "GAD")}
+    default_warmup = WarmupConfig().epochs
     prompt_tokens = soda_manifest["stages"]["pairs"]["lengths"]["prompt"]["mean"]
     record = {
-        "command": "python bench/cost.py --sweep" + (" --quick" if quick else ""),
+        "command": commands[-1], "commands": commands,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(soda_manifest),
+        "gradient_checkpointing": checkpointing,
         "prompts": grid["prompts"], "prompts_per_gad_step": PROMPTS_PER_STEP,
-        "grid": {"K": list(grid["K"]), "L": list(grid["L"])}, "complete": len(points) == len(grid["K"]) * len(grid["L"]),
-        "points": points, "cost_model": models, "projection": projection(points, models, prompt_tokens),
+        "grid": {"K": sorted({p["K"] for p in points}), "L": sorted({p["L"] for p in points})},
+        "complete": all(any((p["K"], p["L"]) == (K, L) for p in points) for K in grid["K"] for L in grid["L"]),
+        "points": points, "cost_model": models,
+        "projection": projection(points, models, prompt_tokens),
+        # The package's warmup (3 epochs), GAD from the same warmup as `--method gad` trains, or from the published 1
+        "projections_default_warmup": {
+            "gad_same_warmup": projection(points, models, prompt_tokens, default_warmup, default_warmup),
+            "gad_published_warmup": projection(points, models, prompt_tokens, default_warmup, 1)},
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -141,50 +141,36 @@ def cost(source: str, data: dict) -> list[str]:
 
 
 def cost_sweep(source: str, data: dict) -> list[str]:
+    dated = any("date" in p for p in data["points"])  # points added later (--points) keep their own date
     rows = [[p["K"], p["L"], p["KL"], p["SODA"]["wall_s"], p["GAD"]["wall_s"], p["time_gad_over_soda"],
-             p["memory_soda_over_gad"], p["memory_soda_over_gad_own_stages"]] for p in data["points"]]
+             p["memory_soda_over_gad"], p["memory_soda_over_gad_own_stages"],
+             *([p.get("date", "earlier")[:10], p.get("precision", "not recorded")]
+               if dated else [])] for p in data["points"]]
     model = data["cost_model"]
     projection = data["projection"]
-    assumed = projection["assumptions"]
-    blocks = [f"{data['prompts']} prompts, GAD {data['prompts_per_gad_step']} prompts a step; K rollouts a prompt, "
-              "answers of at most L tokens.\n",
-              table(["K", "L", "K·L", "SODA s", "GAD s", "GAD/SODA time", "SODA/GAD peak memory",
-                     "SODA/GAD peak memory, own stages"], rows, 0),
-              "The cost model (seconds per token, pooled over the points) and its largest error on a point:\n",
-              table(["method", "s per generated token", "s per trained token", "largest relative error"],
-                    [[m, f"{model[m]['generation_s_per_token']:.4f}", f"{model[m]['training_s_per_token']:.4f}",
-                      model[m]["max_relative_error"]] for m in ("SODA", "GAD")]),
-              "Projected to the published setting, per prompt (recorded):\n",
-              table(["assumption", "value"], [[k, v] for k, v in flatten(assumed).items()]),
-              table(["", "GAD/SODA time", "SODA/GAD memory"],
-                    [["projected here (SODA with a 1-epoch warmup)", projection["time_gad_over_soda"], "—"],
-                     ["the paper", projection["paper"]["time_gad_over_soda"],
-                      projection["paper"]["memory_soda_over_gad"]]])]
-    return blocks + default_warmup_projection(model, assumed)
-
-
-def default_warmup_projection(model: dict, assumed: dict) -> list[str]:
-    """The recorded projection assumes a 1-epoch warmup; at the package's default warmup SODA (and GAD, when it starts
-    from the run's warmup) trains each prompt's sequence that many times instead of once."""
-    from soda_distill.config import WarmupConfig
-
-    epochs = WarmupConfig().epochs
-    sequence = assumed["prompt_tokens"] + assumed["answer_tokens"]
-    tokens = assumed["per_prompt_tokens"]
-
-    def seconds(method: str, warmup_epochs: float) -> float:
-        trained = tokens[method]["trained"] + (warmup_epochs - 1) * sequence
-        rates = model[method]
-        return rates["generation_s_per_token"] * tokens[method]["generated"] + rates["training_s_per_token"] * trained
-
-    rows = [[f"SODA's warmup {epochs:g} epochs (the package's default), GAD's 1 (published)",
-             f"{seconds('GAD', 1) / seconds('SODA', epochs):.1f}"],
-            [f"both from the run's {epochs:g}-epoch warmup (as `--method gad` trains here)",
-             f"{seconds('GAD', epochs) / seconds('SODA', epochs):.1f}"]]
-    return [f"Derived on this page from the recorded rates and token counts (not measured): the same projection "
-            f"with the warmup at the package's default (`warmup.epochs` {epochs:g}; each further epoch trains "
-            f"every prompt's {sequence} tokens once more):\n",
-            table(["warmup", "GAD/SODA time"], rows)]
+    projections = {"SODA and GAD with a 1-epoch warmup (published)": projection}
+    if "projections_default_warmup" in data:
+        default = data["projections_default_warmup"]
+        epochs = default["gad_same_warmup"]["assumptions"]["soda_warmup_epochs"]
+        projections[f"both from the package's {epochs:g}-epoch warmup (as `--method gad` trains here)"] = default["gad_same_warmup"]
+        projections[f"SODA's warmup {epochs:g} epochs, GAD's 1 (published)"] = default["gad_published_warmup"]
+    return [f"{data['prompts']} prompts, GAD {data['prompts_per_gad_step']} prompts a step; K rollouts a prompt, "
+            "answers of at most L tokens" + (", gradient checkpointing in every trainer" if data.get("gradient_checkpointing") else "")
+            + ".\n",
+            table(["K", "L", "K·L", "SODA s", "GAD s", "GAD/SODA time", "SODA/GAD peak memory",
+                   "SODA/GAD peak memory, own stages", *(["measured", "precision"] if dated else [])], rows, 0),
+            "The cost model (seconds per token, pooled over the points) and its largest error on a point:\n",
+            table(["method", "s per generated token", "s per trained token", "largest relative error"],
+                  [[m, f"{model[m]['generation_s_per_token']:.4f}", f"{model[m]['training_s_per_token']:.4f}",
+                    model[m]["max_relative_error"]] for m in ("SODA", "GAD")]),
+            "Projected to the published setting, per prompt (recorded; the range: each method's time off by its "
+            "fit's largest error):\n",
+            table(["assumption", "value"], [[k, v] for k, v in flatten(projection["assumptions"]).items()
+                                             if "warmup" not in k]),
+            table(["warmup", "GAD/SODA time", "range", "SODA/GAD memory"],
+                  [[name, p["time_gad_over_soda"], " – ".join(map(str, p["range"])) if "range" in p else "not recorded", "—"]
+                   for name, p in projections.items()]
+                  + [["the paper", projection["paper"]["time_gad_over_soda"], "", projection["paper"]["memory_soda_over_gad"]]])]
 
 
 def throughput(source: str, data: dict) -> list[str]:
