@@ -16,6 +16,12 @@ The quick replica (`bench/quality.py --quick`: every method trained, evaluated a
 fp32 on this machine (`--tag bf16`, `--tag fp32`: tables of their own, resumable), and each paired effect (a method
 against its baselines: ROUGE-L, reference NLL) in both, with whether bf16's estimate lies in fp32's interval. Adds
 `quick_replica` to precision.json; the warmup modes there are kept.
+
+    python bench/precision.py --eval-dtype [--runs runs]
+
+Training or evaluation? The quick replica's models of both tables (under --runs) scored again on the same prompts'
+reference answers with their weights in fp32 and in bf16: each row's reference NLL minus Base's, by the precision it
+was trained in and the one it is scored in. Adds `evaluation_dtype` to precision.json.
 """
 
 from __future__ import annotations
@@ -83,6 +89,22 @@ def paired_effects(fp32: dict, bf16: dict) -> list[dict]:
     return effects
 
 
+def agreement(effects: list[dict]) -> dict:
+    """Per metric: how many of bf16's estimates lie in fp32's interval; of the effects fp32 finds clear of 0, how many
+    bf16 finds with the same sign, and clear of 0 too; and the median of bf16's size over fp32's on those."""
+    out = {}
+    for metric in EFFECTS:
+        mine = [e for e in effects if e["metric"] == metric]
+        clear = [e for e in mine if e["fp32"]["ci95"][0] > 0 or e["fp32"]["ci95"][1] < 0]
+        same = [e for e in clear if e["bf16"]["difference"] * e["fp32"]["difference"] > 0]
+        ratios = sorted(e["bf16"]["difference"] / e["fp32"]["difference"] for e in clear)
+        out[metric] = {"within": sum(e["bf16_within_fp32"] for e in mine), "of": len(mine),
+                       "fp32_clear_of_0": len(clear), "bf16_same_sign": len(same),
+                       "bf16_clear_same_sign": sum(e["bf16"]["ci95"][0] > 0 or e["bf16"]["ci95"][1] < 0 for e in same),
+                       "median_bf16_over_fp32": round(ratios[len(ratios) // 2], 2) if ratios else None}
+    return out
+
+
 def quick_replica() -> dict:
     """The quick replica in each precision (each table resumed until its evaluation is complete), and its paired
     effects side by side."""
@@ -101,7 +123,44 @@ def quick_replica() -> dict:
     effects = paired_effects(tables["fp32"], tables["bf16"])
     return {"command": "python bench/precision.py --replica", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tables": {tag: f"bench/results/quality-quick-{tag}.json" for tag in REPLICA}, "effects": effects,
-            "within": sum(e["bf16_within_fp32"] for e in effects), "of": len(effects)}
+            "within": sum(e["bf16_within_fp32"] for e in effects), "of": len(effects), "by_metric": agreement(effects)}
+
+
+ROWS = {"Warmup (q_w)": "warmup", "SeqKD": "seqkd", "SODA": "distill", "GAD": "gad/generator"}  # row -> its model
+
+
+def evaluation_dtype(runs: Path) -> dict:
+    """Each trained row's reference NLL minus Base's (mean over the quick replica's prompts, each benchmark's), its
+    weights in each dtype: trained in bf16 or fp32 × scored in bf16 or fp32."""
+    import torch
+
+    from soda_distill.config import load_config
+    from soda_distill.evaluation.benchmarks import load_benchmarks, student_prompt
+    from soda_distill.evaluation.nll import reference_nll
+    from soda_distill.models import load_model, load_tokenizer, resolve_model
+
+    cfg = load_config(str(ROOT / "configs" / "quality.yaml"), ["evaluate.limit=10"])  # as --quick evaluates
+    items = [item for bench in load_benchmarks(cfg.evaluate) for item in bench.items]
+    prompts = [student_prompt(item, cfg.evaluate.prompt_format) for item in items]
+    references = [item.reference for item in items]
+    base = resolve_model(cfg.student.model)
+    tokenizer = load_tokenizer(base)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
+
+        def mean_nll(path: str) -> float:
+            values = reference_nll(load_model(path, dtype), tokenizer, prompts, references, desc=f"{Path(path).name} ({name})")
+            return sum(values) / len(values)
+
+        base_nll = mean_nll(base)
+        for trained in REPLICA:
+            seed = runs / f"quality-quick-{trained}" / "seed-42"
+            for row, folder in ROWS.items():
+                out.setdefault(f"trained {trained}", {}).setdefault(row, {})[f"scored {name}"] = round(
+                    mean_nll(str(seed / folder)) - base_nll, 4)
+    return {"command": "python bench/precision.py --eval-dtype", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "prompts": len(prompts), "minus_base": out}
 
 
 def render(record: dict) -> str:
@@ -122,11 +181,24 @@ def render(record: dict) -> str:
                   f"`bench/quality.py --quick` trained and evaluated in bf16 and in fp32 on this machine (the tables: "
                   f"{', '.join(f'`{t}`' for t in replica['tables'].values())}); each paired effect in both, and whether "
                   f"bf16's estimate lies in fp32's 95% interval: {replica['within']} of {replica['of']}.", "",
-                  "| effect | benchmark | metric | fp32 | bf16 | bf16 in fp32's interval |", "| --- | --- | --- | ---: | ---: | --- |"]
+                  "| metric | bf16 in fp32's interval | clear of 0 in fp32 | same sign in bf16 | and clear of 0 "
+                  "| median bf16 ÷ fp32 there |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {metric} | {a['within']} of {a['of']} | {a['fp32_clear_of_0']} | {a['bf16_same_sign']} | "
+                  f"{a['bf16_clear_same_sign']} | {a['median_bf16_over_fp32']} |" for metric, a in replica["by_metric"].items()]
+        lines += ["", "| effect | benchmark | metric | fp32 | bf16 | bf16 in fp32's interval |", "| --- | --- | --- | ---: | ---: | --- |"]
         lines += [f"| {e['effect']} | {e['benchmark']} | {e['metric']} | {interval(e['fp32'], 3 if 'nll' in e['metric'] else 2)} "
                   f"| {interval(e['bf16'], 3 if 'nll' in e['metric'] else 2)} | {'yes' if e['bf16_within_fp32'] else '**no**'} |"
                   for e in replica["effects"]]
         lines += ["", f"`{replica['command']}` — {replica['date']}.", ""]
+    if scored := record.get("evaluation_dtype"):
+        columns = sorted({c for rows in scored["minus_base"].values() for r in rows.values() for c in r})
+        lines += ["## Trained or scored in bf16?", "",
+                  f"Each quick-replica row's reference NLL minus Base's, mean over the {scored['prompts']} prompts of "
+                  "its three benchmarks, the weights of both scored in each dtype:", "",
+                  "| trained in | row | " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * len(columns)]
+        lines += [f"| {trained.removeprefix('trained ')} | {row} | " + " | ".join(f"{v[c]:+.4f}" for c in columns) + " |"
+                  for trained, rows in scored["minus_base"].items() for row, v in rows.items()]
+        lines += ["", f"`{scored['command']}` — {scored['date']}.", ""]
     return "\n".join(lines)
 
 
@@ -152,16 +224,21 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "precision")
     parser.add_argument("--replica", action="store_true", help="the quick replica's effects in bf16 and in fp32")
+    parser.add_argument("--eval-dtype", action="store_true", help="the quick replica's models scored in fp32 and bf16")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="with --eval-dtype: where its runs are")
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # a child process: train one mode
     args = parser.parse_args()
     if args.one:
         return train(args.one, args.out / args.one)
-    if args.replica:
+    if args.replica or args.eval_dtype:
         record = json.loads((RESULTS / "precision.json").read_text())
-        record["quick_replica"] = quick_replica()
+        if args.replica:
+            record["quick_replica"] = quick_replica()
+        if args.eval_dtype:
+            record["evaluation_dtype"] = evaluation_dtype(args.runs)
         (RESULTS / "precision.json").write_text(json.dumps(record, indent=1) + "\n")
         (RESULTS / "precision.md").write_text(render(record))
-        return print(json.dumps({k: record["quick_replica"][k] for k in ("within", "of")}))
+        return print(json.dumps(record.get("evaluation_dtype") or {k: record["quick_replica"][k] for k in ("within", "of")}))
     from soda_distill.stats import paired_difference
 
     modes = args.modes.split(",")
@@ -180,7 +257,8 @@ def main() -> None:
               "versions": versions(), "config": "configs/demo.yaml (warmup stage: 48 prompts, 3 epochs, 18 steps)",
               "modes": runs}
     if (RESULTS / "precision.json").exists():  # the quick replica's effects, measured by --replica, stay
-        record.update({k: v for k, v in json.loads((RESULTS / "precision.json").read_text()).items() if k == "quick_replica"})
+        record.update({k: v for k, v in json.loads((RESULTS / "precision.json").read_text()).items()
+                       if k in ("quick_replica", "evaluation_dtype")})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "precision.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(record, RESULTS / "precision.png")

@@ -252,8 +252,9 @@ PAGES = (
          (("alpaca_eval.json", quality),)),
     Page("quality-quick", "The replica, quick variant",
          "`bench/quality.py --quick`: every method trains, evaluates and reports on a few prompts. A regression "
-         "check, far too small to rank methods.",
-         (("quality-quick.json", quality),)),
+         "check, far too small to rank methods; once more in each precision on one machine (`--tag bf16`, "
+         "`--tag fp32`), for the precision check.",
+         (("quality-quick.json", quality), ("quality-quick-bf16.json", quality), ("quality-quick-fp32.json", quality))),
     Page("sweep", "The demo's DPO, one setting at a time",
          "SODA's DPO on the demo's pairs with one setting changed at a time, against its own warmup, SODA at the "
          "demo's settings and the demo's SeqKD, on held-out Dolly prompts.",
@@ -290,7 +291,8 @@ PAGES = (
          "ROUGE-L and answer length against the AlpacaEval 2.0 leaderboard, across its models.",
          (("metric-trust.json", bench_markdown),)),
     Page("precision", "Does bf16 train as fp32 does?",
-         "The demo's warmup trained from the same seed and data in fp32, in bf16 and as bf16 trained before its fix.",
+         "The demo's warmup trained from the same seed and data in fp32, in bf16 and as bf16 trained before its fix; "
+         "the quick replica's paired effects trained in each precision; its models scored in each.",
          (("precision.json", bench_markdown),)),
     Page("gpu", "The GPU check",
          "`bash bench/gpu.sh` on one GPU: the demo's SODA and GAD, FSDP and DeepSpeed launches, LoRA and the "
