@@ -256,7 +256,8 @@ def sweep(out: Path, quick: bool, only: list[tuple[int, int]] | None, checkpoint
     wanted = only or [(K, L) for L in grid["L"] for K in grid["K"]]
     path = RESULTS / f"{name}.json"
     earlier = json.loads(path.read_text()) if only and path.exists() else {}
-    points = [p for p in earlier.get("points", []) if (p["K"], p["L"]) not in wanted]
+    # a point measured before points were dated gets its record's date
+    points = [{"date": earlier["date"], **p} for p in earlier.get("points", []) if (p["K"], p["L"]) not in wanted]
     if points and earlier["machine"] != machine_now():
         raise SystemExit(f"{path}: measured on {earlier['machine']!r}, not this machine ({machine_now()!r}): "
                          "its points and these would not compare; measure the whole grid (no --points)")

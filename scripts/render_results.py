@@ -144,7 +144,7 @@ def cost_sweep(source: str, data: dict) -> list[str]:
     dated = any("date" in p for p in data["points"])  # points added later (--points) keep their own date
     rows = [[p["K"], p["L"], p["KL"], p["SODA"]["wall_s"], p["GAD"]["wall_s"], p["time_gad_over_soda"],
              p["memory_soda_over_gad"], p["memory_soda_over_gad_own_stages"],
-             *([p.get("date", "earlier")[:10], p.get("precision", "not recorded")]
+             *([p.get("date", "")[:10], p.get("precision", "not recorded")]
                if dated else [])] for p in data["points"]]
     model = data["cost_model"]
     projection = data["projection"]
