@@ -128,14 +128,22 @@ def keep_rows(evaldir: Path, evaluation: dict, rows: Path, made: set[str], prove
     (rows / "provenance.json").write_text(json.dumps(made_by, indent=1, sort_keys=True) + "\n")
 
 
-def committed_rows(rows: Path, leave_out: set[str], precision: str) -> dict[str, str]:
-    """The committed rows (label -> file) for `--with-committed`, but those this call makes, and those made in
-    another precision than this call's: no comparison mixes precisions."""
+def committed_rows(rows: Path, leave_out: set[str], made_with: dict[str, str]) -> dict[str, str]:
+    """The committed rows (label -> file) for `--with-committed`, but those this call makes, and those trained in
+    another precision or scored in another dtype than this call's (`made_with`): no comparison mixes precisions. A row
+    that does not name its NLL's dtype was scored in its training precision's."""
     index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
     made_by = json.loads((rows / "provenance.json").read_text()) if (rows / "provenance.json").exists() else {}
-    other = sorted(label for label in index if made_by.get(label, {}).get("precision", precision) != precision)
+
+    def row_made_with(label: str) -> dict[str, str]:
+        row = {"precision": made_with["precision"], **made_by.get(label, {})}
+        return {"precision": row["precision"],
+                "nll_dtype": row.get("nll_dtype", "bfloat16" if row["precision"] == "bf16" else "float32")}
+
+    other = sorted(label for label in index if row_made_with(label) != made_with)
     if other:
-        print(f"left out, made in another precision than {precision}: {', '.join(other)}", flush=True)
+        print(f"left out, trained or scored otherwise than {made_with} (evaluate.nll_dtype=student scores as rows "
+              f"did before 2026-12-06): {', '.join(other)}", flush=True)
     kept = [label for label in index if label not in leave_out and label not in other]
     return {label: str(rows / index[label]) for label in sorted(kept, key=table_order)}
 
@@ -234,13 +242,16 @@ def main() -> None:
            *args.set]
     rows = RESULTS / name / "rows"
     from soda_distill.config import load_config
+    from soda_distill.evaluation.nll import scoring_dtype
     from soda_distill.models import use_bf16
     from soda_distill.registry import METHODS
 
-    precision = "bf16" if use_bf16(load_config(config, [*settings, *args.set]).student.bf16) else "fp32"
+    resolved = load_config(config, [*settings, *args.set])
+    precision = "bf16" if use_bf16(resolved.student.bf16) else "fp32"
+    made_with = {"precision": precision, "nll_dtype": str(scoring_dtype(resolved)).removeprefix("torch.")}
     methods = ([] if args.methods == "none" else args.methods.split(",")) if args.methods else load_config(config).compare.methods
     made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}  # the rows this call makes
-    extra = committed_rows(rows, made, precision) if args.with_committed else {}  # more rows: the committed ones
+    extra = committed_rows(rows, made, made_with) if args.with_committed else {}  # more rows: the committed ones
     variants, variant_rows, own_warmups = [], {}, {}  # (its seed's runs, its runs, its settings, its command), its
     # table rows, and a SODA variant's runs with those before it (its q_w may be new)
     from soda_distill.compare import SEEDED
@@ -323,7 +334,7 @@ def main() -> None:
         for suffix in ("md", "png"):
             shutil.copyfile(out / "evaluation" / f"results.{suffix}", RESULTS / f"{name}.{suffix}")
         keep_rows(out / "evaluation", evaluation, rows, made | set(variant_rows) | set(own_warmups),
-                  {"machine": record["machine"], "precision": precision, "versions": record["versions"], "date": record["date"]})
+                  {"machine": record["machine"], **made_with, "versions": record["versions"], "date": record["date"]})
     (RESULTS / f"{name}.json").write_text(json.dumps(carry_over(RESULTS / f"{name}.json", record), indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("this_piece", "evaluation_answers", "evaluation_complete")}, indent=1))
 

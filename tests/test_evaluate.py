@@ -250,3 +250,34 @@ def test_repetition_and_cut_answers(tmp_path, qa_file):
     markdown = (tmp_path / "eval" / "results.md").read_text()
     assert "### Repetition (seq-rep-4" in markdown and "### Answers cut at the token limit" in markdown
     assert "**repetition, seq-rep-4" in markdown
+
+
+def test_reference_nll_is_scored_in_float32_where_the_student_runs_in_bf16(tmp_path, tiny_model_dir, qa_file):
+    """bf16 scoring shrinks fine-tuning effects (docs/results/precision.md): by default the NLLs are the fp32 model's
+    while the answers stay the student's bf16 ones; `evaluate.nll_dtype=student` scores in bf16 as before."""
+    import torch
+
+    from soda_distill.evaluation.nll import reference_nll
+    from soda_distill.models import bf16_supported, load_model, load_tokenizer
+
+    if not bf16_supported():
+        pytest.skip("no bf16 on this CPU: the student runs in fp32 either way")
+    items = [json.loads(line) for line in qa_file.read_text().splitlines()[:3]]
+    prompts = [it["messages"][:-1] for it in items]
+    references = [it["messages"][-1]["content"] for it in items]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    expected = {dtype: reference_nll(load_model(str(tiny_model_dir), dtype), tokenizer, prompts, references)
+                for dtype in (torch.float32, torch.bfloat16)}
+    assert expected[torch.float32] != pytest.approx(expected[torch.bfloat16], rel=1e-6)
+    answers = {}
+    for setting, dtype in (("float32", torch.float32), ("student", torch.bfloat16)):
+        cfg = load_config(None, [f"evaluate.benchmarks=[{qa_file}]", "evaluate.limit=3", "evaluate.max_new_tokens=6",
+                                 f"evaluate.models.Tiny/Base={tiny_model_dir}", "student.bf16=true",
+                                 f"evaluate.nll_dtype={setting}"])
+        run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / setting))
+        records = [json.loads(line) for line in (tmp_path / setting / "responses" / "Tiny_Base" / "qa.jsonl").read_text().splitlines()]
+        assert [r["reference_nll"] for r in records] == pytest.approx(expected[dtype], rel=1e-5)
+        answers[setting] = [r["messages"][-1]["content"] for r in records]
+    assert answers["float32"] == answers["student"]  # the answers are the bf16 student's in both
+    with pytest.raises(SodaError, match=r"evaluate.nll_dtype: expected \"float32\" or \"student\", got 'bf16'"):
+        load_config(None, ["evaluate.nll_dtype=bf16"])

@@ -180,8 +180,9 @@ def test_reads_name_every_section_a_key_reads(tmp_path, monkeypatch):
 
 
 def test_committed_rows_of_another_precision_are_left_out(tmp_path, monkeypatch):
-    """bench/quality.py --with-committed: a committed row made in another precision than this call's does not join
-    its table (nor does a row this call makes again); a row with no provenance recorded (made before) does."""
+    """bench/quality.py --with-committed: a committed row trained in another precision or scored in another dtype than
+    this call's does not join its table (nor does a row this call makes again); a row with no provenance recorded
+    (made before) does where this call scores as rows then did, in the student's precision."""
     import json
     from pathlib import Path
 
@@ -189,16 +190,21 @@ def test_committed_rows_of_another_precision_are_left_out(tmp_path, monkeypatch)
     import quality
 
     (tmp_path / "index.json").write_text(json.dumps({"seed-42/SODA": "a.jsonl", "seed-43/SODA": "b.jsonl",
-                                                     "seed-44/SODA": "c.jsonl", "seed-44/Base": "d.jsonl"}))
+                                                     "seed-44/SODA": "c.jsonl", "seed-44/Base": "d.jsonl",
+                                                     "seed-45/SODA": "e.jsonl"}))
     (tmp_path / "provenance.json").write_text(json.dumps({"seed-42/SODA": {"precision": "fp32"},
-                                                          "seed-43/SODA": {"precision": "bf16"}}))
-    kept = quality.committed_rows(tmp_path, {"seed-44/Base"}, "bf16")
+                                                          "seed-43/SODA": {"precision": "bf16"},
+                                                          "seed-45/SODA": {"precision": "bf16", "nll_dtype": "float32"}}))
+    kept = quality.committed_rows(tmp_path, {"seed-44/Base"}, {"precision": "bf16", "nll_dtype": "bfloat16"})
     assert kept == {"seed-43/SODA": str(tmp_path / "b.jsonl"), "seed-44/SODA": str(tmp_path / "c.jsonl")}
+    # trained in bf16 and scored in fp32 (evaluate.nll_dtype's default): only a row that says it was scored so joins
+    kept = quality.committed_rows(tmp_path, set(), {"precision": "bf16", "nll_dtype": "float32"})
+    assert kept == {"seed-45/SODA": str(tmp_path / "e.jsonl")}
     # in a table's order: by seed, then the registry's methods, a variant after its method
     (tmp_path / "provenance.json").unlink()
     (tmp_path / "index.json").write_text(json.dumps({label: "a.jsonl" for label in (
         "seed-43/Base", "seed-42/SODA (keepcut)", "seed-42/SeqKD", "seed-42/SODA", "seed-42/Warmup (q_w, v)", "seed-42/Base")}))
-    assert list(quality.committed_rows(tmp_path, set(), "bf16")) == [
+    assert list(quality.committed_rows(tmp_path, set(), {"precision": "bf16", "nll_dtype": "bfloat16"})) == [
         "seed-42/Base", "seed-42/Warmup (q_w, v)", "seed-42/SeqKD", "seed-42/SODA", "seed-42/SODA (keepcut)", "seed-43/Base"]
 
 

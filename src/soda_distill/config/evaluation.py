@@ -51,6 +51,9 @@ class EvaluateConfig:
                 "Alpaca layout, for base models"})
     max_new_tokens: int = field(default=256, metadata={
         "help": "most tokens of each answer, always decoded greedily; the paper's 1536 with `preset: paper`"})
+    nll_dtype: str = added("float32", original="student", help=(
+        "the dtype the reference NLL is scored in: \"float32\", or \"student\" (the student's, bf16 where it trains "
+        "in bf16). bf16 scoring shrinks every fine-tuning effect on NLL by about a fifth: docs/results/precision.md"))
     backend: str = field(default="transformers", metadata={
         "help": "what generates the answers: \"transformers\", or \"vllm\" when installed"})
     exact_match_max_words: int = field(default=5, metadata={
@@ -59,6 +62,10 @@ class EvaluateConfig:
     reference: ReferenceConfig = section(ReferenceConfig,
                                          "the reference model's endpoint, whose answers the judge compares each row's with")
     judge: JudgeConfig = section(JudgeConfig, "the LLM judge's endpoint")
+
+    def __post_init__(self):
+        if self.nll_dtype not in ("float32", "student"):
+            raise SodaError(f"evaluate.nll_dtype: expected \"float32\" or \"student\", got {self.nll_dtype!r}")
 
 
 @dataclass

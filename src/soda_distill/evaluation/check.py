@@ -12,7 +12,6 @@ import json
 import textwrap
 from pathlib import Path
 
-import torch
 
 from ..config import Config, fingerprint
 from ..errors import SodaError
@@ -22,12 +21,13 @@ from ..models import load_model, load_tokenizer, model_digest, resolve_model, us
 from ..records import atomic_write_text, resolve_data_path
 from ..stats import paired_difference
 from .benchmarks import load_benchmark
-from .nll import reference_nll
+from .nll import reference_nll, scoring_dtype
 
 def _measure(path: str, items, cfg: Config) -> tuple[list[float | None], str]:
-    """The reference NLL of every item, and the greedy answer to the first, under the model at `path`."""
+    """The reference NLL of every item, and the greedy answer to the first, under the model at `path` (both in the
+    dtype NLL is scored in)."""
     tokenizer = load_tokenizer(path, cfg.student.trust_remote_code)
-    model = load_model(path, torch.bfloat16 if use_bf16(cfg.student.bf16) else torch.float32, cfg.student.trust_remote_code)
+    model = load_model(path, scoring_dtype(cfg), cfg.student.trust_remote_code)
     nll = reference_nll(model, tokenizer, [it.prompt for it in items], [it.reference for it in items], desc="check: NLL")
     answer = []
     generate_transformers(model, tokenizer, [items[0].prompt], Sampling(max_new_tokens=cfg.check.max_new_tokens), 1,
@@ -38,7 +38,7 @@ def _measure(path: str, items, cfg: Config) -> tuple[list[float | None], str]:
 def before_after(cfg: Config, run: RunDir, distilled: Path) -> dict:
     base = resolve_model(cfg.student.model, cfg.student.gguf_file)
     path = resolve_data_path(cfg.check.prompts)
-    identity = {"settings": fingerprint(cfg.check), "bf16": use_bf16(cfg.student.bf16),
+    identity = {"settings": fingerprint(cfg.check), "bf16": use_bf16(cfg.student.bf16), "nll_dtype": str(scoring_dtype(cfg)),
                 "models": [model_digest(Path(base)) if Path(base).is_dir() else base, model_digest(distilled)]}
     saved = run.file("check.json")
     if saved.exists() and (earlier := json.loads(saved.read_text())).get("identity") == identity:

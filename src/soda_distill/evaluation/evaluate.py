@@ -37,7 +37,7 @@ from .benchmarks import Benchmark, load_benchmarks, student_prompt
 from .judge import plan_requests, reference_answers, run_judge
 from .metrics import offline_metrics, rouge_l_per_prompt
 from .paired import across_runs, paired, preference_margins, ranked
-from .nll import reference_nll
+from .nll import reference_nll, scoring_dtype
 from .table import render_markdown
 
 @dataclass
@@ -113,9 +113,11 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark],
     ev = cfg.evaluate
     model_path = resolve_model(row.model, row.gguf_file)
     bf16 = use_bf16(cfg.student.bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float32  # the answers'
+    nll_dtype = scoring_dtype(cfg)
     identity = {
         "model": model_digest(Path(model_path)) if Path(model_path).is_dir() else model_path,
-        "dtype": "bfloat16" if bf16 else "float32",
+        "dtype": str(dtype).removeprefix("torch."),
         "backend": ev.backend,
         "max_new_tokens": ev.max_new_tokens,
     }
@@ -130,7 +132,7 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark],
             prompts[key] = prompt
             per_answer = []
             for answer, open_end in ((item.reference, False), *_q0_answer(q0, b.name, len(keys[b.name]) - 1)):
-                nll_key = _key({"model": identity["model"], "dtype": identity["dtype"], "prompt": prompt,
+                nll_key = _key({"model": identity["model"], "dtype": str(nll_dtype).removeprefix("torch."), "prompt": prompt,
                                 "reference": answer, **({"open_end": True} if open_end else {})})
                 per_answer.append(nll_key)
                 scored[nll_key] = (prompt, answer, open_end)
@@ -141,8 +143,8 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark],
     if todo or nll_todo:
         tokenizer = load_tokenizer(model_path, row.trust_remote_code)
         _refuse_overlong(row, model_path, tokenizer, benchmarks, ev)
-    if nll_todo or (todo and ev.backend == "transformers"):
-        model = load_model(model_path, torch.bfloat16 if bf16 else torch.float32, row.trust_remote_code)
+    if nll_todo:
+        model = load_model(model_path, nll_dtype, row.trust_remote_code)
     for start in range(0, len(nll_todo), 32):  # appended a chunk at a time: a kill loses at most one chunk
         chunk = nll_todo[start : start + 32]
         chunk_prompts, answers, open_ends = (list(column) for column in zip(*(scored[k] for k in chunk)))
@@ -151,6 +153,9 @@ def _generate(cfg: Config, evaldir: Path, row: Row, benchmarks: list[Benchmark],
         nll_log.append([{"key": k, "model": row.label, "nll": v} for k, v in zip(chunk, values)])
     if todo:
         sampling = Sampling(max_new_tokens=ev.max_new_tokens)  # greedy
+        if ev.backend == "transformers" and (model is None or nll_dtype != dtype):
+            model = None  # the scoring model's memory back first
+            model = load_model(model_path, dtype, row.trust_remote_code)
 
         def keep(results):
             log.append([{"key": todo[i], "model": row.label, "text": g.text, "finish_reason": g.finish_reason,

@@ -11,6 +11,14 @@ from tqdm.auto import tqdm
 from ..chat_tokens import chat_ids
 
 
+def scoring_dtype(cfg) -> torch.dtype:
+    """The dtype NLL is scored in (`evaluate.nll_dtype`): in bf16 the residual stream's sums round away part of what
+    fine-tuning changed, and every effect shrinks by about a fifth (docs/results/precision.md)."""
+    from ..models import use_bf16
+
+    return torch.bfloat16 if cfg.evaluate.nll_dtype == "student" and use_bf16(cfg.student.bf16) else torch.float32
+
+
 @torch.inference_mode()
 def reference_nll(model, tokenizer, prompts: list[list[dict]], references: list[str | None],
                   desc: str = "reference NLL", open_ends: list[bool] | None = None) -> list[float | None]:
