@@ -38,7 +38,9 @@ from common import machine, versions
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("fp32", "bf16", "bf16_grid_masters", "autocast")
-REPLICA = {"bf16": [], "fp32": ["--set", "student.bf16=false"]}  # the quick replica's tables: tag -> its settings
+# The quick replica's tables: tag -> its settings. bf16's models once more with their NLL scored in fp32 (no training)
+REPLICA = {"bf16": [], "fp32": ["--set", "student.bf16=false"],
+           "bf16-fp32scored": ["--out", str(ROOT / "runs" / "quality-quick-bf16"), "--set", "evaluate.nll_dtype=float32"]}
 EFFECTS = ("rouge_l", "reference_nll")
 
 
@@ -121,9 +123,12 @@ def quick_replica() -> dict:
             raise SystemExit(f"{path}: the quick replica in {tag} did not complete")
         tables[tag] = record["results"]
     effects = paired_effects(tables["fp32"], tables["bf16"])
+    scored = paired_effects(tables["fp32"], tables["bf16-fp32scored"])
     return {"command": "python bench/precision.py --replica", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tables": {tag: f"bench/results/quality-quick-{tag}.json" for tag in REPLICA}, "effects": effects,
-            "within": sum(e["bf16_within_fp32"] for e in effects), "of": len(effects), "by_metric": agreement(effects)}
+            "within": sum(e["bf16_within_fp32"] for e in effects), "of": len(effects), "by_metric": agreement(effects),
+            "scored_fp32": {"effects": scored, "within": sum(e["bf16_within_fp32"] for e in scored), "of": len(scored),
+                            "by_metric": agreement(scored)}}
 
 
 ROWS = {"Warmup (q_w)": "warmup", "SeqKD": "seqkd", "SODA": "distill", "GAD": "gad/generator"}  # row -> its model
@@ -154,7 +159,7 @@ def evaluation_dtype(runs: Path) -> dict:
             return sum(values) / len(values)
 
         base_nll = mean_nll(base)
-        for trained in REPLICA:
+        for trained in ("bf16", "fp32"):
             seed = runs / f"quality-quick-{trained}" / "seed-42"
             for row, folder in ROWS.items():
                 out.setdefault(f"trained {trained}", {}).setdefault(row, {})[f"scored {name}"] = round(
@@ -181,10 +186,13 @@ def render(record: dict) -> str:
                   f"`bench/quality.py --quick` trained and evaluated in bf16 and in fp32 on this machine (the tables: "
                   f"{', '.join(f'`{t}`' for t in replica['tables'].values())}); each paired effect in both, and whether "
                   f"bf16's estimate lies in fp32's 95% interval: {replica['within']} of {replica['of']}.", "",
-                  "| metric | bf16 in fp32's interval | clear of 0 in fp32 | same sign in bf16 | and clear of 0 "
-                  "| median bf16 ÷ fp32 there |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {metric} | {a['within']} of {a['of']} | {a['fp32_clear_of_0']} | {a['bf16_same_sign']} | "
-                  f"{a['bf16_clear_same_sign']} | {a['median_bf16_over_fp32']} |" for metric, a in replica["by_metric"].items()]
+                  "| bf16's models, NLL scored in | metric | bf16 in fp32's interval | clear of 0 in fp32 | same sign in "
+                  "bf16 | and clear of 0 | median bf16 ÷ fp32 there |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        comparisons = {"bf16": replica["by_metric"], **({"fp32": replica["scored_fp32"]["by_metric"]} if "scored_fp32" in replica else {})}
+        lines += [f"| {dtype} | {metric} | {a['within']} of {a['of']} | {a['fp32_clear_of_0']} | {a['bf16_same_sign']} | "
+                  f"{a['bf16_clear_same_sign']} | {a['median_bf16_over_fp32']} |"
+                  for dtype, by_metric in comparisons.items() for metric, a in by_metric.items()
+                  if dtype == "bf16" or metric == "reference_nll"]  # scoring changes no answer: ROUGE-L is the same
         lines += ["", "| effect | benchmark | metric | fp32 | bf16 | bf16 in fp32's interval |", "| --- | --- | --- | ---: | ---: | --- |"]
         lines += [f"| {e['effect']} | {e['benchmark']} | {e['metric']} | {interval(e['fp32'], 3 if 'nll' in e['metric'] else 2)} "
                   f"| {interval(e['bf16'], 3 if 'nll' in e['metric'] else 2)} | {'yes' if e['bf16_within_fp32'] else '**no**'} |"

@@ -253,8 +253,9 @@ PAGES = (
     Page("quality-quick", "The replica, quick variant",
          "`bench/quality.py --quick`: every method trains, evaluates and reports on a few prompts. A regression "
          "check, far too small to rank methods; once more in each precision on one machine (`--tag bf16`, "
-         "`--tag fp32`), for the precision check.",
-         (("quality-quick.json", quality), ("quality-quick-bf16.json", quality), ("quality-quick-fp32.json", quality))),
+         "`--tag fp32`; bf16's models with their NLL scored in fp32, `--tag bf16-fp32scored`), for the precision check.",
+         (("quality-quick.json", quality), ("quality-quick-bf16.json", quality), ("quality-quick-fp32.json", quality),
+          ("quality-quick-bf16-fp32scored.json", quality))),
     Page("sweep", "The demo's DPO, one setting at a time",
          "SODA's DPO on the demo's pairs with one setting changed at a time, against its own warmup, SODA at the "
          "demo's settings and the demo's SeqKD, on held-out Dolly prompts.",
