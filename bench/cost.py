@@ -319,18 +319,22 @@ def write_sweep(points: list[dict], grid: dict, soda_manifest: dict, name: str, 
         "prompts": grid["prompts"], "prompts_per_gad_step": PROMPTS_PER_STEP,
         "grid": {"K": sorted({p["K"] for p in points}), "L": sorted({p["L"] for p in points})},
         "complete": all(any((p["K"], p["L"]) == (K, L) for p in points) for K in grid["K"] for L in grid["L"]),
-        "points": points, "cost_model": models,
-        "projection": projection(points, models, prompt_tokens),
-        # The package's warmup (3 epochs), GAD from the same warmup as `--method gad` trains, or from the published 1
-        "projections_default_warmup": {
-            "gad_same_warmup": projection(points, models, prompt_tokens, default_warmup, default_warmup),
-            "gad_published_warmup": projection(points, models, prompt_tokens, default_warmup, 1)},
+        "points": points,
     }
+    if len({p.get("precision") for p in points} | {p.get("versions", {}).get("soda-distill") for p in points}) == 2:
+        record.update(precision=points[-1]["precision"], versions=points[-1]["versions"])  # every point's the same
+    if not checkpointing:  # a memory record: checkpointing's recomputation (and uncached rollouts) is no cost model
+        record.update({
+            "cost_model": models, "projection": projection(points, models, prompt_tokens),
+            # The package's warmup (3 epochs), GAD from the same warmup as `--method gad` trains, or from the published 1
+            "projections_default_warmup": {
+                "gad_same_warmup": projection(points, models, prompt_tokens, default_warmup, default_warmup),
+                "gad_published_warmup": projection(points, models, prompt_tokens, default_warmup, 1)}})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     plot_sweep(record, RESULTS / f"{name}.png")
     print(json.dumps({"ratios": [(p["K"], p["L"], p["time_gad_over_soda"]) for p in points],
-                      "projection": record["projection"]["time_gad_over_soda"]}, indent=1), flush=True)
+                      "projection": record.get("projection", {}).get("time_gad_over_soda")}, indent=1), flush=True)
 
 
 def plot_sweep(record: dict, path: Path) -> None:
@@ -357,7 +361,8 @@ def plot_sweep(record: dict, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=7)
     label_axes(time_ax, "wall time, shared warmup included", "rollouts × answer length (K·L)", "minutes")
-    label_axes(ratio_ax, f"ratios (published setting, projected: {record['projection']['time_gad_over_soda']}×)", "K·L", "")
+    projected = f" (published setting, projected: {record['projection']['time_gad_over_soda']}×)" if "projection" in record else ""
+    label_axes(ratio_ax, f"ratios{projected}", "K·L", "")
     label_axes(mem_ax, "peak memory, own stages", "K·L", "GiB")
     done = "" if record.get("complete", True) else f" ({len(record['points'])} of {len(record['grid']['K']) * len(record['grid']['L'])} points)"
     fig.suptitle(f"SODA vs GAD against rollouts and length, {record['prompts']} prompts{done} — {record['machine']}")

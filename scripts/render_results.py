@@ -146,6 +146,14 @@ def cost_sweep(source: str, data: dict) -> list[str]:
              p["memory_soda_over_gad"], p["memory_soda_over_gad_own_stages"],
              *([p.get("date", "")[:10], p.get("precision", "not recorded")]
                if dated else [])] for p in data["points"]]
+    head = [f"{data['prompts']} prompts, GAD {data['prompts_per_gad_step']} prompts a step; K rollouts a prompt, "
+            "answers of at most L tokens" + (", gradient checkpointing in every trainer: a record of memory (its "
+                                             "times are no cost model)" if data.get("gradient_checkpointing") else "")
+            + ".\n",
+            table(["K", "L", "K·L", "SODA s", "GAD s", "GAD/SODA time", "SODA/GAD peak memory",
+                   "SODA/GAD peak memory, own stages", *(["measured", "precision"] if dated else [])], rows, 0)]
+    if "cost_model" not in data:
+        return head
     model = data["cost_model"]
     projection = data["projection"]
     projections = {"SODA and GAD with a 1-epoch warmup (published)": projection}
@@ -154,11 +162,7 @@ def cost_sweep(source: str, data: dict) -> list[str]:
         epochs = default["gad_same_warmup"]["assumptions"]["soda_warmup_epochs"]
         projections[f"both from the package's {epochs:g}-epoch warmup (as `--method gad` trains here)"] = default["gad_same_warmup"]
         projections[f"SODA's warmup {epochs:g} epochs, GAD's 1 (published)"] = default["gad_published_warmup"]
-    return [f"{data['prompts']} prompts, GAD {data['prompts_per_gad_step']} prompts a step; K rollouts a prompt, "
-            "answers of at most L tokens" + (", gradient checkpointing in every trainer" if data.get("gradient_checkpointing") else "")
-            + ".\n",
-            table(["K", "L", "K·L", "SODA s", "GAD s", "GAD/SODA time", "SODA/GAD peak memory",
-                   "SODA/GAD peak memory, own stages", *(["measured", "precision"] if dated else [])], rows, 0),
+    return head + [
             "The cost model (seconds per token, pooled over the points) and its largest error on a point:\n",
             table(["method", "s per generated token", "s per trained token", "largest relative error"],
                   [[m, f"{model[m]['generation_s_per_token']:.4f}", f"{model[m]['training_s_per_token']:.4f}",
@@ -277,7 +281,8 @@ PAGES = (
     Page("cost-sweep", "SODA against GAD as rollouts and answer length grow",
          "Both methods at every answer length L and rollouts per prompt K, a per-token cost model fitted to the "
          "points, and its projection to the published setting.",
-         (("cost-sweep.json", cost_sweep), ("cost-sweep-quick.json", cost_sweep))),
+         (("cost-sweep.json", cost_sweep), ("cost-sweep-checkpointing.json", cost_sweep),
+          ("cost-sweep-quick.json", cost_sweep))),
     Page("throughput", "Training and generation throughput",
          "SFT and DPO tokens per second and peak memory of soda's trainers against TRL's stock setup, the matmul "
          "ceiling, where an SFT step's time goes, and batched against one-at-a-time generation; then each "
