@@ -96,8 +96,12 @@ def stage_s(run: Path, stage: str) -> float:
 
 
 def lines(path: Path) -> int:
-    """Complete records of a JSONL file (a torn last line does not count)."""
-    return path.read_bytes().count(b"\n") if path.exists() else 0
+    """Complete records of a JSONL file (a torn last line does not count); 0 before it is written or once its stage,
+    finishing, has moved it (polled from outside: it can go between any two looks)."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
 
 
 def checkpoint_step(folder: Path) -> int:
