@@ -289,7 +289,7 @@ def sweep(out: Path, quick: bool, only: list[tuple[int, int]] | None, checkpoint
                            "versions": versions()})
             points.sort(key=lambda p: (p["L"], p["K"]))
             # Written after every point: a sweep stopped for time leaves the points it measured (and resumes)
-            write_sweep(points, grid, soda_manifest, name, quick, [*dict.fromkeys([*commands, command])], checkpointing)
+            write_sweep(points, grid, soda_manifest, name, [*dict.fromkeys([*commands, command])], checkpointing)
 
 
 def machine_now() -> str:
@@ -305,13 +305,10 @@ def precision(run: Path) -> str:
     return "bf16" if use_bf16(yaml.safe_load((run / "config.yaml").read_text())["student"]["bf16"]) else "fp32"
 
 
-def write_sweep(points: list[dict], grid: dict, soda_manifest: dict, name: str, quick: bool, commands: list[str],
+def write_sweep(points: list[dict], grid: dict, soda_manifest: dict, name: str, commands: list[str],
                 checkpointing: bool) -> None:
     from soda_distill.config import WarmupConfig
 
-    models = {m: cost_model(points, m) for m in ("SODA", "GAD")}
-    default_warmup = WarmupConfig().epochs
-    prompt_tokens = soda_manifest["stages"]["pairs"]["lengths"]["prompt"]["mean"]
     record = {
         "command": commands[-1], "commands": commands,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(soda_manifest),
@@ -321,9 +318,12 @@ def write_sweep(points: list[dict], grid: dict, soda_manifest: dict, name: str, 
         "complete": all(any((p["K"], p["L"]) == (K, L) for p in points) for K in grid["K"] for L in grid["L"]),
         "points": points,
     }
-    if len({p.get("precision") for p in points} | {p.get("versions", {}).get("soda-distill") for p in points}) == 2:
-        record.update(precision=points[-1]["precision"], versions=points[-1]["versions"])  # every point's the same
+    if "precision" in points[0] and len({(p.get("precision"), json.dumps(p.get("versions"))) for p in points}) == 1:
+        record.update(precision=points[0]["precision"], versions=points[0]["versions"])  # every point's the same
     if not checkpointing:  # a memory record: checkpointing's recomputation (and uncached rollouts) is no cost model
+        models = {m: cost_model(points, m) for m in ("SODA", "GAD")}
+        default_warmup = WarmupConfig().epochs
+        prompt_tokens = soda_manifest["stages"]["pairs"]["lengths"]["prompt"]["mean"]
         record.update({
             "cost_model": models, "projection": projection(points, models, prompt_tokens),
             # The package's warmup (3 epochs), GAD from the same warmup as `--method gad` trains, or from the published 1

@@ -151,8 +151,7 @@ def evaluation_dtype(runs: Path) -> dict:
     base = resolve_model(cfg.student.model)
     tokenizer = load_tokenizer(base)
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
 
         def mean_nll(path: str) -> float:
             values = reference_nll(load_model(path, dtype), tokenizer, prompts, references, desc=f"{Path(path).name} ({name})")
@@ -246,7 +245,8 @@ def main() -> None:
             record["evaluation_dtype"] = evaluation_dtype(args.runs)
         (RESULTS / "precision.json").write_text(json.dumps(record, indent=1) + "\n")
         (RESULTS / "precision.md").write_text(render(record))
-        return print(json.dumps(record.get("evaluation_dtype") or {k: record["quick_replica"][k] for k in ("within", "of")}))
+        return print(json.dumps(record["evaluation_dtype"] if args.eval_dtype
+                                else {k: record["quick_replica"][k] for k in ("within", "of")}))
     from soda_distill.stats import paired_difference
 
     modes = args.modes.split(",")

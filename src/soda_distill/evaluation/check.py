@@ -12,7 +12,6 @@ import json
 import textwrap
 from pathlib import Path
 
-
 from ..config import Config, fingerprint
 from ..errors import SodaError
 from ..generation import Sampling, generate_transformers
