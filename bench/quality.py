@@ -108,10 +108,12 @@ def run_for(cmd: list[str], seconds: float) -> int:
             return process.wait()
 
 
-def keep_rows(evaldir: Path, evaluation: dict, rows: Path, made: set[str], provenance: dict) -> None:
+def keep_rows(evaldir: Path, evaluation: dict, rows: Path, made: set[str], provenance: dict,
+              same_base: dict[str, str]) -> None:
     """Each row's answers and per-prompt figures, every benchmark in one file (the benchmarks' ids are distinct),
     rows/index.json naming each file's row: what `--with-committed` adds to a later table; and for the rows this call
-    made (`made`), rows/provenance.json: the machine, precision and versions they were trained and evaluated with."""
+    made (`made`), rows/provenance.json: the machine, precision and versions they were trained and evaluated with (a
+    Base taken from another seed's, `same_base`, its source's, and which row that was)."""
     from soda_distill.evaluation.evaluate import slug
 
     rows.mkdir(parents=True, exist_ok=True)
@@ -124,6 +126,8 @@ def keep_rows(evaldir: Path, evaluation: dict, rows: Path, made: set[str], prove
         index[label] = f"{slug(label)}.jsonl"
         if label in made:
             made_by[label] = provenance
+        elif label in same_base:
+            made_by[label] = {**made_by.get(same_base[label], {}), "answers_of": same_base[label]}
     (rows / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     (rows / "provenance.json").write_text(json.dumps(made_by, indent=1, sort_keys=True) + "\n")
 
@@ -146,6 +150,15 @@ def committed_rows(rows: Path, leave_out: set[str], made_with: dict[str, str]) -
               f"did before 2026-12-06): {', '.join(other)}", flush=True)
     kept = [label for label in index if label not in leave_out and label not in other]
     return {label: str(rows / index[label]) for label in sorted(kept, key=table_order)}
+
+
+def shared_bases(committed: dict[str, str], seeds: list[int], made: set[str]) -> dict[str, str]:
+    """Base rows for the seeds of this call that neither make nor have one: a committed seed's Base (label -> that
+    label). Base is the untouched student answering the same held-out prompts greedily, so no seed plays a part in
+    it (one `compare` over several seeds asks it once for all of them); evaluating it again would cost a row's time."""
+    bases = [label for label in committed if label.endswith("/Base")]
+    return {f"seed-{seed}/Base": bases[0] for seed in seeds
+            if bases and f"seed-{seed}/Base" not in made and f"seed-{seed}/Base" not in committed}
 
 
 def table_order(label: str) -> tuple:
@@ -252,6 +265,10 @@ def main() -> None:
     methods = ([] if args.methods == "none" else args.methods.split(",")) if args.methods else load_config(config).compare.methods
     made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}  # the rows this call makes
     extra = committed_rows(rows, made, made_with) if args.with_committed else {}  # more rows: the committed ones
+    same_base = shared_bases(extra, seeds, made)
+    extra.update({label: extra[source] for label, source in same_base.items()})
+    if same_base:
+        print(f"Base's answers as committed, for: {', '.join(f'{k} (= {v})' for k, v in same_base.items())}", flush=True)
     variants, variant_rows, own_warmups = [], {}, {}  # (its seed's runs, its runs, its settings, its command), its
     # table rows, and a SODA variant's runs with those before it (its q_w may be new)
     from soda_distill.compare import SEEDED
@@ -334,7 +351,8 @@ def main() -> None:
         for suffix in ("md", "png"):
             shutil.copyfile(out / "evaluation" / f"results.{suffix}", RESULTS / f"{name}.{suffix}")
         keep_rows(out / "evaluation", evaluation, rows, made | set(variant_rows) | set(own_warmups),
-                  {"machine": record["machine"], **made_with, "versions": record["versions"], "date": record["date"]})
+                  {"machine": record["machine"], **made_with, "versions": record["versions"], "date": record["date"]},
+                  same_base)
     (RESULTS / f"{name}.json").write_text(json.dumps(carry_over(RESULTS / f"{name}.json", record), indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("this_piece", "evaluation_answers", "evaluation_complete")}, indent=1))
 

@@ -208,6 +208,36 @@ def test_committed_rows_of_another_precision_are_left_out(tmp_path, monkeypatch)
         "seed-42/Base", "seed-42/Warmup (q_w, v)", "seed-42/SeqKD", "seed-42/SODA", "seed-42/SODA (keepcut)", "seed-43/Base"]
 
 
+def test_a_seed_without_a_base_row_takes_a_committed_one(tmp_path, monkeypatch):
+    """bench/quality.py --with-committed: Base does not depend on the seed, so a seed that neither makes nor has a Base
+    row gets a committed one's answers; the kept row says whose they are and keeps its provenance."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    import quality
+
+    committed = {"seed-42/Base": "a.jsonl", "seed-42/SODA": "b.jsonl"}
+    assert quality.shared_bases(committed, [42, 43, 44], {"seed-44/Base", "seed-44/SODA"}) == {"seed-43/Base": "seed-42/Base"}
+    assert quality.shared_bases({"seed-42/SODA": "b.jsonl"}, [43], set()) == {}  # none to take
+    # kept: the row's file, and its provenance naming the row whose answers these are
+    evaldir, rows = tmp_path / "evaluation", tmp_path / "rows"
+    for label in ("seed-42/Base", "seed-43/Base", "seed-43/SeqKD"):
+        (evaldir / "responses" / label.replace("/", "_")).mkdir(parents=True)
+        (evaldir / "responses" / label.replace("/", "_") / "b.jsonl").write_text(f'{{"row": "{label}"}}\n')
+    rows.mkdir()
+    (rows / "provenance.json").write_text(json.dumps({"seed-42/Base": {"precision": "bf16", "machine": "m"}}))
+    evaluation = {"benchmarks": [{"name": "b"}],
+                  "rows": [{"model": "seed-42", "method": "Base"}, {"model": "seed-43", "method": "Base"},
+                           {"model": "seed-43", "method": "SeqKD"}]}
+    quality.keep_rows(evaldir, evaluation, rows, {"seed-43/SeqKD"}, {"precision": "bf16", "machine": "n"},
+                      {"seed-43/Base": "seed-42/Base"})
+    made_by = json.loads((rows / "provenance.json").read_text())
+    assert made_by["seed-43/Base"] == {"precision": "bf16", "machine": "m", "answers_of": "seed-42/Base"}
+    assert made_by["seed-43/SeqKD"] == {"precision": "bf16", "machine": "n"}
+    assert json.loads((rows / "index.json").read_text())["seed-43/Base"] == "seed-43_Base.jsonl"
+
+
 def test_a_table_from_committed_rows_keeps_what_made_them(tmp_path, monkeypatch):
     """bench/quality.py: a results file rewritten from committed rows (`--methods none --with-committed`) keeps the
     stage records of the runs it did not touch and the commands that made them."""
