@@ -20,9 +20,10 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> str:
-    from soda_distill.models import bf16_supported
+    from soda_distill.models import cpu_bf16_units
 
-    return f"{platform.machine()}, {os.cpu_count()} cores, " + ("bf16" if bf16_supported() else "no bf16 (fp32 training)")
+    units = cpu_bf16_units()
+    return f"{platform.machine()}, {os.cpu_count()} cores, " + (f"bf16 on {units}" if units else "no bf16 (fp32 training)")
 
 
 def prompt_figures(records: list[dict]) -> dict[str, dict[str, float | None]]:

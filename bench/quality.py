@@ -108,7 +108,12 @@ def run_for(cmd: list[str], seconds: float) -> int:
             return process.wait()
 
 
-def keep_rows(evaldir: Path, evaluation: dict, rows: Path, made: set[str], provenance: dict,
+def provenance(rows: Path) -> dict[str, dict]:
+    """rows/provenance.json: what made each committed row (machine, precision, versions)."""
+    return json.loads((rows / "provenance.json").read_text()) if (rows / "provenance.json").exists() else {}
+
+
+def keep_rows(evaldir: Path, evaluation: dict, rows: Path, made: set[str], made_with: dict,
               same_base: dict[str, str]) -> None:
     """Each row's answers and per-prompt figures, every benchmark in one file (the benchmarks' ids are distinct),
     rows/index.json naming each file's row: what `--with-committed` adds to a later table; and for the rows this call
@@ -118,14 +123,14 @@ def keep_rows(evaldir: Path, evaluation: dict, rows: Path, made: set[str], prove
 
     rows.mkdir(parents=True, exist_ok=True)
     index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
-    made_by = json.loads((rows / "provenance.json").read_text()) if (rows / "provenance.json").exists() else {}
+    made_by = provenance(rows)
     for row in evaluation["rows"]:
         label = f"{row['model']}/{row['method']}"
         records = [(evaldir / "responses" / slug(label) / f"{slug(b['name'])}.jsonl").read_text() for b in evaluation["benchmarks"]]
         (rows / f"{slug(label)}.jsonl").write_text("".join(records))
         index[label] = f"{slug(label)}.jsonl"
         if label in made:
-            made_by[label] = provenance
+            made_by[label] = made_with
         elif label in same_base:
             made_by[label] = {**made_by.get(same_base[label], {}), "answers_of": same_base[label]}
     (rows / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
@@ -137,7 +142,7 @@ def committed_rows(rows: Path, leave_out: set[str], made_with: dict[str, str]) -
     another precision or scored in another dtype than this call's (`made_with`): no comparison mixes precisions. A row
     that does not name its NLL's dtype was scored in its training precision's."""
     index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
-    made_by = json.loads((rows / "provenance.json").read_text()) if (rows / "provenance.json").exists() else {}
+    made_by = provenance(rows)
 
     def row_made_with(label: str) -> dict[str, str]:
         row = {"precision": made_with["precision"], **made_by.get(label, {})}
@@ -152,11 +157,13 @@ def committed_rows(rows: Path, leave_out: set[str], made_with: dict[str, str]) -
     return {label: str(rows / index[label]) for label in sorted(kept, key=table_order)}
 
 
-def shared_bases(committed: dict[str, str], seeds: list[int], made: set[str]) -> dict[str, str]:
-    """Base rows for the seeds of this call that neither make nor have one: a committed seed's Base (label -> that
-    label). Base is the untouched student answering the same held-out prompts greedily, so no seed plays a part in
-    it (one `compare` over several seeds asks it once for all of them); evaluating it again would cost a row's time."""
-    bases = [label for label in committed if label.endswith("/Base")]
+def shared_bases(committed: dict[str, str], seeds: list[int], made: set[str], made_on: dict[str, str],
+                 here: str) -> dict[str, str]:
+    """Base rows for the seeds of this call that neither make nor have one: a committed seed's Base made on this kind
+    of machine (`made_on`: label -> machine), label -> that label. Base is the untouched student answering the same
+    held-out prompts greedily, so no seed plays a part in it (one `compare` over several seeds asks it once for all);
+    but another kind of machine answers otherwise (bf16 on AMX or on AVX512 rounds differently)."""
+    bases = [label for label in committed if label.endswith("/Base") and made_on.get(label) == here]
     return {f"seed-{seed}/Base": bases[0] for seed in seeds
             if bases and f"seed-{seed}/Base" not in made and f"seed-{seed}/Base" not in committed}
 
@@ -265,7 +272,8 @@ def main() -> None:
     methods = ([] if args.methods == "none" else args.methods.split(",")) if args.methods else load_config(config).compare.methods
     made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}  # the rows this call makes
     extra = committed_rows(rows, made, made_with) if args.with_committed else {}  # more rows: the committed ones
-    same_base = shared_bases(extra, seeds, made)
+    made_on = {label: row.get("machine") for label, row in provenance(rows).items()}
+    same_base = shared_bases(extra, seeds, made, made_on, machine())
     extra.update({label: extra[source] for label, source in same_base.items()})
     if same_base:
         print(f"Base's answers as committed, for: {', '.join(f'{k} (= {v})' for k, v in same_base.items())}", flush=True)

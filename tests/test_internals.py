@@ -80,3 +80,19 @@ def test_a_call_the_library_no_longer_makes_is_reported(monkeypatch):
     entry = next(i for i in INTERNALS if i.name == "current_gradient_accumulation_steps")
     moved = internals.Internal(entry.owner, entry.name, entry.used_by, entry.why, called_as="self._micro_step += 1")
     assert "no longer contains 'self._micro_step += 1'" in internals.check(moved)
+
+
+def test_the_cpu_bf16_units_are_read_from_torch_as_the_kernel_reports_them():
+    """models.cpu_bf16_units relies on torch.cpu's private probes (torch 2.13): they must still exist and agree with
+    the CPU flags Linux reports, since results name the units (AMX and AVX512-BF16 round bf16 sums differently)."""
+    from pathlib import Path
+
+    import torch
+
+    from soda_distill.models import cpu_bf16_units
+
+    assert callable(torch.cpu._is_amx_tile_supported) and callable(torch.cpu._is_avx512_bf16_supported)
+    flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), []))
+    expected = "amx" if "amx_tile" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
+    assert cpu_bf16_units() == expected

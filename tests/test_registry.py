@@ -218,8 +218,13 @@ def test_a_seed_without_a_base_row_takes_a_committed_one(tmp_path, monkeypatch):
     import quality
 
     committed = {"seed-42/Base": "a.jsonl", "seed-42/SODA": "b.jsonl"}
-    assert quality.shared_bases(committed, [42, 43, 44], {"seed-44/Base", "seed-44/SODA"}) == {"seed-43/Base": "seed-42/Base"}
-    assert quality.shared_bases({"seed-42/SODA": "b.jsonl"}, [43], set()) == {}  # none to take
+    made_on = {"seed-42/Base": "x86_64, 2 cores, bf16 on amx"}
+    assert quality.shared_bases(committed, [42, 43, 44], {"seed-44/Base", "seed-44/SODA"}, made_on,
+                                "x86_64, 2 cores, bf16 on amx") == {"seed-43/Base": "seed-42/Base"}
+    assert quality.shared_bases({"seed-42/SODA": "b.jsonl"}, [43], set(), made_on, "x86_64, 2 cores, bf16 on amx") == {}
+    # made on another kind of machine (or one that did not say which): its greedy answers are not this one's
+    for other in ("x86_64, 2 cores, bf16 on avx512_bf16", "x86_64, 2 cores, bf16"):
+        assert quality.shared_bases(committed, [43], set(), {"seed-42/Base": other}, "x86_64, 2 cores, bf16 on amx") == {}
     # kept: the row's file, and its provenance naming the row whose answers these are
     evaldir, rows = tmp_path / "evaluation", tmp_path / "rows"
     for label in ("seed-42/Base", "seed-43/Base", "seed-43/SeqKD"):

@@ -43,7 +43,11 @@ def _device() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    from .models import cpu_bf16_units
+
+    units = cpu_bf16_units()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads" \
+           + (f", bf16 on {units})" if units else ")")
 
 
 _HELD: dict[Path, object] = {}  # the open lock file of each directory this process holds

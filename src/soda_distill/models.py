@@ -30,7 +30,15 @@ def cache_dir() -> Path:
 def bf16_supported() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return cpu_bf16_units() is not None
+
+
+def cpu_bf16_units() -> str | None:
+    """The CPU's bf16 matrix units, "amx" or "avx512_bf16" (None: neither). A bf16 model's greedy answers differ
+    between the two (their kernels round sums differently), so results name which one made them."""
+    if torch.cpu._is_amx_tile_supported():
+        return "amx"
+    return "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else None
 
 
 def use_bf16(setting: bool | None) -> bool:
