@@ -22,6 +22,14 @@ against its baselines: ROUGE-L, reference NLL) in both, with whether bf16's esti
 Training or evaluation? The quick replica's models of both tables (under --runs) scored again on the same prompts'
 reference answers with their weights in fp32 and in bf16: each row's reference NLL minus Base's, by the precision it
 was trained in and the one it is scored in. Adds `evaluation_dtype` to precision.json.
+
+    python bench/precision.py --across-machines [--row bench/results/alpaca_eval/rows/seed-42_Base.jsonl]
+
+Another kind of machine: a committed Base row of the AlpacaEval replica (the untouched student, bf16) made on one
+machine, its answers and reference NLLs made again here. Greedy answers: one batch of the whole list's (the
+shortest prompts, as the evaluation batched them), their first PREFIX_TOKENS tokens against the committed answers;
+reference NLL: the first NLL_PROMPTS prompts, scored in bf16 and in fp32, minus the committed values. Adds
+`across_machines` to precision.json.
 """
 
 from __future__ import annotations
@@ -167,6 +175,54 @@ def evaluation_dtype(runs: Path) -> dict:
             "prompts": len(prompts), "minus_base": out}
 
 
+PREFIX_TOKENS, NLL_PROMPTS = 160, 40
+
+
+def across_machines(row: Path) -> dict:
+    """The committed Base row `row` made again on this machine: how many greedy answers of one batch begin as they
+    did there (over PREFIX_TOKENS tokens), and how far each prompt's reference NLL moved, in bf16 and in fp32."""
+    import statistics
+
+    import torch
+
+    from soda_distill.config import load_config
+    from soda_distill.evaluation.benchmarks import load_benchmarks, student_prompt
+    from soda_distill.evaluation.nll import reference_nll
+    from soda_distill.generation import Sampling, generate_transformers, prompt_tokens
+    from soda_distill.models import load_model, load_tokenizer, resolve_model
+
+    cfg = load_config(str(ROOT / "configs" / "alpaca_eval.yaml"))
+    committed = [json.loads(line) for line in row.read_text().splitlines()]
+    (bench,) = load_benchmarks(cfg.evaluate)
+    assert [item.id for item in bench.items] == [r["id"] for r in committed], f"{row}: not {bench.name}'s prompts"
+    prompts = [student_prompt(item, cfg.evaluate.prompt_format) for item in bench.items]
+    path = resolve_model(cfg.student.model)
+    tokenizer, model = load_tokenizer(path), load_model(path, torch.bfloat16)
+    # the batch of the shortest prompts, cut from the whole list as the evaluation cut it (the batch shapes the sums)
+    size = cfg.evaluate.batch_size
+    lengths = prompt_tokens(tokenizer, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    batch, answers = set(order[(len(order) - 1) // size * size :]), {}
+    generate_transformers(model, tokenizer, prompts, Sampling(max_new_tokens=PREFIX_TOKENS), size,
+                          done=lambda i: i not in batch, on_batch=lambda results: answers.update(results))
+    same = sum(committed[i]["messages"][-1]["content"].startswith(g.text) for i, g in answers.items())
+    nll = {}
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        values = reference_nll(load_model(path, dtype), tokenizer, prompts[:NLL_PROMPTS],
+                               [item.reference for item in bench.items[:NLL_PROMPTS]], desc=f"reference NLL ({name})")
+        diffs = [v - r["reference_nll"] for v, r in zip(values, committed)]
+        nll[name] = {"mean_difference": round(statistics.fmean(diffs), 5),
+                     "mean_absolute_difference": round(statistics.fmean(map(abs, diffs)), 5),
+                     "largest_absolute_difference": round(max(map(abs, diffs)), 5)}
+    made = json.loads((row.parent / "provenance.json").read_text()).get(f"{row.stem.split('_', 1)[0]}/Base", {})
+    return {"command": f"python bench/precision.py --across-machines --row {row.relative_to(ROOT)}",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "row": str(row.relative_to(ROOT)),
+            "made_on": made.get("machine"), "made_with": {k: made.get(k) for k in ("precision", "versions")},
+            "here": machine(), "versions_here": versions(),
+            "answers": {"batch": len(answers), "prefix_tokens": PREFIX_TOKENS, "begin_the_same": same},
+            "reference_nll": {"prompts": NLL_PROMPTS, "committed_dtype": "bf16", "minus_committed": nll}}
+
+
 def render(record: dict) -> str:
     lines = ["# Does bf16 train as fp32 does?", "", f"The demo's warmup ({record['config']}), trained from the same seed "
              "and data in each precision; each mode's per-step SFT loss against fp32's, paired over the steps (bootstrap "
@@ -206,6 +262,22 @@ def render(record: dict) -> str:
         lines += [f"| {trained.removeprefix('trained ')} | {row} | " + " | ".join(f"{v[c]:+.4f}" for c in columns) + " |"
                   for trained, rows in scored["minus_base"].items() for row, v in rows.items()]
         lines += ["", f"`{scored['command']}` — {scored['date']}.", ""]
+    if remade := record.get("across_machines"):
+        first = remade[0]
+        lines += ["## Another kind of machine", "",
+                  f"The AlpacaEval replica's committed Base row (`{first['row']}`: bf16, made on {first['made_on']} with "
+                  f"transformers {first['made_with']['versions']['transformers']}) made again here. Greedy answers: of "
+                  f"one batch of {first['answers']['batch']}, how many begin with the same {first['answers']['prefix_tokens']} "
+                  f"tokens; reference NLL of the first {first['reference_nll']['prompts']} prompts minus the committed "
+                  "values (nats per token), mean and mean absolute difference:", "",
+                  "| made again on | transformers | same answers | NLL in bf16 | \\|bf16\\| | NLL in fp32 | \\|fp32\\| |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for run in remade:
+            nll = run["reference_nll"]["minus_committed"]
+            lines.append(f"| {run['here']} | {run['versions_here']['transformers']} | {run['answers']['begin_the_same']} of "
+                         f"{run['answers']['batch']} | " + " | ".join(f"{nll[d]['mean_difference']:+.5f} | "
+                                                                     f"{nll[d]['mean_absolute_difference']:.5f}" for d in ("bf16", "fp32")) + " |")
+        lines += ["", *(f"`{run['command']}` — {run['date']}." for run in remade), ""]
     return "\n".join(lines)
 
 
@@ -233,20 +305,27 @@ def main() -> None:
     parser.add_argument("--replica", action="store_true", help="the quick replica's effects in bf16 and in fp32")
     parser.add_argument("--eval-dtype", action="store_true", help="the quick replica's models scored in fp32 and bf16")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="with --eval-dtype: where its runs are")
+    parser.add_argument("--across-machines", action="store_true",
+                        help="a committed Base row of the AlpacaEval replica made again on this machine")
+    parser.add_argument("--row", type=Path, default=RESULTS / "alpaca_eval" / "rows" / "seed-42_Base.jsonl")
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # a child process: train one mode
     args = parser.parse_args()
     if args.one:
         return train(args.one, args.out / args.one)
-    if args.replica or args.eval_dtype:
+    if args.replica or args.eval_dtype or args.across_machines:
         record = json.loads((RESULTS / "precision.json").read_text())
         if args.replica:
             record["quick_replica"] = quick_replica()
         if args.eval_dtype:
             record["evaluation_dtype"] = evaluation_dtype(args.runs)
+        if args.across_machines:  # one entry per machine and versions
+            remade = across_machines(args.row.resolve())
+            record["across_machines"] = [*(run for run in record.get("across_machines", []) if
+                                           (run["here"], run["versions_here"]) != (remade["here"], remade["versions_here"])), remade]
         (RESULTS / "precision.json").write_text(json.dumps(record, indent=1) + "\n")
         (RESULTS / "precision.md").write_text(render(record))
-        return print(json.dumps(record["evaluation_dtype"] if args.eval_dtype
-                                else {k: record["quick_replica"][k] for k in ("within", "of")}))
+        return print(json.dumps(record["across_machines"][-1] if args.across_machines else record["evaluation_dtype"]
+                                if args.eval_dtype else {k: record["quick_replica"][k] for k in ("within", "of")}))
     from soda_distill.stats import paired_difference
 
     modes = args.modes.split(",")
@@ -266,7 +345,7 @@ def main() -> None:
               "modes": runs}
     if (RESULTS / "precision.json").exists():  # the quick replica's effects, measured by --replica, stay
         record.update({k: v for k, v in json.loads((RESULTS / "precision.json").read_text()).items()
-                       if k in ("quick_replica", "evaluation_dtype")})
+                       if k in ("quick_replica", "evaluation_dtype", "across_machines")})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "precision.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(record, RESULTS / "precision.png")

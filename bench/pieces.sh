@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run bench/quality.py commands in pieces until each one's table is complete: the replica's long runs, unattended.
+#   bash bench/pieces.sh FILE     # FILE: one `python bench/quality.py ...` command a line, run in order
+# Each piece is one call (it stops itself after its --minutes and resumes where it was); a command is repeated until
+# its results file says the evaluation is complete, at most 20 pieces in all. Lines are re-read between pieces, so
+# FILE can change while it runs. Progress: runs/pieces.log; every piece's output: runs/pieces-output.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+list=$(realpath "$1")
+for piece in $(seq 1 20); do
+  cmd=$(grep -v '^\s*\(#\|$\)' "$list" | head -1)
+  [ -n "$cmd" ] || break
+  echo "$(date -u +%FT%TZ) piece $piece: $cmd" >> runs/pieces.log
+  bash -c "$cmd" >> runs/pieces-output.log 2>&1
+  results=$(.venv/bin/python -c "import sys; a = sys.argv[1].split(); i = a.index('--config') if '--config' in a else -1
+from pathlib import Path; print('bench/results/' + (Path(a[i + 1]).stem if i >= 0 else 'quality') + '.json')" "$cmd")
+  if .venv/bin/python -c "import json, sys; r = json.load(open(sys.argv[1]))
+sys.exit(0 if r['this_piece']['exit_code'] == 0 and r['evaluation_complete'] else 1)" "$results"; then
+    echo "$(date -u +%FT%TZ) complete: $cmd" >> runs/pieces.log
+    grep -vxF -- "$cmd" "$list" > "$list.tmp" && mv "$list.tmp" "$list"  # done: the next line is next
+  fi
+done
