@@ -15,7 +15,7 @@ for piece in $(seq 1 20); do
   results=$(.venv/bin/python -c "import sys; a = sys.argv[1].split(); i = a.index('--config') if '--config' in a else -1
 from pathlib import Path; print('bench/results/' + (Path(a[i + 1]).stem if i >= 0 else 'quality') + '.json')" "$cmd")
   if .venv/bin/python -c "import json, sys; r = json.load(open(sys.argv[1]))
-sys.exit(0 if r['this_piece']['exit_code'] == 0 and r['evaluation_complete'] else 1)" "$results"; then
+sys.exit(0 if 'in_progress' not in r and r['this_piece']['exit_code'] == 0 and r['evaluation_complete'] else 1)" "$results"; then
     echo "$(date -u +%FT%TZ) complete: $cmd" >> runs/pieces.log
     grep -vxF -- "$cmd" "$list" > "$list.tmp" && mv "$list.tmp" "$list"  # done: the next line is next
   fi

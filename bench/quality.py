@@ -77,10 +77,13 @@ def progress(out: Path, runs_by_label: dict[str, Path]) -> dict:
 
 def carry_over(path: Path, record: dict) -> dict:
     """`record` with what the results file at `path` says of the committed rows it carries over: the runs this call
-    did not touch (their stages' seconds), and the earlier commands that made the rows (`earlier_commands`)."""
-    if not path.exists() or not record["evaluation_complete"]:
+    did not touch (their stages' seconds), and the earlier commands that made the rows (`earlier_commands`). A piece
+    that leaves its table unfinished changes nothing of the file's but its `in_progress`: the record."""
+    if not path.exists():
         return record
     earlier = json.loads(path.read_text())
+    if not record["evaluation_complete"]:
+        return {**{k: v for k, v in earlier.items() if k != "in_progress"}, "in_progress": record}
     done = lambda run: isinstance(run, dict) and any(stage.get("done") for stage in run.values())
     runs = {**{label: run for label, run in earlier.get("runs", {}).items() if done(run)},
             **{label: run for label, run in record["runs"].items() if done(run) or label not in earlier.get("runs", {})}}

@@ -262,4 +262,12 @@ def test_a_table_from_committed_rows_keeps_what_made_them(tmp_path, monkeypatch)
     assert merged["earlier_commands"] == [{"date": "d1", "command": "first"}]
     path.write_text(json.dumps(merged))
     assert quality.carry_over(path, {**again, "date": "d3"})["earlier_commands"] == [{"date": "d1", "command": "first"}]
-    assert quality.carry_over(path, {**again, "evaluation_complete": False}) == {**again, "evaluation_complete": False}
+    # a piece that leaves the table unfinished: the file's table and history stay, the piece's record beside them
+    piece = {**again, "command": "next", "evaluation_complete": False}
+    unfinished = quality.carry_over(path, piece)
+    assert unfinished == {**merged, "in_progress": piece}
+    path.write_text(json.dumps(unfinished))
+    finished = quality.carry_over(path, {**again, "command": "next", "date": "d4"})
+    assert "in_progress" not in finished and finished["command"] == "next"
+    assert finished["earlier_commands"] == [{"date": "d1", "command": "first"}, {"date": "d2", "command": "again"}]
+    assert quality.carry_over(tmp_path / "none.json", piece) == piece
