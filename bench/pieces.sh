@@ -12,8 +12,11 @@ for piece in $(seq 1 20); do
   [ -n "$cmd" ] || break
   echo "$(date -u +%FT%TZ) piece $piece: $cmd" >> runs/pieces.log
   bash -c "$cmd" >> runs/pieces-output.log 2>&1
-  results=$(.venv/bin/python -c "import sys; a = sys.argv[1].split(); i = a.index('--config') if '--config' in a else -1
-from pathlib import Path; print('bench/results/' + (Path(a[i + 1]).stem if i >= 0 else 'quality') + '.json')" "$cmd")
+  # its results file, named as bench/quality.py names it: NAME[-quick][-TAG].json
+  name=$(basename "$(sed -n 's/.*--config \([^ ]*\).*/\1/p' <<< "$cmd")" .yaml)
+  name=${name:-quality}; [[ $cmd == *--quick* ]] && name+=-quick
+  tag=$(sed -n 's/.*--tag \([^ ]*\).*/\1/p' <<< "$cmd"); [ -n "$tag" ] && name+=-$tag
+  results=bench/results/$name.json
   if .venv/bin/python -c "import json, sys; r = json.load(open(sys.argv[1]))
 sys.exit(0 if 'in_progress' not in r and r['this_piece']['exit_code'] == 0 and r['evaluation_complete'] else 1)" "$results"; then
     echo "$(date -u +%FT%TZ) complete: $cmd" >> runs/pieces.log
