@@ -111,9 +111,10 @@ def run_for(cmd: list[str], seconds: float) -> int:
             return process.wait()
 
 
-def provenance(rows: Path) -> dict[str, dict]:
-    """rows/provenance.json: what made each committed row (machine, precision, versions)."""
-    return json.loads((rows / "provenance.json").read_text()) if (rows / "provenance.json").exists() else {}
+def rows_record(rows: Path, name: str) -> dict:
+    """rows/index.json (label -> its file) or rows/provenance.json (label -> the machine, precision and versions that
+    made it); empty before the first row."""
+    return json.loads((rows / name).read_text()) if (rows / name).exists() else {}
 
 
 def keep_rows(evaldir: Path, evaluation: dict, rows: Path, made: set[str], made_with: dict,
@@ -125,8 +126,7 @@ def keep_rows(evaldir: Path, evaluation: dict, rows: Path, made: set[str], made_
     from soda_distill.evaluation.evaluate import slug
 
     rows.mkdir(parents=True, exist_ok=True)
-    index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
-    made_by = provenance(rows)
+    index, made_by = rows_record(rows, "index.json"), rows_record(rows, "provenance.json")
     for row in evaluation["rows"]:
         label = f"{row['model']}/{row['method']}"
         records = [(evaldir / "responses" / slug(label) / f"{slug(b['name'])}.jsonl").read_text() for b in evaluation["benchmarks"]]
@@ -144,8 +144,7 @@ def committed_rows(rows: Path, leave_out: set[str], made_with: dict[str, str]) -
     """The committed rows (label -> file) for `--with-committed`, but those this call makes, and those trained in
     another precision or scored in another dtype than this call's (`made_with`): no comparison mixes precisions. A row
     that does not name its NLL's dtype was scored in its training precision's."""
-    index = json.loads((rows / "index.json").read_text()) if (rows / "index.json").exists() else {}
-    made_by = provenance(rows)
+    index, made_by = rows_record(rows, "index.json"), rows_record(rows, "provenance.json")
 
     def row_made_with(label: str) -> dict[str, str]:
         row = {"precision": made_with["precision"], **made_by.get(label, {})}
@@ -275,7 +274,7 @@ def main() -> None:
     methods = ([] if args.methods == "none" else args.methods.split(",")) if args.methods else load_config(config).compare.methods
     made = {f"seed-{seed}/{METHODS[m].column}" for seed in seeds for m in methods}  # the rows this call makes
     extra = committed_rows(rows, made, made_with) if args.with_committed else {}  # more rows: the committed ones
-    made_on = {label: row.get("machine") for label, row in provenance(rows).items()}
+    made_on = {label: row.get("machine") for label, row in rows_record(rows, "provenance.json").items()}
     same_base = shared_bases(extra, seeds, made, made_on, machine())
     extra.update({label: extra[source] for label, source in same_base.items()})
     if same_base:
