@@ -10,16 +10,18 @@ list=$(realpath "$1")
 for piece in $(seq 1 20); do
   cmd=$(grep -v '^\s*\(#\|$\)' "$list" | head -1)
   [ -n "$cmd" ] || break
-  echo "$(date -u +%FT%TZ) piece $piece: $cmd" >> runs/pieces.log
-  bash -c "$cmd" >> runs/pieces-output.log 2>&1
   # its results file, named as bench/quality.py names it: NAME[-quick][-TAG].json
   name=$(basename "$(sed -n 's/.*--config \([^ ]*\).*/\1/p' <<< "$cmd")" .yaml)
   name=${name:-quality}; [[ $cmd == *--quick* ]] && name+=-quick
   tag=$(sed -n 's/.*--tag \([^ ]*\).*/\1/p' <<< "$cmd"); [ -n "$tag" ] && name+=-$tag
   results=bench/results/$name.json
-  if .venv/bin/python -c "import json, sys; r = json.load(open(sys.argv[1]))
+  before=$(stat -c %.9Y "$results" 2>/dev/null)
+  echo "$(date -u +%FT%TZ) piece $piece: $cmd" >> runs/pieces.log
+  bash -c "$cmd" >> runs/pieces-output.log 2>&1
+  # a piece that crashed before writing leaves an earlier command's complete table: not this one's
+  if [ "$(stat -c %.9Y "$results" 2>/dev/null)" != "$before" ] && .venv/bin/python -c "import json, sys; r = json.load(open(sys.argv[1]))
 sys.exit(0 if 'in_progress' not in r and r['this_piece']['exit_code'] == 0 and r['evaluation_complete'] else 1)" "$results"; then
     echo "$(date -u +%FT%TZ) complete: $cmd" >> runs/pieces.log
-    grep -vxF -- "$cmd" "$list" > "$list.tmp" && mv "$list.tmp" "$list"  # done: the next line is next
+    { grep -vxF -- "$cmd" "$list" || true; } > "$list.tmp" && mv "$list.tmp" "$list"  # done: the next line is next
   fi
 done
