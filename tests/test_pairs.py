@@ -143,3 +143,35 @@ def test_rejected_sources_of_the_ablation(tmp_path, tiny_model_dir):
     assert run.manifest()["stages"]["pairs"]["dropped"] == {"no_student_response": 1}
     with pytest.raises(SodaError, match="pairs.rejected_source: expected one of"):
         load_config(None, ["pairs.rejected_source=gpt4"])
+
+
+def test_same_prompts_as_pairs_only_another_runs_prompts(tmp_path, tiny_model_dir):
+    """Two rejection sources on the same prompts and budget: q0's cut answers drop pairs that another model's keep."""
+    prompts = [f"Question {i}?" for i in range(6)]
+    teacher = [conv(f"q{i}", p, f"The answer to {i}.") for i, p in enumerate(prompts)]
+    student = [{**conv(f"q{i}", p, f"I ramble about {i}"), **({"finish_reason": "length"} if i in (1, 4) else {})}
+               for i, p in enumerate(prompts)]
+    other = tmp_path / "other_model.jsonl"
+    other.write_text("".join(json.dumps(conv(f"q{i}", p, f"Another model says {i}.")) + "\n" for i, p in enumerate(prompts)))
+    runs = {}
+    for name, overrides in (("soda", []), ("other", [f"pairs.rejected_source={other}"]),
+                            ("other_same", [f"pairs.rejected_source={other}",
+                                            f"pairs.same_prompts_as={tmp_path / 'soda' / 'pairs.jsonl'}"])):
+        run = runs[name] = RunDir(tmp_path / name)
+        for file, recs in (("teacher.jsonl", teacher), ("snapshot.jsonl", student)):
+            run.file(file).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        run_pairs(load_config(None, [f"student.model={tiny_model_dir}", *overrides]), run)
+    ids = {name: [json.loads(line)["id"] for line in run.output("pairs").read_text().splitlines()]
+           for name, run in runs.items()}
+    assert ids == {"soda": ["q0", "q2", "q3", "q5"], "other": [f"q{i}" for i in range(6)],
+                   "other_same": ["q0", "q2", "q3", "q5"]}
+    assert runs["other_same"].manifest()["stages"]["pairs"]["dropped"] == {"other_prompts": 2}
+    bad = tmp_path / "no_ids.jsonl"
+    bad.write_text(json.dumps({"id": "q0"}) + "\n" + json.dumps({"prompt": "no id"}) + "\n")
+    run = RunDir(tmp_path / "bad")
+    for file, recs in (("teacher.jsonl", teacher), ("snapshot.jsonl", student)):
+        run.file(file).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(SodaError, match=r"no_ids.jsonl, line 2, field 'id': expected a string or integer"):
+        run_pairs(load_config(None, [f"student.model={tiny_model_dir}", f"pairs.same_prompts_as={bad}"]), run)
+    with pytest.raises(SodaError, match="pairs.same_prompts_as: expected a .jsonl file"):
+        load_config(None, ["pairs.same_prompts_as=runs/x/pairs.json"])

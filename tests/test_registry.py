@@ -53,6 +53,7 @@ def test_a_variant_shares_the_stages_its_overrides_leave_alone():
     """What bench/quality.py's variants and bench/sweep.py's points take from the run they start from."""
     assert shared_stages(["distill.beta=0.5"]) == ["teacher", "snapshot", "pairs", "warmup"]
     assert shared_stages(["pairs.rejected_source=other_q0"]) == ["teacher", "snapshot", "warmup"]
+    assert shared_stages(["pairs.same_prompts_as=runs/a/pairs.jsonl"]) == ["teacher", "snapshot", "warmup"]
     assert shared_stages(["snapshot.temperature=1.0"]) == ["teacher", "warmup"]  # the pairs read the snapshot
     assert shared_stages(["warmup.epochs=3", "distill.beta=0.5"]) == ["teacher", "snapshot", "pairs"]
     assert shared_stages(["student.model=other"]) == ["teacher"]  # the teacher's answers do not depend on it

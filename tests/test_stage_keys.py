@@ -32,13 +32,14 @@ def by_hand(cfg, run: RunDir, start: Path | None = None) -> dict[str, str]:
     shown = dataclasses.replace(t, file=shown_data_path(t.file)) if t.file else t
     source = [source_digest(t.file or cfg.data.prompts), str(cfg.data.limit),
               *([json.dumps(cfg.data.columns, sort_keys=True)] if cfg.data.columns else [])]
-    rejected = cfg.pairs.rejected_source
+    rejected, same = cfg.pairs.rejected_source, cfg.pairs.same_prompts_as
     teacher_bf16 = use_bf16(cfg.student.bf16) if o.teacher_bf16 is None else o.teacher_bf16
     return {
         "teacher": combine(fingerprint(shown), *source),
         "snapshot": combine(fingerprint(cfg.snapshot), fingerprint(cfg.student), teacher),
         "pairs": combine(fingerprint(cfg.pairs), teacher, snapshot,
-                         *([] if rejected in REJECTED_SOURCES else [sha256_file(Path(rejected))])),
+                         *([] if rejected in REJECTED_SOURCES else [sha256_file(Path(rejected))]),
+                         *([sha256_file(Path(same))] if same else [])),
         "warmup": combine(fingerprint(cfg.warmup), fingerprint(cfg.student), teacher),
         "seqkd": combine(fingerprint(cfg.seqkd), fingerprint(cfg.student), teacher),
         "distill": combine(fingerprint(cfg.distill), pairs, model_digest(start or p / "warmup"), *lora,
@@ -73,6 +74,8 @@ SETTINGS = {
                                                  "pairs.truncated_rejected=drop"],
     "rejected from a file": ["pairs.rejected_source={tmp}/other.jsonl"],
     "rejected: other_q0": ["pairs.rejected_source=other_q0"],
+    "rejected from a file, on another run's prompts": ["pairs.rejected_source={tmp}/other.jsonl",
+                                                       "pairs.same_prompts_as={tmp}/run/pairs.jsonl"],
     "opd teacher in bf16": ["opd.teacher_bf16=true"],
     "student in bf16, opd teacher in fp32": ["student.bf16=true", "opd.teacher_bf16=false"],
     "student in bf16": ["student.bf16=true"],

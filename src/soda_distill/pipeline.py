@@ -32,6 +32,8 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.teacher = dataclasses.replace(cfg.teacher, file=resolve_data_path(cfg.teacher.file))
     if cfg.pairs.rejected_source.endswith(".jsonl"):  # another model's answers
         cfg.pairs = dataclasses.replace(cfg.pairs, rejected_source=resolve_data_path(cfg.pairs.rejected_source))
+    if cfg.pairs.same_prompts_as:
+        cfg.pairs = dataclasses.replace(cfg.pairs, same_prompts_as=resolve_data_path(cfg.pairs.same_prompts_as))
     return cfg
 
 

@@ -117,10 +117,16 @@ class PairsConfig:
         "\"other_q0\", q0's answer to another prompt; \"degraded_teacher\", the teacher's answer with its sentences "
         "shuffled and cut to half its words; or a .jsonl of another model's answers (`messages`, matched by id)"))
     seed: int = added(0, help="seed of the draws of other_q0 (which other prompt) and degraded_teacher (the shuffle)")
+    same_prompts_as: str = added("", help=(
+        "a .jsonl whose `id`s are the only prompts paired (another run's pairs.jsonl): rejection sources compared on "
+        "the same prompts and budget, though each drops different answers; \"\" pairs every prompt"))
 
     def __post_init__(self):
         for key in ("truncated_chosen", "truncated_rejected"):
             _check_truncated("pairs", key, getattr(self, key))
+        if self.same_prompts_as and not self.same_prompts_as.endswith(".jsonl"):
+            raise SodaError(f"pairs.same_prompts_as: expected a .jsonl file (another run's pairs.jsonl) or \"\", "
+                            f"got {self.same_prompts_as!r}")
         if self.rejected_source not in REJECTED_SOURCES and not self.rejected_source.endswith(".jsonl"):
             raise SodaError(f"pairs.rejected_source: expected one of {REJECTED_SOURCES} or a .jsonl file of answers, "
                             f"got {self.rejected_source!r}")

@@ -7,7 +7,9 @@ open (flagged `chosen_truncated`/`rejected_truncated`, trained with no end of tu
 (`pairs.truncated_chosen`, `pairs.truncated_rejected`).
 
 The rejected answer is q0's own (SODA), or for the paper's Table 2 ablation another source (`pairs.rejected_source`):
-q0's answer to another prompt, the teacher's answer degraded, or another model's answers from a file.
+q0's answer to another prompt, the teacher's answer degraded, or another model's answers from a file. Sources drop
+different pairs (q0's cut answers, say); `pairs.same_prompts_as` pairs only the prompts of another run's pairs, so that
+they compare on the same prompts and budget.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from pathlib import Path
 
 from ..chat_tokens import chat_ids
 from ..config import REJECTED_SOURCES, Config
-from ..errors import SodaError
+from ..errors import InputError, SodaError
 from ..keys import KeyParts
 from ..manifest import RunDir, StageResult
 from ..models import load_tokenizer, resolve_model
 from ..pipeline import execute
-from ..records import Example, atomic_write_jsonl, read_examples
+from ..records import Example, atomic_write_jsonl, read_examples, read_jsonl
 from ..stats import length_summary
 
 
@@ -42,9 +44,21 @@ class PairsResult(StageResult):
 
 
 def pairs_key(cfg: Config) -> KeyParts:
-    """Another model's answers (`pairs.rejected_source` a file) are an input: its bytes are part of the key."""
-    source = cfg.pairs.rejected_source
-    return KeyParts([None if source in REJECTED_SOURCES else Path(source)])
+    """Another model's answers (`pairs.rejected_source` a file) and the prompts kept (`pairs.same_prompts_as`) are
+    inputs: their bytes are part of the key."""
+    source, same = cfg.pairs.rejected_source, cfg.pairs.same_prompts_as
+    return KeyParts([None if source in REJECTED_SOURCES else Path(source), Path(same) if same else None])
+
+
+def prompt_ids(path: Path) -> set:
+    """The `id` of every line of `path` (pairs.same_prompts_as)."""
+    ids = set()
+    for lineno, obj in read_jsonl(path):
+        if not isinstance(obj.get("id"), (str, int)) or isinstance(obj["id"], bool):
+            raise InputError(path, lineno, "id", "expected a string or integer (pairs.same_prompts_as keeps the "
+                                                 "prompts of these ids)")
+        ids.add(obj["id"])
+    return ids
 
 
 def degraded(answer: str, rng: random.Random) -> str:
@@ -76,11 +90,15 @@ def pairs_body(cfg: Config, run: RunDir, inputs: dict[str, Path]) -> PairsResult
     """Write `pairs.jsonl`: the pairs kept, in the teacher's order."""
     teacher_path, snapshot_path = inputs["teacher"], inputs["snapshot"]
     teacher = read_examples(teacher_path, want_response=True)
+    dropped: Counter = Counter()
+    if cfg.pairs.same_prompts_as:
+        same = prompt_ids(Path(cfg.pairs.same_prompts_as))
+        dropped.update("other_prompts" for ex in teacher if ex.id not in same)
+        teacher = [ex for ex in teacher if ex.id in same]
     student = {ex.id: ex for ex in read_examples(snapshot_path, want_response=True)}
     rejected = rejected_answers(teacher, student, cfg.pairs.rejected_source, cfg.pairs.seed)
     tokenizer = load_tokenizer(resolve_model(cfg.student.model, cfg.student.gguf_file), cfg.student.trust_remote_code)
     policy = {"chosen": cfg.pairs.truncated_chosen, "rejected": cfg.pairs.truncated_rejected}
-    dropped: Counter = Counter()
     kept_open: Counter = Counter()
     lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
     pairs = []
