@@ -10,7 +10,7 @@ from conftest import ANSWERS, QA, write_jsonl
 from soda_distill.cli import main
 from soda_distill.config import load_config, save_config
 from soda_distill.errors import InputError, SodaError
-from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
+from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate, table_rows
 from soda_distill.evaluation.metrics import normalize_answer, offline_metrics, repetition, rouge_l
 from soda_distill.stats import paired_difference
 
@@ -140,6 +140,17 @@ def test_rows_evaluated_once_join_a_later_table_from_their_response_files(tmp_pa
         run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "bad"))
 
 
+def test_table_rows_are_grouped_by_model_in_natural_order_methods_as_the_registry_lists(tmp_path):
+    """A later seed's rows (compare's own runs come before `evaluate.models`) still follow the earlier seeds', and a
+    variant sits beside its method, whatever order the rows were named in."""
+    named = ["seed-10/SODA", "seed-10/Base", "seed-9/SODA (v)", "seed-9/GAD", "seed-9/SODA", "seed-9/Teacher",
+             "seed-9/Warmup (q_w, v)", "seed-9/Base"]
+    cfg = load_config(None, [f"evaluate.models.{name}={tmp_path / 'any.jsonl'}" for name in named])
+    assert [r.label for r in table_rows(cfg)] == [
+        "seed-9/Base", "seed-9/Warmup (q_w, v)", "seed-9/SODA (v)", "seed-9/SODA", "seed-9/GAD", "seed-9/Teacher",
+        "seed-10/Base", "seed-10/SODA"]
+
+
 def test_response_file_must_cover_a_benchmark_it_answers(tmp_path, qa_file):
     records = [json.loads(line) for line in qa_file.read_text().splitlines()]
     partial = write_jsonl(tmp_path / "partial.jsonl", records[:3])
@@ -203,8 +214,8 @@ def test_held_out_preference_margin_against_q0s_own_answers(tmp_path, embedded_p
                              "student.bf16=false", f"evaluate.runs=[{run}]", "evaluate.methods=[soda]",
                              f"evaluate.models.r/Base={out / 'responses' / 'r_Base' / 'qa.jsonl'}"])
     mixed = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "mixed"))
-    assert [r["method"] for r in mixed["rows"]] == ["SODA", "Base"]
-    assert mixed["rows"][0]["cells"]["qa"]["preference_margin"] == soda["preference_margin"]
+    assert [r["method"] for r in mixed["rows"]] == ["Base", "SODA"]  # Base first, though named after
+    assert mixed["rows"][1]["cells"]["qa"]["preference_margin"] == soda["preference_margin"]
 
 
 def test_paired_differences_at_equal_length(tmp_path, qa_file):

@@ -56,9 +56,18 @@ class Row:
         return f"{self.group}/{self.method}" if self.method else self.group
 
 
+def _table_place(row: Row) -> tuple:
+    """Rows grouped by model in natural order (seed-9 before seed-10), each group's methods in the registry's order
+    (a variant `SODA (w3)` beside SODA, what no method names after them), as given where these tie."""
+    families = [m.column.split(" (")[0] for m in METHODS.values()]
+    family = row.method.split(" (")[0]
+    natural = [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", row.group)]
+    return natural, families.index(family) if family in families else len(families)
+
+
 def table_rows(cfg: Config) -> list[Row]:
     """Base and the finished trained methods of each run in `evaluate.runs` (those in `evaluate.methods`, when
-    set), then `evaluate.models`."""
+    set), then `evaluate.models`; grouped and ordered by `_table_place`."""
     rows = []
     wanted = set(m.name for m in methods_named(cfg.evaluate.methods)) if cfg.evaluate.methods is not None else None
     paths = list(map(Path, cfg.evaluate.runs))
@@ -79,6 +88,7 @@ def table_rows(cfg: Config) -> list[Row]:
             rows.append(Row(group, method, responses=resolve_data_path(source)))
         else:
             rows.append(Row(group, method, source, trust_remote_code=cfg.student.trust_remote_code))
+    rows.sort(key=_table_place)
     labels = [r.label for r in rows]
     if not rows:
         raise SodaError("nothing to evaluate: give run directories, or models in evaluate.models")
