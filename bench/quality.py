@@ -156,7 +156,7 @@ def committed_rows(rows: Path, leave_out: set[str], made_with: dict[str, str]) -
         print(f"left out, trained or scored otherwise than {made_with} (evaluate.nll_dtype=student scores as rows "
               f"did before 2026-12-06): {', '.join(other)}", flush=True)
     kept = [label for label in index if label not in leave_out and label not in other]
-    return {label: str(rows / index[label]) for label in sorted(kept, key=table_order)}
+    return {label: str(rows / index[label]) for label in sorted(kept)}  # evaluate orders the table
 
 
 def shared_bases(committed: dict[str, str], seeds: list[int], made: set[str], made_on: dict[str, str],
@@ -168,16 +168,6 @@ def shared_bases(committed: dict[str, str], seeds: list[int], made: set[str], ma
     bases = [label for label in committed if label.endswith("/Base") and made_on.get(label) == here]
     return {f"seed-{seed}/Base": bases[0] for seed in seeds
             if bases and f"seed-{seed}/Base" not in made and f"seed-{seed}/Base" not in committed}
-
-
-def table_order(label: str) -> tuple:
-    """`seed-S/METHOD` in a table's order: by seed, then the registry's order of methods (a variant after its method)."""
-    from soda_distill.registry import METHODS
-
-    group, method = label.split("/", 1)
-    labels = [m.label for m in METHODS.values()]
-    name = method.split(" (")[0]
-    return group, labels.index(name) if name in labels else len(labels), method
 
 
 def shared_with(source: Path, settings: list[str], stage: str, config: Path = CONFIG) -> list[str]:

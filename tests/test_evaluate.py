@@ -114,6 +114,24 @@ def test_rows_evaluated_once_join_a_later_table_from_their_response_files(tmp_pa
         for key in ("rouge_l", "reference_nll", "preference_margin", "preference_accuracy", "length", "paired"):
             assert c[key] == b[key], key
     assert json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["evaluate"]["generated"] == 0
+    # the same prompts with other references (AlpacaEval's second reference set): ROUGE-L against those, and no
+    # reference NLL, which was scored against the first references
+    other = write_jsonl(tmp_path / "qa2.jsonl", [{**r, "messages": [r["messages"][0], {"role": "assistant", "content": a}]}
+                                                 for r, a in zip(QA, reversed(ANSWERS))])
+    cfg = load_config(None, [f"evaluate.benchmarks=[{qa_file},{other}]", *settings[1:]]
+                      + [f"evaluate.models.{name}={path}" for name, path in {**files, "a/Teacher": qa_file}.items()])
+    both = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "both"))
+    for before, after in zip(first["rows"], both["rows"]):
+        assert after["cells"]["qa"]["reference_nll"] == before["cells"]["qa"]["reference_nll"] is not None
+        assert after["cells"]["qa2"]["reference_nll"] is None and after["cells"]["qa2"]["preference_margin"] is None
+    teacher = both["rows"][-1]["cells"]
+    assert teacher["qa"]["rouge_l"] == 100.0 > teacher["qa2"]["rouge_l"]
+    # on the second references alone (bench/second_reference.py) the table leaves out what no row has
+    cfg = load_config(None, [f"evaluate.benchmarks=[{other}]", *settings[1:]]
+                      + [f"evaluate.models.{name}={path}" for name, path in files.items()])
+    run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "second"))
+    table = (tmp_path / "second" / "results.md").read_text()
+    assert "### ROUGE-L" in table and "Reference NLL" not in table and "preference margin" not in table
     # a variant's rows (bench/quality.py's `--variant v`) are paired with each other too: SODA (v) against its own q_w
     variant = {"a/Warmup (q_w, v)": files["a/Base"], "a/SODA (v)": files["a/SODA"]}
     cfg = load_config(None, settings + [f"evaluate.models.{name}={path}" for name, path in variant.items()])

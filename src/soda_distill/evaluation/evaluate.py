@@ -192,7 +192,9 @@ def _q0_answer(q0: dict[str, list[dict]], bench: str, i: int) -> list[tuple[str,
 def _from_file(cfg: Config, row: Row, benchmarks: list[Benchmark]) -> dict[str, list[dict]]:
     """A response file's answers, matched to the benchmark prompts by id; a benchmark it has no ids of is left out.
     The figures an evaluation wrote beside each answer (`responses/ROW/BENCH.jsonl`: the NLLs, finish reason, token
-    count) are kept, so a row evaluated once — in another session, say — joins a table without its model."""
+    count) are kept, so a row evaluated once — in another session, say — joins a table without its model; its
+    reference NLLs only on a benchmark whose references they were scored on (`reference_digest`): another reference
+    set for the same prompts has none."""
     path = Path(row.responses)
     answers = {ex.id: ex for ex in read_examples(path, want_response=True)}
     figures = {str(obj.get("id")): obj for _, obj in read_jsonl(path)}
@@ -211,10 +213,19 @@ def _from_file(cfg: Config, row: Row, benchmarks: list[Benchmark]) -> dict[str, 
         out[b.name] = [{"text": answers[it.id].response,
                         **{k: _figure(path, figures[it.id], k) for k in ("finish_reason", "num_tokens", "reference_nll", "q0_answer_nll")}}
                        for it in b.items]
+        # reference NLLs only if scored on these references, all of them (a mean over a few would pass for the whole)
+        if any(figures[it.id].get("reference_digest") != reference_digest(it.reference) for it in b.items):
+            for answer in out[b.name]:
+                answer["reference_nll"] = None
     if not out:
         raise InputError(path, None, "id", f"answers none of the prompts of {', '.join(b.name for b in benchmarks)} "
                                            "(responses are matched to benchmark prompts by id)")
     return out
+
+
+def reference_digest(reference: str | None) -> str | None:
+    """Which reference answer a response record's reference NLL was scored against."""
+    return None if reference is None else hashlib.sha256(reference.encode()).hexdigest()[:16]
 
 
 def _figure(path: Path, record: dict, key: str):
@@ -294,7 +305,8 @@ def run_evaluate(cfg: Config, evaldir: RunDir) -> dict:
                     atomic_write_jsonl(evaldir.file(f"responses/{slug(row.label)}/{slug(b.name)}.jsonl"), [
                         {"id": it.id, "messages": it.prompt + [{"role": "assistant", "content": r["text"]}],
                          "finish_reason": r["finish_reason"], "num_tokens": r["num_tokens"],
-                         "rouge_l": score, "reference_nll": r["reference_nll"], "q0_answer_nll": r["q0_answer_nll"]}
+                         "rouge_l": score, "reference_nll": r["reference_nll"], "q0_answer_nll": r["q0_answer_nll"],
+                         "reference_digest": reference_digest(it.reference)}
                         for it, r, score in zip(b.items, per_bench[b.name],
                                                 rouge_l_per_prompt([it.reference for it in b.items], per_bench[b.name]))
                     ])
