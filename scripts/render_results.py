@@ -252,8 +252,9 @@ PAGES = (
     Page("alpaca-eval", "The replica in the paper's regime: a real LLM teacher",
          "SmolLM2-135M distilled from gpt-4o-2024-05-13's AlpacaEval answers (`configs/alpaca_eval.yaml`, 256 "
          "training prompts) and evaluated on 240 held-out AlpacaEval prompts against gpt-4o's answers, with paired "
-         "bootstrap intervals; rows are added as seeds and methods finish.",
-         (("alpaca_eval.json", quality),)),
+         "bootstrap intervals; rows are added as seeds and methods finish. Then the same rows' answers against "
+         "gpt4_1106_preview's (AlpacaEval 2's reference), by `bench/second_reference.py`.",
+         (("alpaca_eval.json", quality), ("alpaca_eval-AE-gpt4-1106.json", bench_markdown))),
     Page("quality-quick", "The replica, quick variant",
          "`bench/quality.py --quick`: every method trains, evaluates and reports on a few prompts. A regression "
          "check, far too small to rank methods; once more in each precision on one machine (`--tag bf16`, "

@@ -20,8 +20,11 @@ def _interval(ci: list[float] | None, digits: int, signed: bool = False) -> str:
 def markdown_table(results: dict, title: str, *path, bold_best: bool = True, lower_is_better: bool = False,
                    digits: int = 1) -> str:
     """One metric across rows × benchmarks in Table 1's layout (the best per model in bold, as there), with its
-    bootstrap 95% interval over prompts where results.json has one (the metric's key + `_ci95`)."""
+    bootstrap 95% interval over prompts where results.json has one (the metric's key + `_ci95`); nothing where no row
+    has the metric."""
     names = [b["name"] for b in results["benchmarks"]]
+    if all(cell(row, name, *path) is None for row in results["rows"] for name in names):
+        return ""
     lines = [f"### {title}", "", "| Model | Method | " + " | ".join(names) + " |", "| --- | --- |" + " ---: |" * len(names)]
     rows, previous = results["rows"], None
     for row in rows:
@@ -76,7 +79,7 @@ def render_markdown(results: dict) -> str:
     parts.append("### Benchmarks\n\n" + "\n".join(
         f"- **{b['name']}** ({b['prompts']} prompts, `{b['path']}`){': ' + b['note'] if b['note'] else ''}"
         for b in results["benchmarks"]) + "\n")
-    return "\n".join(parts)
+    return "\n".join(part for part in parts if part)
 
 
 PAIRED = (("rouge_l", "ROUGE-L"), ("reference_nll", "reference NLL (negative: closer to the references)"),
