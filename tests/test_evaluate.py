@@ -114,6 +114,13 @@ def test_rows_evaluated_once_join_a_later_table_from_their_response_files(tmp_pa
         for key in ("rouge_l", "reference_nll", "preference_margin", "preference_accuracy", "length", "paired"):
             assert c[key] == b[key], key
     assert json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["evaluate"]["generated"] == 0
+    # two seeds of the same rows: their differences across seeds, drawn below the bars as a forest
+    seeds = {f"{seed}/{name.split('/')[1]}": path for seed in ("s1", "s2") for name, path in files.items()}
+    cfg = load_config(None, settings + [f"evaluate.models.{name}={path}" for name, path in seeds.items()])
+    across = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "seeds"))["across_runs"]
+    assert [(e["method"], e["runs"]) for e in across] == [("SODA", ["s1", "s2"])]
+    height = lambda evaldir: int.from_bytes((evaldir / "results.png").read_bytes()[20:24], "big")  # the PNG's IHDR
+    assert height(tmp_path / "seeds") > height(tmp_path / "again")
     # the same prompts with other references (AlpacaEval's second reference set): ROUGE-L against those, and no
     # reference NLL, which was scored against the first references
     other = write_jsonl(tmp_path / "qa2.jsonl", [{**r, "messages": [r["messages"][0], {"role": "assistant", "content": a}]}

@@ -219,17 +219,25 @@ def plot_pair_lengths(runs: dict[str, dict[str, list[int]]], path: Path) -> None
 # --- Evaluation and representation analysis ------------------------------------------------------------------------
 
 
+FOREST = (("rouge_l", "ROUGE-L"), ("reference_nll", "Reference NLL (−: closer)"),
+          ("preference_margin", "Preference margin"))  # the across-seed differences drawn, when an evaluation has them
+
+
 def plot_results(results: dict, path: Path) -> None:
     """evaluate's grouped bars per metric (the judge score when there is one, ROUGE-L, reference NLL): benchmarks ×
-    rows, one colour per row, with each bar's bootstrap 95% interval over prompts where there is one."""
+    rows, one colour per row, with each bar's bootstrap 95% interval over prompts where there is one; below them,
+    where several seeds have a method, its differences across seeds (`plot_across_runs`)."""
     names = [b["name"] for b in results["benchmarks"]]
     metrics = [("Judge score (50 = parity)", ("judge", "score"))] if results["judge"] else []
     metrics.append(("ROUGE-L", ("rouge_l",)))
     if any(cell(row, name, "reference_nll") is not None for row in results["rows"] for name in names):
         metrics.append(("Reference NLL (lower: closer)", ("reference_nll",)))
     rows = results["rows"]
-    fig = new_figure(max(6.0, 1.6 * len(names) * len(metrics) + 2), 4.2)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    lines = across_lines(results)
+    fig = new_figure(max(6.0, 1.6 * len(names) * len(metrics) + 2, 4.0 + 2.8 * len(FOREST) if lines else 0),
+                     4.2 + (1.2 + 0.3 * len(lines) if lines else 0))
+    bars, forest = fig.subfigures(2, 1, height_ratios=[4.2, 1.2 + 0.3 * len(lines)]) if lines else (fig, None)
+    axes = bars.subplots(1, len(metrics), squeeze=False)[0]
     width = 0.8 / len(rows)
     for ax, (title, keys) in zip(axes, metrics):
         for k, row in enumerate(rows):
@@ -245,9 +253,47 @@ def plot_results(results: dict, path: Path) -> None:
             ax.axhline(50, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(names)), names)
         label_axes(ax, title, "", title.split(" (")[0], grid="y")
-    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), ncols=math.ceil(len(rows) / 16))
+    if lines:
+        plot_across_runs(forest, results, lines)
     save_png(fig, path)
 
+
+def across_lines(results: dict) -> list[tuple[dict, str]]:
+    """(its across_runs entry, `vs BASELINE`): each method's comparison over several seeds."""
+    return [(entry, against) for entry in results.get("across_runs", [])
+            for against in dict.fromkeys(k for cells in entry["cells"].values() for k in cells)]
+
+
+def plot_across_runs(fig, results: dict, lines: list[tuple[dict, str]]) -> None:
+    """A forest of each method's difference to its baselines over every seed and prompt, with its 95% interval (seeds
+    and prompts resampled), raw (filled) and at equal length (hollow), one colour per benchmark: the figure that
+    answers "does it beat SeqKD?"."""
+    names = [b["name"] for b in results["benchmarks"]]
+    drawn = [(metric, title) for metric, title in FOREST
+             if any(entry["cells"].get(name, {}).get(against, {}).get(metric) for entry, against in lines for name in names)]
+    axes = fig.subplots(1, len(drawn), squeeze=False, sharey=True)[0]
+    step = 0.7 / (2 * len(names))
+    for ax, (metric, title) in zip(axes, drawn):
+        for j, name in enumerate(names):
+            for i, (entry, against) in enumerate(lines):
+                found = entry["cells"].get(name, {}).get(against, {}).get(metric)
+                for k, figure in enumerate([found, (found or {}).get("length_controlled")]):
+                    if not figure:
+                        continue
+                    d, (low, high) = figure["difference"], figure["ci95"]
+                    ax.errorbar(d, i - 0.35 + step * (2 * j + k + 0.5), xerr=[[max(0.0, d - low)], [max(0.0, high - d)]],
+                                fmt="os"[k], color=run_color(j), markerfacecolor=[run_color(j), "none"][k], markersize=4,
+                                capsize=2, linewidth=0.8, label=(name if len(names) > 1 else None) if i == k == 0 else None)
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set_yticks(range(len(lines)), [f"{entry['method']} − {against.removeprefix('vs ')} ({len(entry['runs'])} seeds)"
+                                          for entry, against in lines])
+        ax.set_ylim(len(lines) - 0.5, -0.5)
+        label_axes(ax, title, "", "", grid="x")
+    if len(names) > 1:
+        axes[-1].legend(fontsize="small", loc="lower left", bbox_to_anchor=(1.0, 0.0))
+    fig.suptitle("Across seeds: this method − that one, 95% interval over seeds and prompts")
+    fig.supxlabel("difference (filled: raw; hollow: at equal length)")
 
 
 def model_colors(result: dict) -> dict[str, str]:
