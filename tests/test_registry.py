@@ -201,12 +201,6 @@ def test_committed_rows_of_another_precision_are_left_out(tmp_path, monkeypatch)
     # trained in bf16 and scored in fp32 (evaluate.nll_dtype's default): only a row that says it was scored so joins
     kept = quality.committed_rows(tmp_path, set(), {"precision": "bf16", "nll_dtype": "float32"})
     assert kept == {"seed-45/SODA": str(tmp_path / "e.jsonl")}
-    # in a table's order: by seed, then the registry's methods, a variant after its method
-    (tmp_path / "provenance.json").unlink()
-    (tmp_path / "index.json").write_text(json.dumps({label: "a.jsonl" for label in (
-        "seed-43/Base", "seed-42/SODA (keepcut)", "seed-42/SeqKD", "seed-42/SODA", "seed-42/Warmup (q_w, v)", "seed-42/Base")}))
-    assert list(quality.committed_rows(tmp_path, set(), {"precision": "bf16", "nll_dtype": "bfloat16"})) == [
-        "seed-42/Base", "seed-42/Warmup (q_w, v)", "seed-42/SeqKD", "seed-42/SODA", "seed-42/SODA (keepcut)", "seed-43/Base"]
 
 
 def test_a_seed_without_a_base_row_takes_a_committed_one(tmp_path, monkeypatch):
