@@ -4,8 +4,8 @@
 
 Every committed row of bench/results/NAME/rows/ (NAME: the config's) evaluated by `soda-distill evaluate` on
 REFERENCE — the same prompts answered by another model: AlpacaEval 2's reference, gpt4_1106_preview, for the
-AlpacaEval replica — from the rows' answers: ROUGE-L, length, repetition and cut answers, with their paired and
-across-seed differences, raw and at equal length. No reference NLL: the rows' were scored on the first references,
+AlpacaEval replica — from the rows' answers: ROUGE-L, length, repetition and cut answers, with their paired (as
+bench/results/NAME.json pairs them) and across-seed differences, raw and at equal length. No reference NLL: the rows' were scored on the first references,
 and scoring these would need every model again. Generates nothing; a minute or two. Writes
 bench/results/NAME-REFERENCE.{json,md,png}.
 """
@@ -34,6 +34,9 @@ def main() -> None:
     config, reference = ROOT / args.config, ROOT / args.reference
     rows = RESULTS / config.stem / "rows"
     index = json.loads((rows / "index.json").read_text())
+    # the rows paired as the replica's own table pairs them (Table 2's sources on equal prompts, the dial's k)
+    pairings = [o for o in json.loads((RESULTS / f"{config.stem}.json").read_text()).get("overrides", [])
+                if o.startswith("evaluate.paired_with=")]
     name = f"{config.stem}-{reference.stem}"
 
     from soda_distill.cli import main as soda_distill
@@ -42,7 +45,7 @@ def main() -> None:
         evaldir = Path(tmp) / "evaluation"
         models = {label: str(rows / file) for label, file in index.items()}
         code = soda_distill(["evaluate", str(config), "--out", str(evaldir), f"evaluate.benchmarks=[{reference}]",
-                             "evaluate.models=" + json.dumps(models)])
+                             "evaluate.models=" + json.dumps(models), *pairings])
         if code:
             raise SystemExit(code)
         evaluation = json.loads((evaldir / "results.json").read_text())
