@@ -5,9 +5,9 @@
 Every committed row of bench/results/NAME/rows/ (NAME: the config's) evaluated by `soda-distill evaluate` on
 REFERENCE — the same prompts answered by another model: AlpacaEval 2's reference, gpt4_1106_preview, for the
 AlpacaEval replica — from the rows' answers: ROUGE-L, length, repetition and cut answers, with their paired (as
-bench/results/NAME.json pairs them) and across-seed differences, raw and at equal length. No reference NLL: the rows' were scored on the first references,
-and scoring these would need every model again. Generates nothing; a minute or two. Writes
-bench/results/NAME-REFERENCE.{json,md,png}.
+bench/results/NAME.json pairs them) and across-seed differences, raw and at equal length. No reference NLL: the rows'
+were scored on the first references, and scoring these would need every model again. Generates nothing; under a
+minute. Writes bench/results/NAME-REFERENCE.{json,md,png}.
 """
 
 from __future__ import annotations
