@@ -30,9 +30,10 @@ METRICS = {"rouge_l": ("ROUGE-L", 2), "reference_nll": ("reference NLL (lower is
 
 def figures(path: Path) -> dict[str, dict[str, dict[str, float]]]:
     """benchmark -> metric -> prompt id -> value, from a committed row's per-prompt records."""
+    from soda_distill.records import read_jsonl
+
     by_bench: dict[str, list[dict]] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for _, record in read_jsonl(path):
         by_bench.setdefault(record["id"].rsplit("-", 1)[0], []).append(record)
     return {bench: prompt_figures(records) for bench, records in by_bench.items()}
 

@@ -23,7 +23,7 @@ Training or evaluation? The quick replica's models of both tables (under --runs)
 reference answers with their weights in fp32 and in bf16: each row's reference NLL minus Base's, by the precision it
 was trained in and the one it is scored in. Adds `evaluation_dtype` to precision.json.
 
-    python bench/precision.py --across-machines [--row bench/results/alpaca_eval/rows/seed-42_Base.jsonl]
+    python bench/precision.py --across-machines [--row bench/results/alpaca_eval/rows/seed-42_Base.jsonl.gz]
 
 Another kind of machine: a committed Base row of the AlpacaEval replica (the untouched student, bf16) made on one
 machine, its answers and reference NLLs made again here. Greedy answers: one batch of the whole list's (the
@@ -151,6 +151,7 @@ def evaluation_dtype(runs: Path) -> dict:
     from soda_distill.evaluation.benchmarks import load_benchmarks, student_prompt
     from soda_distill.evaluation.nll import reference_nll
     from soda_distill.models import load_model, load_tokenizer, resolve_model
+    from soda_distill.records import read_jsonl
 
     cfg = load_config(str(ROOT / "configs" / "quality.yaml"), ["evaluate.limit=10"])  # as --quick evaluates
     items = [item for bench in load_benchmarks(cfg.evaluate) for item in bench.items]
@@ -192,7 +193,7 @@ def across_machines(row: Path) -> dict:
     from soda_distill.models import load_model, load_tokenizer, resolve_model
 
     cfg = load_config(str(ROOT / "configs" / "alpaca_eval.yaml"))
-    committed = [json.loads(line) for line in row.read_text().splitlines()]
+    committed = [record for _, record in read_jsonl(row)]
     (bench,) = load_benchmarks(cfg.evaluate)
     assert [item.id for item in bench.items] == [r["id"] for r in committed], f"{row}: not {bench.name}'s prompts"
     prompts = [student_prompt(item, cfg.evaluate.prompt_format) for item in bench.items]
@@ -307,7 +308,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="with --eval-dtype: where its runs are")
     parser.add_argument("--across-machines", action="store_true",
                         help="a committed Base row of the AlpacaEval replica made again on this machine")
-    parser.add_argument("--row", type=Path, default=RESULTS / "alpaca_eval" / "rows" / "seed-42_Base.jsonl")
+    parser.add_argument("--row", type=Path, default=RESULTS / "alpaca_eval" / "rows" / "seed-42_Base.jsonl.gz")
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # a child process: train one mode
     args = parser.parse_args()
     if args.one:

@@ -119,19 +119,22 @@ def rows_record(rows: Path, name: str) -> dict:
 
 def keep_rows(evaldir: Path, evaluation: dict, rows: Path, made: set[str], made_with: dict,
               same_base: dict[str, str]) -> None:
-    """Each row's answers and per-prompt figures, every benchmark in one file (the benchmarks' ids are distinct),
-    rows/index.json naming each file's row: what `--with-committed` adds to a later table; and for the rows this call
-    made (`made`), rows/provenance.json: the machine, precision and versions they were trained and evaluated with (a
-    Base taken from another seed's, `same_base`, its source's, and which row that was)."""
+    """Each row's answers and per-prompt figures, every benchmark in one gzipped JSONL file (the benchmarks' ids are
+    distinct; a sixth of the size: every checkout carries them, a GPU machine's too), rows/index.json naming each
+    file's row: what `--with-committed` adds to a later table; and for the rows this call made (`made`),
+    rows/provenance.json: the machine, precision and versions they were trained and evaluated with (a Base taken from
+    another seed's, `same_base`, its source's, and which row that was)."""
     from soda_distill.evaluation.evaluate import slug
+    from soda_distill.records import atomic_write_text
 
     rows.mkdir(parents=True, exist_ok=True)
     index, made_by = rows_record(rows, "index.json"), rows_record(rows, "provenance.json")
     for row in evaluation["rows"]:
         label = f"{row['model']}/{row['method']}"
         records = [(evaldir / "responses" / slug(label) / f"{slug(b['name'])}.jsonl").read_text() for b in evaluation["benchmarks"]]
-        (rows / f"{slug(label)}.jsonl").write_text("".join(records))
-        index[label] = f"{slug(label)}.jsonl"
+        atomic_write_text(rows / f"{slug(label)}.jsonl.gz", "".join(records))
+        (rows / f"{slug(label)}.jsonl").unlink(missing_ok=True)  # as rows were kept before 2026-12-07
+        index[label] = f"{slug(label)}.jsonl.gz"
         if label in made:
             made_by[label] = made_with
         elif label in same_base:

@@ -12,6 +12,7 @@ from soda_distill.config import load_config, save_config
 from soda_distill.errors import InputError, SodaError
 from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate, table_rows
 from soda_distill.evaluation.metrics import normalize_answer, offline_metrics, repetition, rouge_l
+from soda_distill.records import atomic_write_text
 from soda_distill.stats import paired_difference
 
 
@@ -107,7 +108,10 @@ def test_rows_evaluated_once_join_a_later_table_from_their_response_files(tmp_pa
     assert main(["evaluate", str(a), "--out", str(tmp_path / "first"), *settings]) == 0
     first = json.loads((tmp_path / "first" / "results.json").read_text())
     files = {f"a/{row}": str(tmp_path / "first" / "responses" / f"a_{row}" / "qa.jsonl") for row in ("Base", "SODA")}
-    cfg = load_config(None, settings + [f"evaluate.models.{name}={path}" for name, path in files.items()])
+    gzipped = {name: tmp_path / f"{name.replace('/', '_')}.jsonl.gz" for name in files}  # as bench/quality.py keeps rows
+    for name, path in gzipped.items():
+        atomic_write_text(path, Path(files[name]).read_text())
+    cfg = load_config(None, settings + [f"evaluate.models.{name}={path}" for name, path in gzipped.items()])
     again = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "again"))
     for before, after in zip(first["rows"], again["rows"], strict=True):
         b, c = before["cells"]["qa"], after["cells"]["qa"]

@@ -1,3 +1,4 @@
+import gzip
 import json
 import re
 import tracemalloc
@@ -12,7 +13,7 @@ from soda_distill.evaluation.benchmarks import load_benchmarks
 from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate
 from soda_distill.manifest import RunDir
 from soda_distill.append_log import AppendLog
-from soda_distill.records import MAX_LINE_BYTES, read_examples, read_pairs
+from soda_distill.records import MAX_LINE_BYTES, atomic_write_jsonl, is_jsonl, read_examples, read_pairs
 from soda_distill.stages.teacher import run_teacher
 
 
@@ -198,3 +199,22 @@ def test_a_byte_order_mark_opening_a_file_is_skipped(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_bytes(b"\xef\xbb\xbfstudent:\n  model: some/model\n")
     assert load_config(config).student.model == "some/model"
+
+
+def test_a_gzipped_jsonl_file_reads_as_the_plain_one(tmp_path):
+    """NAME.jsonl.gz (the committed rows, any input file): written the same byte for byte each time, read as the plain
+    file is; a damaged or cut one is one line naming the file and line, not a zlib traceback."""
+    records = [GOOD, GOOD | {"id": "b"}]
+    path = tmp_path / "answers.jsonl.gz"
+    atomic_write_jsonl(path, records)
+    first = path.read_bytes()
+    atomic_write_jsonl(path, records)
+    assert path.read_bytes() == first and gzip.decompress(first).decode().count("\n") == 2
+    assert [ex.response for ex in read_examples(path, want_response=True)] == ["hello", "hello"]
+    assert is_jsonl(path) and is_jsonl("x.jsonl") and not is_jsonl("x.json.gz")
+    (tmp_path / "cut.jsonl.gz").write_bytes(first[: len(first) // 2])
+    (tmp_path / "plain.jsonl.gz").write_text(json.dumps(GOOD) + "\n")
+    for name, words in (("cut.jsonl.gz", "ended before"), ("plain.jsonl.gz", "Not a gzipped file")):
+        with pytest.raises(InputError, match=rf"{name}, line 1: not readable as gzip \(.*{words}") as e:
+            read_examples(tmp_path / name)
+        assert "\n" not in str(e.value)

@@ -227,6 +227,7 @@ def test_a_seed_without_a_base_row_takes_a_committed_one(tmp_path, monkeypatch):
         (evaldir / "responses" / label.replace("/", "_") / "b.jsonl").write_text(f'{{"row": "{label}"}}\n')
     rows.mkdir()
     (rows / "provenance.json").write_text(json.dumps({"seed-42/Base": {"precision": "bf16", "machine": "m"}}))
+    (rows / "seed-42_Base.jsonl").write_text('{"row": "as kept before"}\n')
     evaluation = {"benchmarks": [{"name": "b"}],
                   "rows": [{"model": "seed-42", "method": "Base"}, {"model": "seed-43", "method": "Base"},
                            {"model": "seed-43", "method": "SeqKD"}]}
@@ -235,7 +236,12 @@ def test_a_seed_without_a_base_row_takes_a_committed_one(tmp_path, monkeypatch):
     made_by = json.loads((rows / "provenance.json").read_text())
     assert made_by["seed-43/Base"] == {"precision": "bf16", "machine": "m", "answers_of": "seed-42/Base"}
     assert made_by["seed-43/SeqKD"] == {"precision": "bf16", "machine": "n"}
-    assert json.loads((rows / "index.json").read_text())["seed-43/Base"] == "seed-43_Base.jsonl"
+    # gzipped, read back as evaluate reads a response file; a row kept before as plain JSONL replaced
+    from soda_distill.records import read_jsonl
+
+    assert json.loads((rows / "index.json").read_text())["seed-43/Base"] == "seed-43_Base.jsonl.gz"
+    assert [r for _, r in read_jsonl(rows / "seed-43_Base.jsonl.gz")] == [{"row": "seed-43/Base"}]
+    assert sorted(p.name for p in rows.glob("seed-42_*")) == ["seed-42_Base.jsonl.gz"]
 
 
 def test_a_table_from_committed_rows_keeps_what_made_them(tmp_path, monkeypatch):

@@ -7,10 +7,12 @@ responses, `prompt`/`chosen`/`rejected` for preference pairs.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -67,7 +69,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """UTF-8 text; gzipped where the name ends in .gz (no time stamp in it: the same text gives the same bytes)."""
+    data = text.encode("utf-8")
+    atomic_write_bytes(path, gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)
 
 
 def atomic_write_jsonl(path: Path, records) -> None:
@@ -141,15 +145,16 @@ def source_digest(path: Path | str) -> str:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; a bad line is an error naming file and line."""
+    """Yield (line number, object) for each non-blank line (of a gzipped file too: NAME.jsonl.gz); a bad line is an
+    error naming file and line."""
     path = Path(path)
     try:
-        f = open(path, "rb")
+        f = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
     except FileNotFoundError:
         raise InputError(path, None, None, "file not found") from None
     with f:
         lineno = 0
-        while raw := f.readline(MAX_LINE_BYTES + 1):
+        while raw := _read_line(f, path, lineno):
             lineno += 1
             if len(raw) - raw.endswith(b"\n") > MAX_LINE_BYTES:
                 raise InputError(path, lineno, None, f"line longer than {MAX_LINE_BYTES >> 20} MiB, the most one record may have")
@@ -166,6 +171,18 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise InputError(path, lineno, None, "expected a JSON object")
             yield lineno, obj
+
+
+def _read_line(f, path: Path, lineno: int) -> bytes:
+    try:
+        return f.readline(MAX_LINE_BYTES + 1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a .gz file that is not gzip, is cut short or damaged
+        raise InputError(path, lineno + 1, None, f"not readable as gzip ({e})") from None
+
+
+def is_jsonl(path: str | Path) -> bool:
+    """Whether a path names a JSONL file, gzipped or not."""
+    return str(path).endswith((".jsonl", ".jsonl.gz"))
 
 
 @dataclass

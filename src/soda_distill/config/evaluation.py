@@ -30,7 +30,7 @@ class EvaluateConfig:
     runs: list[str] = field(default_factory=list, metadata={
         "help": "run directories; each gives Base and its finished methods (SeqKD, SODA, GAD, ...) as rows"})
     models: dict[str, str] = field(default_factory=dict, metadata={
-        "help": "more rows, \"Model/Method\": a model (folder or Hub id) or a .jsonl of responses"})
+        "help": "more rows, \"Model/Method\": a model (folder or Hub id) or a .jsonl (.jsonl.gz) of responses"})
     methods: list[str] | None = added(None, help=(
         "which methods of each run are rows (registry names: base, warmup, seqkd, soda, gad, opd); null: every "
         "finished one"))

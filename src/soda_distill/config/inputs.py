@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import SodaError
+from ..records import is_jsonl
 from .fields import added, operational
 
 
@@ -124,9 +125,9 @@ class PairsConfig:
     def __post_init__(self):
         for key in ("truncated_chosen", "truncated_rejected"):
             _check_truncated("pairs", key, getattr(self, key))
-        if self.same_prompts_as and not self.same_prompts_as.endswith(".jsonl"):
+        if self.same_prompts_as and not is_jsonl(self.same_prompts_as):
             raise SodaError(f"pairs.same_prompts_as: expected a .jsonl file (another run's pairs.jsonl) or \"\", "
                             f"got {self.same_prompts_as!r}")
-        if self.rejected_source not in REJECTED_SOURCES and not self.rejected_source.endswith(".jsonl"):
+        if self.rejected_source not in REJECTED_SOURCES and not is_jsonl(self.rejected_source):
             raise SodaError(f"pairs.rejected_source: expected one of {REJECTED_SOURCES} or a .jsonl file of answers, "
                             f"got {self.rejected_source!r}")

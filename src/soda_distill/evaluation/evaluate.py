@@ -28,7 +28,7 @@ from ..model_card import add_evaluation
 from ..models import context_length, load_model, load_tokenizer, model_digest, resolve_model, use_bf16
 from ..plots import plot_results
 from ..append_log import AppendLog
-from ..records import (atomic_write_jsonl, atomic_write_text, read_examples, read_jsonl, resolve_data_path,
+from ..records import (atomic_write_jsonl, atomic_write_text, is_jsonl, read_examples, read_jsonl, resolve_data_path,
                        shown_data_path)
 from ..registry import METHODS, methods_named
 from ..stats import bootstrap_ci
@@ -84,7 +84,7 @@ def table_rows(cfg: Config) -> list[Row]:
                 rows.append(Row(group, method.column, str(model), None, student.trust_remote_code))
     for name, source in cfg.evaluate.models.items():
         group, _, method = name.rpartition("/") if "/" in name else (name, "", "")
-        if source.endswith(".jsonl"):
+        if is_jsonl(source):
             rows.append(Row(group, method, responses=resolve_data_path(source)))
         else:
             rows.append(Row(group, method, source, trust_remote_code=cfg.student.trust_remote_code))
