@@ -151,7 +151,6 @@ def evaluation_dtype(runs: Path) -> dict:
     from soda_distill.evaluation.benchmarks import load_benchmarks, student_prompt
     from soda_distill.evaluation.nll import reference_nll
     from soda_distill.models import load_model, load_tokenizer, resolve_model
-    from soda_distill.records import read_jsonl
 
     cfg = load_config(str(ROOT / "configs" / "quality.yaml"), ["evaluate.limit=10"])  # as --quick evaluates
     items = [item for bench in load_benchmarks(cfg.evaluate) for item in bench.items]
@@ -191,6 +190,7 @@ def across_machines(row: Path) -> dict:
     from soda_distill.evaluation.nll import reference_nll
     from soda_distill.generation import Sampling, generate_transformers, prompt_tokens
     from soda_distill.models import load_model, load_tokenizer, resolve_model
+    from soda_distill.records import read_jsonl
 
     cfg = load_config(str(ROOT / "configs" / "alpaca_eval.yaml"))
     committed = [record for _, record in read_jsonl(row)]
