@@ -5,8 +5,10 @@ recorded whether it passed or not, so one failure does not cost the others.
 
 The student has the embedded SmolLM2-135M's shapes and tokenizer with random weights (`.whl/student`, or the
 embedded model itself where it is installed): times and memory are the real student's, quality is not measured.
---smoke runs the same parts at toy size (on a CPU, to check this script). Writes DIR/gpu.json, DIR/throughput.json and
-DIR/shapes.json (the part `shapes`, bench/gpu_shapes.py: SFT and DPO at 0.5B–3B parameters).
+--smoke runs the same parts at toy size (on a CPU, to check this script). Writes DIR/gpu.json, DIR/throughput.json,
+DIR/shapes.json (the part `shapes`, bench/gpu_shapes.py: SFT and DPO at 0.5B–3B parameters) and DIR/replica.tar (the
+part `replica`: one seed of the AlpacaEval replica on the real student, bench/quality.py's results and rows under
+bench/results/, to unpack in the checkout).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -148,11 +151,18 @@ def main() -> None:
                                                              "--out", str(WORK / "dial")], 150, None),
         "opd": ("OPD, the student its own teacher (in bf16)", [*trained, "--method", "opd", f"opd.teacher_model={model}",
                                                               "opd.max_new_tokens=32", "--out", str(WORK / "opd")], 150, None),
+        # only when named: it needs bench/gpu_wheels.sh --replica's bundle and the whole budget. A new seed, its own
+        # table (a seed's rows come from one kind of machine), stopping itself in time and resumed by the next call
+        "replica": ("the AlpacaEval replica, one seed on the real student", [
+            python, "bench/quality.py", "--config", "configs/alpaca_eval.yaml", "--tag", "gpu", "--seeds", "45",
+            "--methods", "base,warmup,seqkd,soda", "--minutes", f"{max(1.0, (args.budget - 90) / 60):.1f}",
+            *(["--quick"] if toy else []), "--set", "snapshot.batch_size=128", "evaluate.batch_size=128"],
+            args.budget, None),
         # last: it takes the whole budget (run it alone: --parts shapes); its JSON is written after every measurement
         "shapes": ("SFT and DPO at 0.5B, 1.5B and 3B parameters", [python, "bench/gpu_shapes.py", "--student", model,
                    "--out", str(args.out), *(["--smoke"] if toy else [])], 480, None),
     }
-    chosen = args.parts.split(",") if args.parts else list(plan)
+    chosen = args.parts.split(",") if args.parts else [name for name in plan if name != "replica"]
     if unknown := set(chosen) - set(plan):
         parser.error(f"--parts: no part {sorted(unknown)}; the parts are {','.join(plan)}")
     results = {name: {"ok": False, "returncode": "skipped: not in --parts"} for name in plan}
@@ -168,6 +178,13 @@ def main() -> None:
     if "shapes" in chosen and shapes.exists() and not args.dry:  # each shape's parameters and figures
         results["shapes"]["shapes"] = {name: {k: v for k, v in shape.items() if k != "measurements"}
                                        for name, shape in json.loads(shapes.read_text())["shapes"].items()}
+    replica = ROOT / "bench" / "results" / f"alpaca_eval{'-quick' if toy else ''}-gpu"
+    if "replica" in chosen and replica.with_suffix(".json").exists() and not args.dry:
+        made = json.loads(replica.with_suffix(".json").read_text())
+        results["replica"].update({k: made.get(k) for k in ("this_piece", "evaluation_answers", "evaluation_complete")})
+        with tarfile.open(args.out / "replica.tar", "w") as tar:
+            for path in [*replica.parent.glob(f"{replica.name}.*"), *([replica] if replica.exists() else [])]:
+                tar.add(path, arcname=str(path.relative_to(ROOT)))
     throughput = ROOT / "bench" / "results" / "throughput.json"
     if results["throughput"]["ok"] and not toy and not args.dry:
         results["throughput"]["ratios"] = json.loads(throughput.read_text())["ratios"]

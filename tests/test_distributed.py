@@ -6,10 +6,13 @@ and a resume with another number of processes is refused in one line. GAD's two 
 the on-policy dial refreshes each rank's own negatives.
 """
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -226,11 +229,12 @@ def test_the_gpu_check_runs_dry_and_refuses_a_bad_part(tmp_path):
     subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--dry"], env=env, check=True, capture_output=True, timeout=300)
     parts = json.loads((tmp_path / "gpu.json").read_text())["parts"]
     assert {"demo_soda", "throughput", "fsdp", "zero3", "zero2", "lora", "demo_gad", "shapes"} <= set(parts)
-    assert all(p["returncode"] == "dry: checked" for p in parts.values() if isinstance(p, dict)), parts
-    subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--dry", "--parts", "zero3,demo_gad"], env=env, check=True,
-                   capture_output=True, timeout=300)
+    assert all(p["returncode"] == "dry: checked" for n, p in parts.items() if isinstance(p, dict) and n != "replica"), parts
+    assert parts["replica"]["returncode"] == "skipped: not in --parts"  # it runs only when named
+    subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--dry", "--parts", "zero3,demo_gad,replica"], env=env,
+                   check=True, capture_output=True, timeout=300)
     parts = json.loads((tmp_path / "gpu.json").read_text())["parts"]
-    assert [n for n, p in parts.items() if isinstance(p, dict) and p["ok"]] == ["zero3", "demo_gad"]
+    assert [n for n, p in parts.items() if isinstance(p, dict) and p["ok"]] == ["zero3", "demo_gad", "replica"]
     assert parts["fsdp"]["returncode"] == "skipped: not in --parts"
     unknown = subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--dry", "--parts", "zero4"], env=env,
                              capture_output=True, text=True, timeout=300)
@@ -244,6 +248,41 @@ def test_the_gpu_check_runs_dry_and_refuses_a_bad_part(tmp_path):
     refused = gpu.dry_check([sys.executable, "-m", "soda_distill", "run", "configs/demo.yaml", "student.lora.rank=16"])
     assert not refused["ok"] and "rank" in refused["output_tail"]
     assert not gpu.dry_check([sys.executable, "-m", "soda_distill", "run", "configs/demo.yaml", "--method", "sodaa"])["ok"]
+
+
+def test_the_gpu_bundle_is_gathered_over_calls_and_unpacked_once_whole(tmp_path):
+    """bench/gpu.sh: bench/gpu_wheels.sh --replica's parts, carried one a call, kept on the machine between calls and
+    unpacked, checked against their sums, once the last has come; a damaged part unpacks nothing."""
+    root = Path(__file__).parents[1]
+    checkout, bundle = tmp_path / "checkout", tmp_path / "bundle"
+    (checkout / "bench").mkdir(parents=True)
+    shutil.copy(root / "bench" / "gpu.sh", checkout / "bench")
+    data = tmp_path / "payload" / "runs" / "alpaca_eval" / "data" / "AE-gpt-4o.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text('{"messages": []}\n' * 5000)
+    with tarfile.open(tmp_path / "bundle.tar", "w") as tar:
+        tar.add(tmp_path / "payload" / "runs", arcname="runs")
+    whole = (tmp_path / "bundle.tar").read_bytes()
+    parts = {f"part-{i}": whole[i * len(whole) // 2 : (i + 1) * len(whole) // 2] for i in range(2)}
+    sums = "".join(f"{hashlib.sha256(b).hexdigest()}  {name}\n" for name, b in parts.items())
+    # PYTHON=true: the install and bench/gpu.py are not this test's; what the script unpacks is
+    env = {**os.environ, "PYTHON": "true", "SODA_GPU_BUNDLE": str(bundle)}
+
+    def call(name: str, content: bytes) -> subprocess.CompletedProcess:  # one device call, carrying one part
+        shutil.rmtree(checkout / ".gpu", ignore_errors=True)
+        (checkout / ".gpu").mkdir()
+        (checkout / ".gpu" / "SHA256SUMS").write_text(sums)
+        (checkout / ".gpu" / name).write_bytes(content)
+        return subprocess.run(["bash", str(checkout / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    first = call("part-1", parts["part-1"])
+    assert first.returncode == 0 and first.stdout.strip() == "bundle: 1 of 2 parts on this machine; carry the next"
+    damaged = call("part-0", parts["part-0"][:-1] + b"!")
+    assert damaged.returncode == 1 and "part-0 damaged in transfer" in damaged.stdout
+    assert not (checkout / "runs").exists()
+    assert call("part-0", parts["part-0"]).returncode == 0
+    assert (checkout / "runs" / "alpaca_eval" / "data" / "AE-gpt-4o.jsonl").read_text() == data.read_text()
 
 
 def test_the_shapes_figures_are_soda_over_stock_and_a_missing_measurement_leaves_none():
