@@ -105,8 +105,22 @@ def bench_markdown(source: str, data: dict) -> list[str]:
             demoted(own.read_text(), 2)]
 
 
+def across_runs(markdown: str) -> str | None:
+    """The evaluation's across-runs section (every seed pooled: the replica's headline), from its first heading to the
+    next one of the same level; None where the table has one run."""
+    lines = markdown.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("#") and "Across runs" in line), None)
+    if start is None:
+        return None
+    level = lines[start].split(" ")[0]
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].split(" ")[0] == level), len(lines))
+    return "\n".join(lines[start + 1 : end]).strip() + "\n"
+
+
 def quality(source: str, data: dict) -> list[str]:
-    blocks = []
+    brief = across_runs((RESULTS / source).with_suffix(".md").read_text())
+    blocks = ["### In brief: every seed pooled\n", f"{brief}\nThe whole evaluation, row by row and seed by seed, "
+              "follows the rows' provenance below.\n"] if brief else []
     if data.get("earlier_commands"):
         blocks.append("The rows this file carries over from earlier pieces were made by:\n")
         blocks.append(table(["date", "command"], [[c["date"], f"`{c['command']}`"] for c in data["earlier_commands"]],

@@ -72,6 +72,22 @@ def test_a_results_file_no_page_names_gets_its_own(tmp_path):
     assert "[`new-bench.json`](new-bench.md)" in (tmp_path / "docs" / "results" / "index.md").read_text()
 
 
+def test_a_replica_page_opens_with_its_seeds_pooled():
+    """render_results.py: a replica's page leads with the across-runs section of its evaluation (the headline), taken
+    to the next heading of its level; a table of one run has none to lead with."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import render_results
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    evaluation = ("### Evaluation results\n##### ROUGE-L\n| a | 1 |\n##### Across runs (pooled)\n\n**ROUGE-L**\n\n"
+                  "| SODA | vs SeqKD | -0.7 |\n##### Mean response length\n| a | 9 |\n")
+    assert render_results.across_runs(evaluation) == "**ROUGE-L**\n\n| SODA | vs SeqKD | -0.7 |\n"
+    assert render_results.across_runs(evaluation.replace("Across runs", "Paired")) is None
+    page = (ROOT / "docs" / "results" / "alpaca-eval.md").read_text()
+    assert page.index("### In brief: every seed pooled") < page.index("How each committed row was made")
+
+
 def test_every_config_key_has_help():
     """Every field of every section, nested ones included, says what it does: the config reference prints it."""
     def without_help(cls, prefix: str) -> list[str]:
