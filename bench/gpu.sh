@@ -10,7 +10,8 @@
 #   --replica says how):  bash bench/gpu.sh --parts replica --budget 570
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -f .gpu/SHA256SUMS ]; then  # a part of bench/gpu_wheels.sh --replica's bundle: kept on the machine until all have come
+dry=false; [[ " $* " == *" --dry "* ]] && dry=true  # a dry check installs and unpacks nothing
+if ! $dry && [ -f .gpu/SHA256SUMS ]; then  # a part of bench/gpu_wheels.sh --replica's bundle: kept on the machine until all have come
   bundle=${SODA_GPU_BUNDLE:-/tmp/soda-gpu-bundle}
   mkdir -p $bundle && cp .gpu/part-* .gpu/SHA256SUMS $bundle/ || exit 1
   checked=$(cd $bundle && sha256sum --check --ignore-missing SHA256SUMS 2>/dev/null)
@@ -23,7 +24,7 @@ if [ -f .gpu/SHA256SUMS ]; then  # a part of bench/gpu_wheels.sh --replica's bun
   cat $bundle/part-* | tar -xf - || exit 1  # .whl/ (the embedded student's wheel too) and runs/alpaca_eval/data/
 fi
 PYTHON=${PYTHON:-python3}
-if [ -d .whl ] && ! $PYTHON -c "import trl, transformers, rapidfuzz, importlib.util; from packaging.version import Version as V; assert V(transformers.__version__) >= V('5.24') and importlib.util.find_spec('liger_kernel')" 2>/dev/null; then
+if ! $dry && [ -d .whl ] && ! $PYTHON -c "import trl, transformers, rapidfuzz, importlib.util; from packaging.version import Version as V; assert V(transformers.__version__) >= V('5.24') and importlib.util.find_spec('liger_kernel')" 2>/dev/null; then
   $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
