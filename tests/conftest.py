@@ -144,10 +144,11 @@ def chat_server(embedded_path):
 
 
 class CountingProxy:
-    """A loopback HTTP proxy that forwards to the real server and counts chat requests per last user message."""
+    """A loopback HTTP proxy that forwards to the real server, counts chat requests per last user message and keeps
+    each request's Authorization header."""
 
     def __init__(self, upstream: str):
-        self.upstream, self.asked = upstream, Counter()
+        self.upstream, self.asked, self.authorizations = upstream, Counter(), []
         self.fail_after: int | None = None  # once this many requests were forwarded, answer 503 to the rest
         proxy = self
 
@@ -157,6 +158,7 @@ class CountingProxy:
                 if proxy.fail_after is not None and sum(proxy.asked.values()) >= proxy.fail_after:
                     self.send_error(503, "injected failure")
                     return
+                proxy.authorizations.append(self.headers.get("authorization"))
                 try:
                     proxy.asked[json.loads(body)["messages"][-1]["content"]] += 1
                 except (ValueError, KeyError):

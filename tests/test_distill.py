@@ -1,3 +1,5 @@
+import math
+
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -59,7 +61,8 @@ def test_dpo_batches_group_pairs_by_length(tmp_path, qa_file, tiny_model_dir):
 
 
 def test_dpo_with_wpo_weighting_trains_on_cpu(tmp_path, qa_file, tiny_model_dir):
-    """distill.use_weighting (WPO) needs log Σp² per token: on CPU it keeps TRL's own head, which returns it."""
+    """distill.use_weighting (WPO) needs log Σp² per token: on CPU it keeps TRL's own head, which returns it, and the
+    pairs' weights reach the loss."""
     cfg = load_config(None, [f"teacher.file={qa_file}", f"student.model={tiny_model_dir}", "snapshot.max_new_tokens=12",
                              "pairs.truncated_rejected=open",
                              "distill.use_weighting=true", "distill.batch_size=4", "distill.epochs=0.5",
@@ -69,7 +72,9 @@ def test_dpo_with_wpo_weighting_trains_on_cpu(tmp_path, qa_file, tiny_model_dir)
         stage(cfg, run)
     out = run_distill(cfg, run, start=tiny_model_dir)
     steps = [m for m in read_metrics(out / "metrics.jsonl") if "rewards/margins" in m]
-    assert steps and all(m["loss"] > 0 for m in steps)
+    assert steps and all(abs(m["rewards/margins"]) < 1e-3 for m in steps)
+    # at a margin of 0 DPO's loss is ln 2 a pair; WPO's weights (each answer's probability per token) move it
+    assert all(abs(m["loss"] - math.log(2)) > 5e-3 for m in steps), steps
 
 
 def test_rpo_adds_the_chosen_answers_nll_to_dpo(tmp_path, qa_file, tiny_model_dir):

@@ -149,8 +149,9 @@ def test_gad_trains_on_two_processes(two_processes, inputs):
     per_epoch = 12 // (1 * 2)  # one prompt (two rollouts) per process a step
     assert stages["gad_warmup"]["steps"] == per_epoch and stages["gad"]["steps"] == per_epoch
     assert stages["gad"]["discriminator_updates"] == per_epoch
-    assert (two_processes / "gad" / "generator" / "model.safetensors").exists()
-    assert (two_processes / "gad" / "discriminator" / "model.safetensors").exists()
+    for start, trained in (("warmup", "gad/generator"), ("gad/discriminator_warmup", "gad/discriminator")):
+        before, after = weights(two_processes / start), weights(two_processes / trained)
+        assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before), trained
 
 
 def test_deepspeed_zero3_on_two_processes_trains_as_ddp_does(two_processes, inputs, tmp_path):

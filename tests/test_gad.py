@@ -1,3 +1,4 @@
+import math
 import shutil
 import sys
 
@@ -126,8 +127,8 @@ def test_one_adversarial_step_trains_both_networks(run, qa, tiny_model_dir, bf16
     [step] = read_metrics(run.file("gad") / "metrics.jsonl")[:-1]  # the last line is the run's summary
     assert step["step"] == 1 and step["kl"] == 0.0  # the generator's first step starts at the reference
     assert step["grad_norm"] > 0  # in bf16, the masters' gradients: the bf16 weights hold none
-    for key in ("reward", "discriminator/loss", "discriminator/accuracy"):
-        assert isinstance(step[key], float)
+    assert math.isfinite(step["reward"])  # the discriminator's raw score of the generator's rollouts
+    assert step["discriminator/loss"] > 0 and 0 <= step["discriminator/accuracy"] <= 1
     # where the step's time went: its rollouts and the discriminator within the whole of its micro-steps
     assert 0 < step["time/rollouts_s"] and 0 < step["time/discriminator_s"]
     assert step["time/rollouts_s"] + step["time/discriminator_s"] < step["time/step_s"]

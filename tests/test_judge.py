@@ -201,8 +201,9 @@ def test_reference_model_answers_once(tmp_path, scripted_judge):
     assert results["reference"]["source"] == f"ref at {scripted_judge.url}" and results["reference"]["cost_usd"] is None
     assert results["reference"]["usage"] == {"prompt_tokens": 200, "completion_tokens": 20}
     assert sum(n for p, n in scripted_judge.asked.items() if p in QUESTIONS) == 2  # each prompt once
-    run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))
-    assert results["reference"]["requests_this_run"] == 2 and sum(scripted_judge.asked.values()) == 2 + 4
+    assert results["reference"]["requests_this_run"] == 2
+    again = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))
+    assert again["reference"]["requests_this_run"] == 0 and sum(scripted_judge.asked.values()) == 2 + 4
 
 
 def test_killed_judge_run_resumes_without_repeating_finished_judgments(tmp_path):

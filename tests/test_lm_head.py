@@ -8,8 +8,11 @@ from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
 from soda_distill.cpu import add_cpu_lm_head
+from soda_distill.cpu.lm_head import ChunkedLogProbs
 
 OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+SCORED = 3 * 37 - 7  # batch(): 39 next-token labels a row, the first two and row 3's padding unscored
+CHUNK = 16  # several chunks of the scored tokens, so that the head's loop over them is what is compared
 
 
 def batch(vocab: int):
@@ -36,8 +39,16 @@ def models(path, head: str):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     add_fused_lm_head(model, outputs=OUTPUTS)
     if head == "soda":
-        assert add_cpu_lm_head(model)
+        assert add_cpu_lm_head(model, chunk_tokens=CHUNK)
     return model
+
+
+@pytest.fixture(autouse=True)
+def head_calls(monkeypatch):
+    """The tokens each call of this package's head scored: a comparison cannot pass on TRL's head alone."""
+    calls, apply = [], ChunkedLogProbs.apply
+    monkeypatch.setattr(ChunkedLogProbs, "apply", lambda hidden, *rest: calls.append(len(hidden)) or apply(hidden, *rest))
+    return calls
 
 
 def relative_errors(grads, reference):
@@ -52,18 +63,20 @@ def plain(tiny_model_dir):
     return inputs, out.loss.item(), grads
 
 
-def test_fp32_matches_the_plain_loss_and_gradients(tiny_model_dir, plain):
+def test_fp32_matches_the_plain_loss_and_gradients(tiny_model_dir, plain, head_calls):
     inputs, loss, grads = plain
     out, fast = loss_and_grads(models(tiny_model_dir, "soda"), inputs, fused=True, autocast=False)
+    assert head_calls == [SCORED]
     assert out.loss.item() == pytest.approx(loss, rel=1e-6)
     assert max(relative_errors(fast, grads).values()) < 1e-5
 
 
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])  # bf16: as training on CPU sets the model up
-def test_bf16_is_as_close_as_trls_head_under_autocast(tiny_model_dir, plain, weights):
+def test_bf16_is_as_close_as_trls_head_under_autocast(tiny_model_dir, plain, weights, head_calls):
     inputs, loss, grads = plain
     trl_out, trl_grads = loss_and_grads(models(tiny_model_dir, "trl"), inputs, fused=True, autocast=True)
     soda_out, soda_grads = loss_and_grads(models(tiny_model_dir, "soda").to(weights), inputs, fused=True, autocast=True)
+    assert head_calls == [SCORED]
     assert abs(soda_out.loss.item() - loss) / loss < 1e-3
     soda_err = relative_errors({n: g.float() for n, g in soda_grads.items()}, grads)
     trl_err = relative_errors(trl_grads, grads)
@@ -72,10 +85,11 @@ def test_bf16_is_as_close_as_trls_head_under_autocast(tiny_model_dir, plain, wei
     assert all(soda_err[n] <= 2 * trl_err[n] + 1e-3 for n in grads), (soda_err, trl_err)
 
 
-def test_per_token_outputs_match_trls_head(tiny_model_dir, plain):
+def test_per_token_outputs_match_trls_head(tiny_model_dir, plain, head_calls):
     inputs = plain[0]
     with torch.no_grad():
         trl, soda = (models(tiny_model_dir, head)(**inputs, fused_lm_head=True) for head in ("trl", "soda"))
+    assert head_calls == [SCORED]
     assert torch.equal(soda.label_mask, trl.label_mask)
     for name in ("log_probs", "entropy", "mean_logits"):
         torch.testing.assert_close(getattr(soda, name), getattr(trl, name), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """Safety: a planted API key appears nowhere a full run writes or prints; weights load only from safetensors; a
 model's own code never runs unless asked."""
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -14,23 +15,29 @@ URL_TOKEN = "planted-url-token-77"  # credentials in an endpoint's URL
 
 
 def test_planted_key_absent_from_a_full_run_and_its_evaluation(tmp_path, prompts_file, qa_file, tiny_model_dir,
-                                                              chat_server, monkeypatch, capfd):
+                                                              chat_server, counting_proxy, monkeypatch, capfd):
+    """The teacher behind credentials in its URL (sent as basic auth), the judge behind the key: both really sent,
+    neither written or printed."""
     monkeypatch.setenv("SODA_TEST_KEY", KEY)
-    url = chat_server["url"].replace("http://", f"http://user:{URL_TOKEN}@") + "/v1"
-    endpoint = [f"base_url={url}", f"model={chat_server['model']}", "api_key_env=SODA_TEST_KEY", "max_tokens=8"]
+    teacher = [f"base_url={chat_server['url'].replace('http://', f'http://user:{URL_TOKEN}@')}/v1",
+               f"model={chat_server['model']}", "api_key_env=null", "max_tokens=8"]
+    judge = [f"base_url={counting_proxy.url}/v1", f"model={chat_server['model']}", "api_key_env=SODA_TEST_KEY",
+             "max_tokens=16"]
     run, evaluation = tmp_path / "run", tmp_path / "eval"
     assert main(["run", "--out", str(run), f"data.prompts={prompts_file}", f"student.model={tiny_model_dir}",
-                 *[f"teacher.{e}" for e in endpoint], "snapshot.max_new_tokens=8", "pairs.truncated_rejected=open",
+                 *[f"teacher.{e}" for e in teacher], "snapshot.max_new_tokens=8", "pairs.truncated_rejected=open",
                  "warmup.max_length=128", "distill.max_length=128"]) == 0
     assert main(["evaluate", str(run), "--out", str(evaluation), f"evaluate.benchmarks=[{qa_file}]", "evaluate.limit=2",
-                 "evaluate.max_new_tokens=4", *[f"evaluate.judge.{e}" for e in endpoint], "evaluate.judge.max_tokens=16"]) == 0
-    assert (evaluation / "judge_cache.jsonl").exists()  # the judge was really called, with the key
+                 "evaluate.max_new_tokens=4", *[f"evaluate.judge.{e}" for e in judge]]) == 0
+    assert counting_proxy.authorizations and set(counting_proxy.authorizations) == {f"Bearer {KEY}"}
+    basic_auth = base64.b64encode(f"user:{URL_TOKEN}".encode())
     written = [p for p in [*run.rglob("*"), *evaluation.rglob("*")] if p.is_file()]
     assert len(written) > 20
     for path in written:
-        assert KEY.encode() not in path.read_bytes() and URL_TOKEN.encode() not in path.read_bytes(), path
+        data = path.read_bytes()
+        assert not any(secret in data for secret in (KEY.encode(), URL_TOKEN.encode(), basic_auth)), path
     printed = capfd.readouterr()
-    assert KEY not in printed.out + printed.err and URL_TOKEN not in printed.out + printed.err
+    assert not any(secret in printed.out + printed.err for secret in (KEY, URL_TOKEN, basic_auth.decode()))
 
 
 def test_weights_load_only_from_safetensors(tmp_path, tiny_model_dir):
