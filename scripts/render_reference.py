@@ -2,7 +2,7 @@
 
     docs/reference/config.md   every config key: type, default and help, from the dataclasses of the soda_distill.config
                                package (each field's `help` metadata, each section's docstring)
-    docs/reference/cli.md      the `soda-distill` command line, from soda_distill.cli.build_parser()
+    docs/reference/cli.md      the `soda-distill` command line, from soda_distill.cli.build_parsers()
     docs/design/internals.md   the private TRL/transformers internals relied on, from soda_distill/internals.py
 
     python scripts/render_reference.py [--docs DIR]   # default: docs/

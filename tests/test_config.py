@@ -33,6 +33,12 @@ def test_yaml_and_overrides(tmp_path):
     ("1: x\n", "unknown key '1'"),
     (b"student:\n  model: \xff\n", "line 2: not UTF-8 (byte 18)"),
     ("# padding\n" * 200_000, "the config file is over 1024 KiB"),  # 2 MB: refused unread, not parsed for minutes
+    ("gad:\n  discriminator:\n    batch_size: 0\n", "gad.discriminator.batch_size must be at least 1, got 0"),
+    ("teacher:\n  concurrency: 0\n", "teacher.concurrency must be at least 1, got 0"),
+    ("snapshot:\n  batch_size: -2\n", "snapshot.batch_size must be at least 1, got -2"),
+    ("seqkd:\n  lr_scheduler: cosin\n", "seqkd.lr_scheduler: 'cosin' is not one of transformers'"),
+    ("distill:\n  loss_type: [sigmoid, sfft]\n", "distill.loss_type: 'sfft' is not one of TRL's"),
+    ("distill:\n  loss_type: [sigmoid, sft]\n  loss_weights: [1.0]\n", "distill.loss_weights: 1 weights for 2 loss types"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -54,6 +60,23 @@ def test_unreadable_or_empty_config(tmp_path):
 def test_bad_override():
     with pytest.raises(SodaError, match="expected section.key=value"):
         parse_overrides(["distill.beta"])
+    with pytest.raises(SodaError, match="override 'student.model=y': student is given a value of its own as well as keys"):
+        parse_overrides(["student=x", "student.model=y"])
+
+
+def test_the_checked_names_are_the_libraries_own():
+    """The learning-rate schedules and DPO loss types a config is checked against are those the installed
+    transformers and TRL take."""
+    import re
+
+    from transformers.trainer_utils import SchedulerType
+    from trl import DPOConfig
+
+    from soda_distill.config.training import DPO_LOSS_TYPES, LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+    trl_help = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"].split("If multiple")[0]
+    assert set(DPO_LOSS_TYPES) == set(re.findall(r"`'(\w+)'`", trl_help))
 
 
 def test_operational_fields_do_not_change_the_fingerprint():

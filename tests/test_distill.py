@@ -58,6 +58,9 @@ def test_dpo_batches_group_pairs_by_length(tmp_path, qa_file, tiny_model_dir):
     assert list(sampler.sampler.lengths) == lengths and len(set(lengths)) > 1
     batch = next(iter(loader))
     assert batch["input_ids"].shape[0] == 2 * 2  # chosen and rejected of two pairs
+    # a max_length no prompt fits leaves nothing to train on: one line naming the file and the key
+    with pytest.raises(SodaError, match=r"pairs.jsonl: no pair whose prompt fits distill.max_length \(4 tokens\)"):
+        dpo_dataset(run.file("pairs.jsonl"), load_tokenizer(str(tiny_model_dir)), 4)
 
 
 def test_dpo_with_wpo_weighting_trains_on_cpu(tmp_path, qa_file, tiny_model_dir):

@@ -269,6 +269,18 @@ def test_paired_differences_at_equal_length(tmp_path, qa_file):
     assert f"LC {got['length_controlled']['difference']:+.2f}" in (tmp_path / "eval" / "results.md").read_text()
 
 
+def test_answers_from_files_without_ids_match_their_prompts(tmp_path):
+    """A benchmark and a response file whose records have no `id`: each answer is matched by its prompt, its figures
+    (finish reason) with it."""
+    bench = write_jsonl(tmp_path / "bench.jsonl", [{"messages": q["messages"]} for q in QA[:4]])
+    answers = write_jsonl(tmp_path / "answers.jsonl", [
+        {"messages": q["messages"][:1] + [{"role": "assistant", "content": "word " * 9}], "finish_reason": "length"}
+        for q in reversed(QA[:4])])
+    cfg = load_config(None, [f"evaluate.benchmarks=[{bench}]", "student.bf16=false", f"evaluate.models.x/A={answers}"])
+    cell = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))["rows"][0]["cells"]["bench"]
+    assert cell["cut"] == 100.0, cell
+
+
 def test_repetition_and_cut_answers(tmp_path, qa_file):
     """A row stuck in loops and cut at the token limit shows it in its repetition (seq-rep-4) and cut-answer share,
     with intervals, and in its paired differences against Base on the same prompts."""

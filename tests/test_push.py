@@ -73,5 +73,7 @@ def test_a_failed_push_or_a_missing_model_is_one_line(soda_run, monkeypatch, cap
     assert main(["push", str(soda_run.path), "--repo", "me/x"]) == 2
     assert capsys.readouterr().err == "soda-distill: error: push to me/x: HfHubHTTPError: 401 Client Error: Unauthorized " \
                                       "for url: https://huggingface.co/api/repos/create\n"
+    assert main(["push", str(soda_run.path), "--repo", "me/my model"]) == 2
+    assert capsys.readouterr().err.startswith("soda-distill: error: --repo me/my model: Repo id must use alphanumeric")
     assert main(["push", str(soda_run.path), "--method", "gad", "--repo", "me/x"]) == 2
     assert capsys.readouterr().err == f"soda-distill: error: {soda_run.path}: GAD has not finished here (finished: warmup, soda)\n"

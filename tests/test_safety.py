@@ -55,6 +55,15 @@ def test_weights_load_only_from_safetensors(tmp_path, tiny_model_dir):
         load_model(str(pickled))
 
 
+def test_a_model_path_that_is_not_there_is_one_line(tmp_path):
+    from soda_distill.models import load_tokenizer
+
+    missing = str(tmp_path / "modles" / "qwen")
+    for load in (load_tokenizer, load_model):
+        with pytest.raises(SodaError, match=f"^{missing}: cannot load the"):
+            load(missing)
+
+
 def test_model_code_never_runs_unless_asked(tmp_path, tiny_model_dir):
     """A model folder shipping its own modeling code (which would leave a marker file if it ran) is refused."""
     import json

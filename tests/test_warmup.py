@@ -1,9 +1,12 @@
+import json
+
 import pytest
 import torch
 from conftest import ANSWERS, QUESTIONS
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from soda_distill.config import load_config
+from soda_distill.errors import SodaError
 from soda_distill.manifest import RunDir
 from soda_distill.models import load_model, load_tokenizer
 from soda_distill.records import read_metrics
@@ -88,6 +91,11 @@ def test_a_cut_teacher_answer_is_trained_without_an_end_of_turn(tmp_path, tiny_m
     assert tokenizer.decode([t for t, m in zip(cut["input_ids"], cut["completion_mask"]) if m]) == "An answer that was"
     data, counts = warmup.sft_dataset(teacher, tokenizer, "drop")
     assert len(data) == 1 and counts["dropped_truncated"] == 1
+    # nothing left to train on is one line naming the file and the key, not an error inside TRL
+    only_cut = write_jsonl(tmp_path / "cut.jsonl", [{**json.loads(teacher.read_text().splitlines()[1]), "id": "c"}])
+    cfg = load_config(None, [f"teacher.file={only_cut}", f"student.model={tiny_model_dir}", "seqkd.truncated=drop"])
+    with pytest.raises(SodaError, match=f"{only_cut}: no teacher answer to train on .* seqkd.truncated is drop"):
+        warmup.student_and_answers(cfg, only_cut, cfg.seqkd)
 
 
 class Crash(TrainerCallback):

@@ -16,7 +16,7 @@ _EXPORTS = {
     "METHODS": "registry", "STAGES": "registry", "prepare": "pipeline", "run_all": "pipeline",
     "run_methods": "pipeline", "run_stage": "pipeline",
     "run_teacher": "stages.teacher", "run_snapshot": "stages.snapshot", "run_pairs": "stages.pairs",
-    "run_warmup": "stages.warmup", "run_distill": "stages.distill",
+    "run_warmup": "stages.warmup", "run_seqkd": "stages.seqkd", "run_distill": "stages.distill", "run_opd": "stages.opd",
     "run_discriminator_warmup": "stages.gad", "run_adversarial": "stages.gad",
     "run_evaluate": "evaluation.evaluate", "analyze": "evaluation.analyze", "analyze_runs": "evaluation.analyze",
     "write_report": "report",

@@ -284,10 +284,6 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     return parser, parsers
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return build_parsers()[0]
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """A command's options and its positional arguments may come in any order (`evaluate RUN --out X key=value`)."""
     parser, commands = build_parsers()

@@ -56,6 +56,10 @@ INTERNALS = (
     Internal("trl:DPOTrainer", "", "cpu.lm_head.add_cpu_lm_head",
              "TRL calls the model with fused_lm_head=True, the call this package's CPU head answers",
              called_as="fused_lm_head=True"),
+    Internal("trl:GRPOTrainer", "", "stages.gad.GadTrainer",
+             "GAD's rollouts are drawn by this package's sampler through the model's generate, which it replaces: "
+             "TRL must roll out through that generate, else every rollout would be greedy",
+             called_as="unwrapped_model.generate("),
 )
 
 

@@ -79,7 +79,13 @@ def push(run_dir: str | Path, repo: str, method: str | None = None, private: boo
     if to_dir is not None:
         return [str(p) for p in stage_upload(run, method, with_pairs, Path(to_dir)).values()]
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:  # before anything is staged: the pairs' repository adds "-pairs" to the name
+        validate_repo_id(f"{repo}-pairs" if with_pairs else repo)
+    except HFValidationError as e:
+        raise SodaError(f"--repo {repo}: {e}") from None
 
     api = HfApi()
     made = []

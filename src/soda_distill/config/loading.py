@@ -23,6 +23,10 @@ from .onpolicy import GadConfig, OpdConfig
 from .training import DistillConfig, SeqKDConfig, TrackersConfig, WarmupConfig
 
 MAX_CONFIG_BYTES = 1 << 20
+# Counts a stage loops over or divides by, in any section: below 1 they would fail deep inside a library.
+AT_LEAST_ONE = {"batch_size", "precompute_batch_size", "gradient_accumulation_steps", "concurrency", "max_length",
+                "max_new_tokens", "max_tokens", "save_steps", "logging_steps", "num_generations", "evals_per_epoch",
+                "patience", "only_steps", "bins", "overlap_k", "overlap_states"}
 # Keys that moved: a config written with the old name (a run's config.yaml included) still loads, as the new one.
 MOVED = {**{f"gad.discriminator_{key}": f"gad.discriminator.{key}"
             for key in ("learning_rate", "warmup_epochs", "only_steps", "batch_size")},
@@ -104,6 +108,9 @@ def _build(cls, values: dict, where: str):
         key = f"{where}.{first}" if where else first
         raise SodaError(f"unknown key '{key}' (known here: {', '.join(sorted(known))})")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    for k, v in kwargs.items():
+        if k in AT_LEAST_ONE and isinstance(v, int) and v < 1:
+            raise SodaError(f"{where}.{k} must be at least 1, got {v}")
     return cls(**kwargs)
 
 
@@ -118,6 +125,8 @@ def parse_overrides(overrides: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SodaError(f"override '{item}': {p} is given a value of its own as well as keys")
         value = yaml.safe_load(raw) if raw else ""
         # YAML reads 1e-5 as a string; accept the usual float spellings people type.
         if isinstance(value, str):

@@ -13,6 +13,14 @@ from .fields import added, operational
 from .inputs import _check_truncated
 
 
+# transformers 5's SchedulerType and TRL 1.16's DPO loss types (tests/test_config.py checks them against both)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
 @dataclass
 class TrainingConfig:
     section: typing.ClassVar[str] = "training"  # its name in the config, for error messages
@@ -40,6 +48,9 @@ class TrainingConfig:
         "optimizer steps between the metrics written to metrics.jsonl and the trackers"))
 
     def __post_init__(self):
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise SodaError(f"{self.section}.lr_scheduler: {self.lr_scheduler!r} is not one of transformers' "
+                            f"({', '.join(LR_SCHEDULERS)})")
         if not 0 <= self.warmup_ratio < 1:
             raise SodaError(f"{self.section}.warmup_ratio must be at least 0 and below 1 (a fraction of the optimizer "
                             f"steps), got {self.warmup_ratio}")
@@ -82,7 +93,7 @@ class WarmupConfig(TrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_truncated("warmup", "truncated", self.truncated)
+        _check_truncated(self.section, "truncated", self.truncated)
 
 
 @dataclass
@@ -106,8 +117,6 @@ class SeqKDConfig(WarmupConfig):
         super().__post_init__()
         if not 0 < self.heldout < 1:
             raise SodaError(f"seqkd.heldout must be above 0 and below 1 (a fraction of the teacher answers), got {self.heldout}")
-        if self.evals_per_epoch < 1 or self.patience < 1:
-            raise SodaError("seqkd.evals_per_epoch and seqkd.patience must be at least 1")
 
 
 @dataclass
@@ -142,6 +151,11 @@ class DistillConfig(TrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        losses = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if unknown := [loss for loss in losses if loss not in DPO_LOSS_TYPES]:
+            raise SodaError(f"distill.loss_type: {unknown[0]!r} is not one of TRL's ({', '.join(DPO_LOSS_TYPES)})")
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise SodaError(f"distill.loss_weights: {len(self.loss_weights)} weights for {len(losses)} loss types")
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
             raise SodaError(f"distill.ld_alpha must be between 0 and 1 (null: plain DPO), got {self.ld_alpha}")
         if self.select is not None and self.select not in ("teacher_nll", "margin", "random"):

@@ -196,8 +196,10 @@ def _from_file(cfg: Config, row: Row, benchmarks: list[Benchmark]) -> dict[str, 
     reference NLLs only on a benchmark whose references they were scored on (`reference_digest`): another reference
     set for the same prompts has none."""
     path = Path(row.responses)
-    answers = {ex.id: ex for ex in read_examples(path, want_response=True)}
-    figures = {str(obj.get("id")): obj for _, obj in read_jsonl(path)}
+    examples = read_examples(path, want_response=True)
+    answers = {ex.id: ex for ex in examples}
+    # each answer's record by the id its example goes by (a record without an `id`: its prompt's)
+    figures = {ex.id: obj for ex, (_, obj) in zip(examples, read_jsonl(path), strict=True)}
     out = {}
     for b in benchmarks:
         found = [it for it in b.items if it.id in answers]

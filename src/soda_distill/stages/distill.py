@@ -69,6 +69,8 @@ def dpo_dataset(pairs_path: Path, tokenizer, max_length: int, numbered: bool = F
                      "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)),
                      **({"pair": number} if numbered else {})})
     kept = [r for r in rows if len(r["prompt_ids"]) < max_length]
+    if not kept:
+        raise SodaError(f"{pairs_path}: no pair whose prompt fits distill.max_length ({max_length} tokens)")
     kept.sort(key=lambda r: r["length"], reverse=True)
     return Dataset.from_list(kept), len(rows) - len(kept)
 

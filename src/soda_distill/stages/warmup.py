@@ -102,7 +102,11 @@ def student_and_answers(cfg: Config, teacher_path: Path, section: WarmupConfig):
     model = load_model(model_path, trust_remote_code=cfg.student.trust_remote_code, quantize=cfg.student.quantize,
                        bf16=use_bf16(cfg.student.bf16))
     kl_max_length = section.max_length if section.teacher_kl else None
-    return (model, tokenizer, *sft_dataset(teacher_path, tokenizer, section.truncated, kl_max_length))
+    dataset, counts = sft_dataset(teacher_path, tokenizer, section.truncated, kl_max_length)
+    if not len(dataset):
+        raise SodaError(f"{teacher_path}: no teacher answer to train on (every one empty, or cut and "
+                        f"{section.section}.truncated is drop)")
+    return model, tokenizer, dataset, counts
 
 
 def warmup_body(cfg: Config, run: RunDir, inputs: dict[str, Path]) -> WarmupResult:
