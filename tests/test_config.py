@@ -64,6 +64,11 @@ def test_bad_override():
         parse_overrides(["student=x", "student.model=y"])
 
 
+def test_counts_where_zero_means_none_take_zero():
+    cfg = load_config(None, ["opd.overlap_k=0", "gad.discriminator.only_steps=0", "evaluate.judge.parse_retries=0"])
+    assert cfg.opd.overlap_k == cfg.gad.discriminator.only_steps == cfg.evaluate.judge.parse_retries == 0
+
+
 def test_the_checked_names_are_the_libraries_own():
     """The learning-rate schedules and DPO loss types a config is checked against are those the installed
     transformers and TRL take."""

@@ -411,4 +411,5 @@ def test_kills_landed_mid_stage(teacher_runs, killed, killed_gad, killed_eval):
     planned, landed = Counter(k.stage for k in kills), Counter(k.stage for k in kills if k.landed)
     summary = ", ".join(f"{stage} {landed[stage]}/{n}" for stage, n in planned.items())
     print(f"kills that landed mid-stage: {summary}")
-    assert sum(landed.values()) >= 20, summary
+    # every stage killed mid-way at least once (else its comparison is of two uninterrupted runs), and most kills
+    assert all(landed[stage] for stage in planned) and sum(landed.values()) >= 20, summary
