@@ -34,7 +34,10 @@ def test_compare_trains_evaluates_and_reports_every_method_per_seed(tmp_path, qa
     nll = across["SODA"]["cells"]["qa"]["vs SeqKD"]["reference_nll"]
     assert across["SODA"]["runs"] == ["seed-1", "seed-2"] and nll["seeds"] == 2 and len(nll["per_seed"]) == 2
     assert nll["ci95"][0] <= nll["difference"] <= nll["ci95"][1]
+    assert nll["ci95_seeds"][0] <= nll["difference"] <= nll["ci95_seeds"][1]
+    seeds = f"{nll['per_seed'][1]:+.3f}; seeds [{nll['ci95_seeds'][0]:+.3f}, {nll['ci95_seeds'][1]:+.3f}])"
     assert "Across runs" in (out / "evaluation" / "results.md").read_text()
+    assert seeds in (out / "evaluation" / "results.md").read_text()
     report = (out / "report" / "report.md").read_text()
     assert "seed-1" in report and "seed-2" in report and (out / "report" / "report.html").stat().st_size > 0
 

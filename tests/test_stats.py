@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from soda_distill.stats import bootstrap_ci, length_summary, paired_difference, seeded_paired_difference
+from soda_distill.stats import T975, bootstrap_ci, length_summary, paired_difference, seed_interval, seeded_paired_difference
 
 
 def test_paired_difference_of_a_constant_shift_is_exact():
@@ -64,6 +64,28 @@ def test_across_seeds_the_interval_holds_the_seed_to_seed_spread():
     assert gappy["prompts"] == 2 and gappy["per_seed"] == [2.0, 2.0]
 
 
+def test_the_seeds_interval_covers_what_resampling_three_seeds_misses():
+    """Seeds that differ as much as one seed's prompts vary: resampling three seeds covers the method's true
+    difference far less often than 95% of the time; the t interval over the seeds' own differences does."""
+    rng = random.Random(5)
+    trials, bootstrap, over_seeds = 150, 0, 0
+    for trial in range(trials):
+        base = [rng.gauss(0, 1) for _ in range(40)]
+        runs = [[b + 0.5 + shift + rng.gauss(0, 1) for b in base] for shift in [rng.gauss(0, 0.5) for _ in range(3)]]
+        result = seeded_paired_difference(runs, [base] * 3, resamples=300, seed=trial)
+        bootstrap += result["ci95"][0] <= 0.5 <= result["ci95"][1]
+        over_seeds += result["ci95_seeds"][0] <= 0.5 <= result["ci95_seeds"][1]
+    assert bootstrap / trials < 0.85 and over_seeds / trials >= 0.9, (bootstrap, over_seeds)
+
+
+def test_the_seeds_interval_is_students_t():
+    from scipy import stats
+
+    assert T975 == pytest.approx([stats.t.ppf(0.975, df) for df in range(1, 31)], abs=5e-4)
+    assert seed_interval([0.0, 1.0, 2.0]) == pytest.approx([1 - 4.303 / 3 ** 0.5, 1 + 4.303 / 3 ** 0.5], abs=1e-4)
+    assert seed_interval([0.2, 0.2]) == [0.2, 0.2] and seed_interval([0.3]) is None
+
+
 def test_length_control_removes_a_difference_made_only_by_length():
     rng = random.Random(4)
     base_len = [rng.randint(20, 400) for _ in range(300)]
@@ -84,3 +106,5 @@ def test_length_control_removes_a_difference_made_only_by_length():
     assert "length_controlled" not in paired_difference(longer, base)
     same = paired_difference(longer, base, lengths=(base_len, base_len))["length_controlled"]
     assert same["difference"] == pytest.approx(raw["difference"], abs=1e-3) and same["per_doubling"] == 0
+    # one row's answers always the longer: ratio 1 is outside the data, and no value is extrapolated to it
+    assert "length_controlled" not in paired_difference(longer, base, lengths=([2 * n for n in base_len], base_len))

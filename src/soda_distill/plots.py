@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .evaluation.table import cell
 from .records import atomic_write_bytes
+from .stats import seed_interval
 from .registry import STAGES
 
 DPI = 150
@@ -267,8 +268,8 @@ def across_lines(results: dict) -> list[tuple[dict, str]]:
 
 def plot_across_runs(fig, results: dict, lines: list[tuple[dict, str]]) -> None:
     """A forest of each method's difference to its baselines over every seed and prompt, with its 95% interval (seeds
-    and prompts resampled), raw (filled) and at equal length (hollow), one colour per benchmark: the figure that
-    answers "does it beat SeqKD?"."""
+    and prompts resampled), raw (filled) and at equal length (hollow), one colour per benchmark, and behind the raw
+    one, shaded, the t interval over the seeds' own differences: the figure that answers "does it beat SeqKD?"."""
     names = [b["name"] for b in results["benchmarks"]]
     drawn = [(metric, title) for metric, title in FOREST
              if any(entry["cells"].get(name, {}).get(against, {}).get(metric) for entry, against in lines for name in names)]
@@ -282,7 +283,11 @@ def plot_across_runs(fig, results: dict, lines: list[tuple[dict, str]]) -> None:
                     if not figure:
                         continue
                     d, (low, high) = figure["difference"], figure["ci95"]
-                    ax.errorbar(d, i - 0.35 + step * (2 * j + k + 0.5), xerr=[[max(0.0, d - low)], [max(0.0, high - d)]],
+                    y = i - 0.35 + step * (2 * j + k + 0.5)
+                    seeds = k == 0 and (figure.get("ci95_seeds") or seed_interval(figure.get("per_seed", [])))
+                    if seeds:
+                        ax.hlines(y, *seeds, color=run_color(j), alpha=0.3, linewidth=5)
+                    ax.errorbar(d, y, xerr=[[max(0.0, d - low)], [max(0.0, high - d)]],
                                 fmt="os"[k], color=run_color(j), markerfacecolor=[run_color(j), "none"][k], markersize=4,
                                 capsize=2, linewidth=0.8, label=(name if len(names) > 1 else None) if i == k == 0 else None)
         ax.axvline(0, color="grey", linewidth=0.8)
@@ -292,7 +297,8 @@ def plot_across_runs(fig, results: dict, lines: list[tuple[dict, str]]) -> None:
         label_axes(ax, title, "", "", grid="x")
     if len(names) > 1:
         axes[-1].legend(fontsize="small", loc="lower left", bbox_to_anchor=(1.0, 0.0))
-    fig.suptitle("Across seeds: this method − that one, 95% interval over seeds and prompts")
+    fig.suptitle("Across seeds: this method − that one, 95% interval over seeds and prompts (bars) and over the seeds' "
+                 "own differences (shaded)")
     fig.supxlabel("difference (filled: raw; hollow: at equal length)")
 
 

@@ -19,6 +19,9 @@ def length_summary(values: list[int]) -> dict:
 
 
 RESAMPLES = 2000  # bootstrap resamples: the 95% interval's ends move by well under a tenth of its width beyond this
+# Student's t, its 0.975 quantile for 1 to 30 degrees of freedom (beyond: the normal's 1.96)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def _usable(*columns):
@@ -53,12 +56,25 @@ def paired_difference(x: list, y: list, resamples: int = RESAMPLES, seed: int = 
     return {**out, **_length_controlled([x], [y], lengths and ([lengths[0]], [lengths[1]]), resamples, seed, seeds=False)}
 
 
+def seed_interval(per_seed: list[float]) -> list[float] | None:
+    """Student's t 95% interval of the mean of the seeds' own differences: where the difference of the method, not of
+    these trained models, lies. Resampling 2 to 5 seeds understates their spread; this does not (and is wide for so
+    few). None for one seed."""
+    k = len(per_seed)
+    if k < 2:
+        return None
+    mean = statistics.fmean(per_seed)
+    half = (T975[k - 2] if k <= 31 else 1.96) * statistics.stdev(per_seed) / k ** 0.5
+    return [round(mean - half, 4), round(mean + half, 4)]
+
+
 def seeded_paired_difference(x_by_seed: list[list], y_by_seed: list[list], resamples: int = RESAMPLES,
                              seed: int = 0, lengths: tuple[list[list], list[list]] | None = None) -> dict | None:
-    """mean(x − y) over several seeds' runs on the same prompts, with a two-level bootstrap 95% interval: the seeds
-    are resampled, and the prompts (the same draw for every seed), so the interval holds the seed-to-seed spread as
-    well as the prompts'. Each seed's own mean difference is listed. None when no prompt has a value in every run.
-    With `lengths` (each seed's answer lengths of x and of y), also the difference at equal length."""
+    """mean(x − y) over several seeds' runs on the same prompts, with a two-level bootstrap 95% interval (the seeds
+    resampled, and the prompts, the same draw for every seed), each seed's own mean difference, and the t interval
+    over those (`ci95_seeds`: resampling a few seeds cannot reach past their range, so the bootstrap's interval holds
+    the prompts' spread, not all of the seeds'). None when no prompt has a value in every run. With `lengths` (each
+    seed's answer lengths of x and of y), also the difference at equal length."""
     import numpy as np
 
     columns = _usable(*x_by_seed, *y_by_seed)
@@ -71,8 +87,9 @@ def seeded_paired_difference(x_by_seed: list[list], y_by_seed: list[list], resam
     seeds = rng.integers(0, n, (resamples, n))
     per_seed = diff[:, prompts].mean(axis=2)  # seeds × resamples: each seed's mean over each prompt draw
     means = np.take_along_axis(per_seed.T, seeds, axis=1).mean(axis=1)
+    each = [round(float(d), 4) for d in diff.mean(axis=1)]
     return {"difference": round(float(diff.mean()), 4), "ci95": [round(float(v), 4) for v in np.percentile(means, [2.5, 97.5])],
-            "prompts": diff.shape[1], "seeds": n, "per_seed": [round(float(d), 4) for d in diff.mean(axis=1)],
+            "prompts": diff.shape[1], "seeds": n, "per_seed": each, "ci95_seeds": seed_interval(each),
             **_length_controlled(x_by_seed, y_by_seed, lengths, resamples, seed, seeds=True)}
 
 
@@ -92,10 +109,10 @@ def _fit_at_equal_length(diff, log_ratio):
 
 
 def _length_controlled(x_by_seed, y_by_seed, lengths, resamples: int, seed: int, seeds: bool) -> dict:
-    """AlpacaEval's length control applied to a paired difference: each prompt's difference fitted against the log
-    ratio of the two answers' lengths, reported at ratio 1 (`difference`) with a bootstrap 95% interval (prompts, and
-    seeds where `seeds`, resampled and the line fitted again), and the fitted change per doubling of the ratio
-    (`per_doubling`). {} without lengths."""
+    """In the spirit of AlpacaEval's length control, for a paired difference: each prompt's difference fitted (least
+    squares) against the log ratio of the two answers' lengths, reported at ratio 1 (`difference`) with a bootstrap
+    95% interval (prompts, and seeds where `seeds`, resampled and the line fitted again), and the fitted change per
+    doubling of the ratio (`per_doubling`). {} without lengths, or where no prompt's ratio is on each side of 1."""
     import numpy as np
 
     if lengths is None:
@@ -106,6 +123,8 @@ def _length_controlled(x_by_seed, y_by_seed, lengths, resamples: int, seed: int,
         return {}
     x, y, lx, ly = (np.stack(columns[k * n:(k + 1) * n]) for k in range(4))  # each seeds × prompts
     diff, log_ratio = x - y, np.log((lx + 1) / (ly + 1))  # +1: an empty answer has a length
+    if log_ratio.min() > 0 or log_ratio.max() < 0:  # one row's answers always the longer: ratio 1 is not in the data,
+        return {}  # and the fitted line's value there an extrapolation
     at_equal, slope = _fit_at_equal_length(diff, log_ratio)
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, diff.shape[1], (resamples, 1, diff.shape[1]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..stats import seed_interval
+
 
 def cell(row: dict, bench: str, *path):
     value = row["cells"].get(bench)
@@ -96,7 +98,10 @@ def _difference(c: dict | None, digits: int) -> str:
     if c is None:
         return "—"
     text = f"{c['difference']:+.{digits}f}" + _interval(c["ci95"], digits, signed=True)
-    text += " (" + ", ".join(f"{d:+.{digits}f}" for d in c["per_seed"]) + ")" if "per_seed" in c else ""
+    if "per_seed" in c:  # results written before `ci95_seeds` have the seeds' differences it is made from
+        seeds = c.get("ci95_seeds") or seed_interval(c["per_seed"])
+        text += " (" + ", ".join(f"{d:+.{digits}f}" for d in c["per_seed"]) + (
+            f"; seeds{_interval(seeds, digits, signed=True)}" if seeds else "") + ")"
     lc = c.get("length_controlled")
     return text + (f"; LC {lc['difference']:+.{digits}f}" + _interval(lc["ci95"], digits, signed=True) if lc else "")
 
@@ -134,11 +139,14 @@ def paired_tables(results: dict) -> str:
 
 def across_runs_tables(results: dict) -> str:
     """Each method that several runs (seeds) have, against each baseline: the difference over all runs and prompts
-    with its two-level bootstrap interval (runs and prompts resampled), then each run's own difference."""
+    with its two-level bootstrap interval (runs and prompts resampled), then each run's own difference and the t
+    interval over those."""
     entries = results.get("across_runs") or []
     return _difference_tables(
         "### Across runs (this method − the named one over every run and prompt; 95% interval resampling runs and "
-        "prompts; each run's own difference in parentheses)\n",
+        "prompts; in parentheses each run's own difference and, `seeds`, the t 95% interval over them: where another "
+        "seed's could fall, wide for two or three. A difference of the method, not only of these models, is clear "
+        "of 0 where both intervals are)\n",
         ["Method", "against", "runs"], [b["name"] for b in results["benchmarks"]],
         [([e["method"], vs, str(len(e["runs"]))],
           lambda n, metric, e=e, vs=vs: ((e["cells"].get(n) or {}).get(vs) or {}).get(metric))
