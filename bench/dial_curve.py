@@ -82,19 +82,24 @@ def dial(seeds: list[int], before: dict) -> dict:
 
 
 def markdown(record: dict) -> str:
+    from soda_distill.stats import seed_interval
+
     show = lambda d, n: "—" if not d else f"{d['difference']:+.{n}f} [{d['ci95'][0]:+.{n}f}, {d['ci95'][1]:+.{n}f}]"
+    show_seeds = lambda d, n: "[{:+.{n}f}, {:+.{n}f}]".format(*(d.get("ci95_seeds") or seed_interval(d["per_seed"])), n=n)
     benches = sorted({b for points in record["by_seed"].values() for p in points.values() for b in p["versus_never"]})
     header = ["| k | seed | metric | " + " | ".join(benches) + " |", "| --- | --- | --- |" + " ---: |" * len(benches)]
     lines = [f"The on-policy dial on the replica (seeds {', '.join(record['by_seed'])}; {record['date']}, from the "
              "committed rows: their commands and machines in bench/results/quality.json): SODA (refreshK) − "
              f"{CONTROL}, same prompts, paired bootstrap 95% intervals; `pooled`: over the seeds that have k (seeds "
-             "and prompts resampled), each seed's own difference after it.", "", *header]
+             "and prompts resampled), each seed's own difference after it and the t interval over those (`seeds`).",
+             "", *header]
     for k in record["ks"]:
         for metric, (heading, digits) in METRICS.items():
             if k in record["pooled"]:
                 lines.append(f"| {k} | pooled | {heading} | " + " | ".join(
                     show(d := record["pooled"][k].get(b, {}).get(metric), digits)
-                    + (f" ({', '.join(f'{v:+.{digits}f}' for v in d['per_seed'])})" if d else "") for b in benches) + " |")
+                    + (f" ({', '.join(f'{v:+.{digits}f}' for v in d['per_seed'])}; seeds {show_seeds(d, digits)})"
+                       if d else "") for b in benches) + " |")
             lines += [f"| {k} | {seed} | {heading} | " + " | ".join(
                 show(points[k]["versus_never"].get(b, {}).get(metric), digits) for b in benches) + " |"
                 for seed, points in record["by_seed"].items() if k in points and k not in record["pooled"]]
