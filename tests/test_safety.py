@@ -55,13 +55,18 @@ def test_weights_load_only_from_safetensors(tmp_path, tiny_model_dir):
         load_model(str(pickled))
 
 
-def test_a_model_path_that_is_not_there_is_one_line(tmp_path):
+def test_a_model_path_that_is_not_there_is_one_line(tmp_path, capsys):
     from soda_distill.models import load_tokenizer
 
     missing = str(tmp_path / "modles" / "qwen")
     for load in (load_tokenizer, load_model):
         with pytest.raises(SodaError, match=f"^{missing}: cannot load the"):
             load(missing)
+    # and a run refuses it before its first stage: no teacher is asked for answers the student could never use
+    assert main(["run", "--out", str(tmp_path / "run"), f"student.model={missing}", "teacher.base_url=http://127.0.0.1:9/v1",
+                 "teacher.model=m", "teacher.api_key_env=null"]) == 2
+    assert capsys.readouterr().err == f"soda-distill: error: student.model: {missing}: no such folder or file\n"
+    assert not (tmp_path / "run" / "teacher_cache.jsonl").exists()
 
 
 def test_model_code_never_runs_unless_asked(tmp_path, tiny_model_dir):

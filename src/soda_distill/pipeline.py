@@ -38,8 +38,12 @@ def resolve_paths(cfg: Config) -> Config:
 
 
 def prepare(cfg: Config, out: str | Path) -> RunDir:
-    """Resolve data paths, open the run directory and record the resolved config in it."""
+    """Resolve data paths, open the run directory and record the resolved config in it. A student model given as a
+    path that is not there is refused now, before a teacher's answers are paid for."""
     resolve_paths(cfg)
+    model = cfg.student.model
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        raise SodaError(f"student.model: {model}: no such folder or file")
     run = RunDir(out).lock()
     cfg.out = str(run.path)
     if is_main():
