@@ -82,10 +82,10 @@ def dial(seeds: list[int], before: dict) -> dict:
 
 
 def markdown(record: dict) -> str:
-    from soda_distill.stats import seed_interval
+    from soda_distill.stats import seeds_interval_of
 
     show = lambda d, n: "—" if not d else f"{d['difference']:+.{n}f} [{d['ci95'][0]:+.{n}f}, {d['ci95'][1]:+.{n}f}]"
-    show_seeds = lambda d, n: "[{:+.{n}f}, {:+.{n}f}]".format(*(d.get("ci95_seeds") or seed_interval(d["per_seed"])), n=n)
+    show_seeds = lambda d, n: "[{:+.{n}f}, {:+.{n}f}]".format(*seeds_interval_of(d), n=n)
     benches = sorted({b for points in record["by_seed"].values() for p in points.values() for b in p["versus_never"]})
     header = ["| k | seed | metric | " + " | ".join(benches) + " |", "| --- | --- | --- |" + " ---: |" * len(benches)]
     lines = [f"The on-policy dial on the replica (seeds {', '.join(record['by_seed'])}; {record['date']}, from the "

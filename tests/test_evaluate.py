@@ -273,12 +273,16 @@ def test_answers_from_files_without_ids_match_their_prompts(tmp_path):
     """A benchmark and a response file whose records have no `id`: each answer is matched by its prompt, its figures
     (finish reason) with it."""
     bench = write_jsonl(tmp_path / "bench.jsonl", [{"messages": q["messages"]} for q in QA[:4]])
-    answers = write_jsonl(tmp_path / "answers.jsonl", [
-        {"messages": q["messages"][:1] + [{"role": "assistant", "content": "word " * 9}], "finish_reason": "length"}
-        for q in reversed(QA[:4])])
+    cut = {i: ("length" if i % 2 else "stop") for i in range(4)}
+    answers = write_jsonl(tmp_path / "answers.jsonl", [  # in another order than the benchmark's
+        {"messages": QA[i]["messages"][:1] + [{"role": "assistant", "content": f"answer {i}"}], "finish_reason": cut[i]}
+        for i in reversed(range(4))])
     cfg = load_config(None, [f"evaluate.benchmarks=[{bench}]", "student.bf16=false", f"evaluate.models.x/A={answers}"])
     cell = run_evaluate(cfg, prepare_evaluation(cfg, tmp_path / "eval"))["rows"][0]["cells"]["bench"]
-    assert cell["cut"] == 100.0, cell
+    assert cell["cut"] == 50.0, cell
+    written = [json.loads(line) for line in (tmp_path / "eval" / "responses" / "x_A" / "bench.jsonl").read_text().splitlines()]
+    assert [(r["messages"][0]["content"], r["messages"][-1]["content"], r["finish_reason"]) for r in written] == [
+        (QA[i]["messages"][0]["content"], f"answer {i}", cut[i]) for i in range(4)]
 
 
 def test_repetition_and_cut_answers(tmp_path, qa_file):

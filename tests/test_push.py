@@ -75,5 +75,7 @@ def test_a_failed_push_or_a_missing_model_is_one_line(soda_run, monkeypatch, cap
                                       "for url: https://huggingface.co/api/repos/create\n"
     assert main(["push", str(soda_run.path), "--repo", "me/my model"]) == 2
     assert capsys.readouterr().err.startswith("soda-distill: error: --repo me/my model: Repo id must use alphanumeric")
+    assert main(["push", str(soda_run.path), "--repo", "me/x.", "--with-pairs"]) == 2  # me/x.-pairs alone would pass
+    assert capsys.readouterr().err.startswith("soda-distill: error: --repo me/x.: Repo id")
     assert main(["push", str(soda_run.path), "--method", "gad", "--repo", "me/x"]) == 2
     assert capsys.readouterr().err == f"soda-distill: error: {soda_run.path}: GAD has not finished here (finished: warmup, soda)\n"

@@ -67,6 +67,9 @@ def test_a_model_path_that_is_not_there_is_one_line(tmp_path, capsys):
                  "teacher.model=m", "teacher.api_key_env=null"]) == 2
     assert capsys.readouterr().err == f"soda-distill: error: student.model: {missing}: no such folder or file\n"
     assert not (tmp_path / "run" / "teacher_cache.jsonl").exists()
+    answers = tmp_path / "answers.jsonl"  # the teacher stage alone does not need the student
+    answers.write_text('{"prompt": "Q?", "response": "A."}\n')
+    assert main(["teacher", "--out", str(tmp_path / "run"), f"student.model={missing}", f"teacher.file={answers}"]) == 0
 
 
 def test_model_code_never_runs_unless_asked(tmp_path, tiny_model_dir):

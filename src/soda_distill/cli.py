@@ -183,7 +183,7 @@ def _train(args) -> None:
     if args.dry_run:
         print("\n".join(plan(cfg, out, stages)))
         return
-    run = prepare(cfg, out)
+    run = prepare(cfg, out, stages)
     if args.command != "run":
         out = run_stage(args.command, cfg, run)
         if distributed.is_main():

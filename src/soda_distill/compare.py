@@ -42,7 +42,7 @@ def run_compare(cfg: Config, out: str | Path) -> dict | None:
     runs = []
     for seed in cfg.compare.seeds:
         seed_cfg = seeded(cfg, seed)
-        run = prepare(seed_cfg, out / f"seed-{seed}")
+        run = prepare(seed_cfg, out / f"seed-{seed}", [m.stage for m in methods if m.stage])
         run_methods(seed_cfg, run, [m.name for m in methods if m.stage])
         runs.append(str(run.path))
     if not is_main():

@@ -37,12 +37,14 @@ def resolve_paths(cfg: Config) -> Config:
     return cfg
 
 
-def prepare(cfg: Config, out: str | Path) -> RunDir:
+def prepare(cfg: Config, out: str | Path, stages: list[str] | None = None) -> RunDir:
     """Resolve data paths, open the run directory and record the resolved config in it. A student model given as a
-    path that is not there is refused now, before a teacher's answers are paid for."""
+    path that is not there is refused now, before a teacher's answers are paid for, unless none of `stages` (the
+    stages to run, with those they need; None: any) reads it."""
     resolve_paths(cfg)
     model = cfg.student.model
-    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+    reads_student = stages is None or any("student" in STAGES[s].reads for s in chain(stages))
+    if reads_student and model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise SodaError(f"student.model: {model}: no such folder or file")
     run = RunDir(out).lock()
     cfg.out = str(run.path)

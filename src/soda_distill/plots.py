@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .evaluation.table import cell
 from .records import atomic_write_bytes
-from .stats import seed_interval
+from .stats import seeds_interval_of
 from .registry import STAGES
 
 DPI = 150
@@ -284,7 +284,7 @@ def plot_across_runs(fig, results: dict, lines: list[tuple[dict, str]]) -> None:
                         continue
                     d, (low, high) = figure["difference"], figure["ci95"]
                     y = i - 0.35 + step * (2 * j + k + 0.5)
-                    seeds = k == 0 and (figure.get("ci95_seeds") or seed_interval(figure.get("per_seed", [])))
+                    seeds = k == 0 and seeds_interval_of(figure)
                     if seeds:
                         ax.hlines(y, *seeds, color=run_color(j), alpha=0.3, linewidth=5)
                     ax.errorbar(d, y, xerr=[[max(0.0, d - low)], [max(0.0, high - d)]],

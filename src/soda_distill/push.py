@@ -82,8 +82,9 @@ def push(run_dir: str | Path, repo: str, method: str | None = None, private: boo
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    try:  # before anything is staged: the pairs' repository adds "-pairs" to the name
-        validate_repo_id(f"{repo}-pairs" if with_pairs else repo)
+    try:  # before anything is staged
+        for name in (repo, f"{repo}-pairs") if with_pairs else (repo,):
+            validate_repo_id(name)
     except HFValidationError as e:
         raise SodaError(f"--repo {repo}: {e}") from None
 

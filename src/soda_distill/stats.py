@@ -57,15 +57,20 @@ def paired_difference(x: list, y: list, resamples: int = RESAMPLES, seed: int = 
 
 
 def seed_interval(per_seed: list[float]) -> list[float] | None:
-    """Student's t 95% interval of the mean of the seeds' own differences: where the difference of the method, not of
-    these trained models, lies. Resampling 2 to 5 seeds understates their spread; this does not (and is wide for so
-    few). None for one seed."""
+    """Student's t 95% interval of the mean of the seeds' own differences: where the method's mean difference lies,
+    not only these trained models'. None for one seed."""
     k = len(per_seed)
     if k < 2:
         return None
     mean = statistics.fmean(per_seed)
     half = (T975[k - 2] if k <= 31 else 1.96) * statistics.stdev(per_seed) / k ** 0.5
     return [round(mean - half, 4), round(mean + half, 4)]
+
+
+def seeds_interval_of(difference: dict) -> list[float] | None:
+    """An across-seeds difference's t interval: its own, or from its seeds' differences where it was written before
+    `ci95_seeds` was."""
+    return difference.get("ci95_seeds") or seed_interval(difference.get("per_seed", []))
 
 
 def seeded_paired_difference(x_by_seed: list[list], y_by_seed: list[list], resamples: int = RESAMPLES,

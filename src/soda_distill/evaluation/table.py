@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..stats import seed_interval
+from ..stats import seeds_interval_of
 
 
 def cell(row: dict, bench: str, *path):
@@ -98,8 +98,8 @@ def _difference(c: dict | None, digits: int) -> str:
     if c is None:
         return "—"
     text = f"{c['difference']:+.{digits}f}" + _interval(c["ci95"], digits, signed=True)
-    if "per_seed" in c:  # results written before `ci95_seeds` have the seeds' differences it is made from
-        seeds = c.get("ci95_seeds") or seed_interval(c["per_seed"])
+    if "per_seed" in c:
+        seeds = seeds_interval_of(c)
         text += " (" + ", ".join(f"{d:+.{digits}f}" for d in c["per_seed"]) + (
             f"; seeds{_interval(seeds, digits, signed=True)}" if seeds else "") + ")"
     lc = c.get("length_controlled")
@@ -144,8 +144,8 @@ def across_runs_tables(results: dict) -> str:
     entries = results.get("across_runs") or []
     return _difference_tables(
         "### Across runs (this method − the named one over every run and prompt; 95% interval resampling runs and "
-        "prompts; in parentheses each run's own difference and, `seeds`, the t 95% interval over them: where another "
-        "seed's could fall, wide for two or three. A difference of the method, not only of these models, is clear "
+        "prompts; in parentheses each run's own difference and, `seeds`, the t 95% interval over them: where the method's "
+        "mean difference lies, wide for two or three runs. A difference of the method, not only of these models, is clear "
         "of 0 where both intervals are)\n",
         ["Method", "against", "runs"], [b["name"] for b in results["benchmarks"]],
         [([e["method"], vs, str(len(e["runs"]))],
