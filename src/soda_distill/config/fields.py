@@ -28,13 +28,21 @@ def section(cls, help: str):
     return field(default_factory=cls, metadata={"help": help})
 
 
+# Counts a stage loops over or divides by, in any section: below 1 they would fail deep inside a library. (Counts
+# where 0 means "none", such as gad.discriminator.only_steps or opd.overlap_k, are not among them.)
+AT_LEAST_ONE = {"batch_size", "precompute_batch_size", "gradient_accumulation_steps", "concurrency", "max_length",
+                "max_new_tokens", "max_tokens", "save_steps", "logging_steps", "num_generations", "evals_per_epoch",
+                "patience", "bins"}
+
+
 def field_help(cls, name: str) -> str:
     """The help of the key `name` of the section `cls`: its field's own, or where a subclass redefines the field
-    without help, that of the nearest base class giving it; "" if none does."""
+    without help, that of the nearest base class giving it ("" if none does); "at least 1" added for a count."""
     for klass in cls.__mro__:
         f = getattr(klass, "__dataclass_fields__", {}).get(name)
         if f is not None and f.metadata.get("help"):
-            return f.metadata["help"]
+            text = f.metadata["help"]
+            return text + ("; at least 1" if name in AT_LEAST_ONE and "at least 1" not in text else "")
     return ""
 
 

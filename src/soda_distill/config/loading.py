@@ -16,18 +16,13 @@ import yaml
 from ..errors import SodaError
 from ..records import read_text_file
 from .endpoints import TeacherConfig
-from .fields import section
+from .fields import AT_LEAST_ONE, section
 from .evaluation import EVALUATE_PRESETS, AnalyzeConfig, CheckConfig, CompareConfig, EvaluateConfig
 from .inputs import DataConfig, PairsConfig, SnapshotConfig, StudentConfig
 from .onpolicy import GadConfig, OpdConfig
 from .training import DistillConfig, SeqKDConfig, TrackersConfig, WarmupConfig
 
 MAX_CONFIG_BYTES = 1 << 20
-# Counts a stage loops over or divides by, in any section: below 1 they would fail deep inside a library. (Counts
-# where 0 means "none", such as gad.discriminator.only_steps or opd.overlap_k, are not among them.)
-AT_LEAST_ONE = {"batch_size", "precompute_batch_size", "gradient_accumulation_steps", "concurrency", "max_length",
-                "max_new_tokens", "max_tokens", "save_steps", "logging_steps", "num_generations", "evals_per_epoch",
-                "patience", "bins"}
 # Keys that moved: a config written with the old name (a run's config.yaml included) still loads, as the new one.
 MOVED = {**{f"gad.discriminator_{key}": f"gad.discriminator.{key}"
             for key in ("learning_rate", "warmup_epochs", "only_steps", "batch_size")},
