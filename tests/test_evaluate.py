@@ -13,7 +13,7 @@ from soda_distill.errors import InputError, SodaError
 from soda_distill.evaluation.evaluate import prepare_evaluation, run_evaluate, table_rows
 from soda_distill.evaluation.metrics import normalize_answer, offline_metrics, repetition, rouge_l
 from soda_distill.records import atomic_write_text
-from soda_distill.stats import paired_difference
+from soda_distill.stats import paired_difference, seeded_paired_difference
 
 
 def test_rouge_l_on_known_strings():
@@ -283,6 +283,28 @@ def test_answers_from_files_without_ids_match_their_prompts(tmp_path):
     written = [json.loads(line) for line in (tmp_path / "eval" / "responses" / "x_A" / "bench.jsonl").read_text().splitlines()]
     assert [(r["messages"][0]["content"], r["messages"][-1]["content"], r["finish_reason"]) for r in written] == [
         (QA[i]["messages"][0]["content"], f"answer {i}", cut[i]) for i in range(4)]
+
+
+def test_the_across_runs_table_gives_both_intervals_raw_and_at_equal_length():
+    """Each pooled difference with its bootstrap interval, the seeds' own differences and their t interval, and the
+    same at equal length; results written before the t interval get it from their seeds' differences."""
+    from soda_distill.evaluation.table import across_runs_tables
+
+    rng = random.Random(6)
+    base, base_len = [rng.gauss(30, 5) for _ in range(60)], [rng.randint(20, 200) for _ in range(60)]
+    lengths = [max(1, round(n * rng.uniform(0.5, 2.0))) for n in base_len]
+    runs = [[b + 1 + shift + rng.gauss(0, 1) for b in base] for shift in (-0.3, 0.0, 0.4)]
+    d = seeded_paired_difference(runs, [base] * 3, lengths=([lengths] * 3, [base_len] * 3))
+    results = lambda d: {"benchmarks": [{"name": "b"}], "across_runs": [
+        {"method": "SODA", "runs": ["seed-1", "seed-2", "seed-3"], "cells": {"b": {"vs SeqKD": {"rouge_l": d}}}}]}
+    f = lambda v: f"{v:+.2f}"
+    lc = d["length_controlled"]
+    cell = (f"{f(d['difference'])} [{f(d['ci95'][0])}, {f(d['ci95'][1])}] ({', '.join(map(f, d['per_seed']))}; seeds "
+            f"[{f(d['ci95_seeds'][0])}, {f(d['ci95_seeds'][1])}]); LC {f(lc['difference'])} [{f(lc['ci95'][0])}, "
+            f"{f(lc['ci95'][1])}] (seeds [{f(lc['ci95_seeds'][0])}, {f(lc['ci95_seeds'][1])}])")
+    assert f"| SODA | vs SeqKD | 3 | {cell} |" in across_runs_tables(results(d))
+    older = {k: v for k, v in d.items() if k not in ("ci95_seeds", "length_controlled")}
+    assert f"seeds [{f(d['ci95_seeds'][0])}, {f(d['ci95_seeds'][1])}])" in across_runs_tables(results(older))
 
 
 def test_repetition_and_cut_answers(tmp_path, qa_file):

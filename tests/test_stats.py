@@ -102,6 +102,9 @@ def test_length_control_removes_a_difference_made_only_by_length():
     across = seeded_paired_difference(seeds, [base] * 3, lengths=([lengths] * 3, [base_len] * 3))
     assert across["length_controlled"]["difference"] == pytest.approx(1.0, abs=0.35)
     assert across["length_controlled"]["ci95"][0] > 0.3
+    lc_seeds = across["length_controlled"]  # each seed's own line, and the t interval over their values at ratio 1
+    assert lc_seeds["per_seed"] == pytest.approx([1.0] * 3, abs=0.5) and lc_seeds["ci95_seeds"][0] > 0
+    assert lc_seeds["ci95_seeds"] == seed_interval(lc_seeds["per_seed"])
     # no lengths, no length control; equal lengths: the same as the raw difference
     assert "length_controlled" not in paired_difference(longer, base)
     same = paired_difference(longer, base, lengths=(base_len, base_len))["length_controlled"]

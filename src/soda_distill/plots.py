@@ -284,7 +284,7 @@ def plot_across_runs(fig, results: dict, lines: list[tuple[dict, str]]) -> None:
                         continue
                     d, (low, high) = figure["difference"], figure["ci95"]
                     y = i - 0.35 + step * (2 * j + k + 0.5)
-                    seeds = k == 0 and seeds_interval_of(figure)
+                    seeds = seeds_interval_of(figure)
                     if seeds:
                         ax.hlines(y, *seeds, color=run_color(j), alpha=0.3, linewidth=5)
                     ax.errorbar(d, y, xerr=[[max(0.0, d - low)], [max(0.0, high - d)]],

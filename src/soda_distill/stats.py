@@ -116,8 +116,9 @@ def _fit_at_equal_length(diff, log_ratio):
 def _length_controlled(x_by_seed, y_by_seed, lengths, resamples: int, seed: int, seeds: bool) -> dict:
     """In the spirit of AlpacaEval's length control, for a paired difference: each prompt's difference fitted (least
     squares) against the log ratio of the two answers' lengths, reported at ratio 1 (`difference`) with a bootstrap
-    95% interval (prompts, and seeds where `seeds`, resampled and the line fitted again), and the fitted change per
-    doubling of the ratio (`per_doubling`). {} without lengths, or where no prompt's ratio is on each side of 1."""
+    95% interval (prompts, and seeds where `seeds`, resampled and the line fitted again), the fitted change per
+    doubling of the ratio (`per_doubling`) and, where `seeds`, each seed's value and the t interval over them. {}
+    without lengths, or where no prompt's ratio is on each side of 1."""
     import numpy as np
 
     if lengths is None:
@@ -135,6 +136,9 @@ def _length_controlled(x_by_seed, y_by_seed, lengths, resamples: int, seed: int,
     prompts = rng.integers(0, diff.shape[1], (resamples, 1, diff.shape[1]))
     runs = rng.integers(0, n, (resamples, n, 1)) if seeds else np.arange(n)[None, :, None]
     fits, _ = _fit_at_equal_length(diff[runs, prompts], log_ratio[runs, prompts])  # resamples × seeds × prompts
-    return {"length_controlled": {"difference": round(float(at_equal), 4),
-                                  "ci95": [round(float(v), 4) for v in np.percentile(fits, [2.5, 97.5])],
-                                  "per_doubling": round(float(slope) * float(np.log(2)), 4)}}
+    out = {"difference": round(float(at_equal), 4), "ci95": [round(float(v), 4) for v in np.percentile(fits, [2.5, 97.5])],
+           "per_doubling": round(float(slope) * float(np.log(2)), 4)}
+    if seeds:  # each seed's own line, and the t interval over their values at ratio 1
+        each = [round(float(v), 4) for v in _fit_at_equal_length(diff[:, None, :], log_ratio[:, None, :])[0]]
+        out.update(per_seed=each, ci95_seeds=seed_interval(each))
+    return {"length_controlled": out}

@@ -103,7 +103,11 @@ def _difference(c: dict | None, digits: int) -> str:
         text += " (" + ", ".join(f"{d:+.{digits}f}" for d in c["per_seed"]) + (
             f"; seeds{_interval(seeds, digits, signed=True)}" if seeds else "") + ")"
     lc = c.get("length_controlled")
-    return text + (f"; LC {lc['difference']:+.{digits}f}" + _interval(lc["ci95"], digits, signed=True) if lc else "")
+    if not lc:
+        return text
+    lc_seeds = seeds_interval_of(lc)
+    return (text + f"; LC {lc['difference']:+.{digits}f}" + _interval(lc["ci95"], digits, signed=True)
+            + (f" (seeds{_interval(lc_seeds, digits, signed=True)})" if lc_seeds else ""))
 
 
 def _difference_tables(heading: str, columns: list[str], names: list[str], rows: list[tuple[list[str], callable]]) -> str:
