@@ -119,7 +119,10 @@ def across_runs(markdown: str) -> str | None:
 
 def quality(source: str, data: dict) -> list[str]:
     brief = across_runs((RESULTS / source).with_suffix(".md").read_text())
-    blocks = ["### In brief: every seed pooled\n", f"{brief}\nThe whole evaluation, row by row and seed by seed, "
+    blocks = ["### In brief: every seed pooled\n", "Each cell: this method − the named one over every seed and prompt "
+              "[bootstrap 95% interval, seeds and prompts resampled] (each seed's own difference; `seeds`: Student's t "
+              "95% interval over those); LC: the same at equal answer length. A difference of the method is clear of 0 "
+              "where both intervals are.\n", f"{brief}\nThe whole evaluation, row by row and seed by seed, "
               "follows the rows' provenance below.\n"] if brief else []
     if data.get("earlier_commands"):
         blocks.append("The rows this file carries over from earlier pieces were made by:\n")
