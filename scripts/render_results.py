@@ -263,9 +263,12 @@ class Page:
 
 PAGES = (
     Page("quality", "The replica of Table 1",
-         "SmolLM2-135M distilled from the 400 shipped Dolly answers (`configs/quality.yaml`) by every method and "
-         "variant, evaluated on Dolly held-out, SelfInst and Vicuna with paired bootstrap intervals; seeds 42 and 43.",
-         (("quality.json", quality),)),
+         "SmolLM2-135M distilled from the 400 shipped Dolly answers (`configs/quality.yaml`), evaluated on Dolly "
+         "held-out, SelfInst and Vicuna with paired bootstrap intervals, seeds 42 and 43. First the rows trained again "
+         "after the bf16 fix of 2026-12-06 (`--tag fixed`: Base, q_w, SeqKD, SODA and the package's recipe, "
+         "`SODA (w3dc)`), then the whole table as it stood before, every method and variant, most of its rows trained "
+         "in bf16 before that fix (each row's precision in its provenance table); the two tables share no comparison.",
+         (("quality-fixed.json", quality), ("quality.json", quality))),
     Page("alpaca-eval", "The replica in the paper's regime: a real LLM teacher",
          "SmolLM2-135M distilled from gpt-4o-2024-05-13's AlpacaEval answers (`configs/alpaca_eval.yaml`, 256 "
          "training prompts) and evaluated on 240 held-out AlpacaEval prompts against gpt-4o's answers, with paired "
